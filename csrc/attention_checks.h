@@ -1,0 +1,89 @@
+// Argument checks shared by the CPU and CUDA implementations (torch-dependent; never included by
+// csrc/kernels). Every failure names the argument and what was expected.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+
+namespace flash_ext {
+
+struct AttnShape {
+  int64_t batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim;
+};
+
+inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+              " must be contiguous in its last dimension (head_dim), got stride ", t.stride(-1));
+}
+
+inline AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4, "q must be a 4-D tensor (batch, seqlen_q, nheads, head_dim), got ", q.dim(),
+              "-D");
+  TORCH_CHECK(k.dim() == 4, "k must be a 4-D tensor (batch, seqlen_k, nheads_k, head_dim), got ", k.dim(),
+              "-D");
+  TORCH_CHECK(v.dim() == 4, "v must be a 4-D tensor (batch, seqlen_k, nheads_k, head_dim), got ", v.dim(),
+              "-D");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the same dtype as q (", q.scalar_type(),
+              "), got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "v must have the same dtype as q (", q.scalar_type(),
+              "), got ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "k must be on the same device as q (", q.device(), "), got ",
+              k.device());
+  TORCH_CHECK(v.device() == q.device(), "v must be on the same device as q (", q.device(), "), got ",
+              v.device());
+  AttnShape s;
+  s.batch = q.size(0);
+  s.seqlen_q = q.size(1);
+  s.nheads = q.size(2);
+  s.head_dim = q.size(3);
+  s.seqlen_k = k.size(1);
+  s.nheads_k = k.size(2);
+  TORCH_CHECK(k.size(0) == s.batch, "k must have the batch size of q (", s.batch, "), got ", k.size(0));
+  TORCH_CHECK(v.size(0) == s.batch, "v must have the batch size of q (", s.batch, "), got ", v.size(0));
+  TORCH_CHECK(k.size(3) == s.head_dim, "k must have the head_dim of q (", s.head_dim, "), got ", k.size(3));
+  TORCH_CHECK(v.size(3) == s.head_dim, "v must have the head_dim of q (", s.head_dim, "), got ", v.size(3));
+  TORCH_CHECK(v.size(1) == s.seqlen_k && v.size(2) == s.nheads_k,
+              "v must have the (seqlen_k, nheads_k) of k (", s.seqlen_k, ", ", s.nheads_k, "), got (",
+              v.size(1), ", ", v.size(2), ")");
+  TORCH_CHECK(s.head_dim > 0, "q must have head_dim > 0");
+  TORCH_CHECK(s.nheads_k > 0 || s.nheads == 0, "k must have nheads_k > 0");
+  TORCH_CHECK(s.nheads_k == 0 || s.nheads % s.nheads_k == 0, "q's nheads (", s.nheads,
+              ") must be divisible by k's nheads_k (", s.nheads_k, ")");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  return s;
+}
+
+// Resolves the optional scale (default 1/sqrt(head_dim)) and rejects non-positive or non-finite ones.
+inline double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
+  const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(head_dim));
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "softmax_scale must be a finite number > 0, got ", scale);
+  return scale;
+}
+
+inline void check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
+                           const at::Tensor& lse, const AttnShape& s) {
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q (", q.scalar_type(),
+              "), got ", dout.scalar_type());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have the dtype of q (", q.scalar_type(),
+              "), got ", out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.batch && lse.size(1) == s.nheads && lse.size(2) == s.seqlen_q,
+              "lse must have shape (batch, nheads, seqlen_q) = (", s.batch, ", ", s.nheads, ", ", s.seqlen_q,
+              "), got ", lse.sizes());
+  TORCH_CHECK(dout.device() == q.device(), "dout must be on the device of q (", q.device(), "), got ",
+              dout.device());
+  TORCH_CHECK(out.device() == q.device(), "out must be on the device of q (", q.device(), "), got ",
+              out.device());
+  TORCH_CHECK(lse.device() == q.device(), "lse must be on the device of q (", q.device(), "), got ",
+              lse.device());
+  check_last_dim_contiguous(dout, "dout");
+  check_last_dim_contiguous(out, "out");
+}
+
+}  // namespace flash_ext

@@ -1,0 +1,259 @@
+// CPU FlashAttention: the tiled algorithm of DESIGN.md on the CPU.
+//
+// Forward: parallel over (batch, head, row block of Q). For each key/value column block the score
+// tile S = Q_i K_j^T is computed with an ATen matmul, the online softmax keeps a running row max m
+// and row sum l, and the output accumulator is rescaled by exp(m_old - m_new) before O += P V_j.
+// The seqlen_q x seqlen_k matrix is never formed: working memory is one kBlockM x kBlockN tile per
+// thread plus the kBlockM x head_dim accumulator.
+//
+// Backward: P is recomputed block by block from lse. Two passes keep every write owned by exactly one
+// task (no atomics, deterministic): pass 1 is parallel over row blocks of Q, computes
+// D = rowsum(dO * O) (as sum_j P_ij dP_ij) and accumulates dQ; pass 2 is parallel over column blocks
+// of K/V and accumulates dK and dV over the query heads of the K/V head's group (GQA/MQA without
+// repeating K/V).
+//
+// Precision: scores S = scale * Q K^T and the softmax statistics are computed in float64 for float32
+// and float64 inputs and in float32 for bf16/fp16 (the rounding of S dominates attention's error, so
+// this keeps the CPU path at least as accurate as PyTorch's own computation in the input dtype);
+// O += P V runs in float32 (float64 for float64 inputs). The backward rounds the recomputed S to
+// float32 before subtracting the float32 lse (so P reproduces the forward's normalization exactly)
+// and accumulates the gradients in float64: where a row sees a single key, dS = P * (dP - D)
+// cancels to exactly 0, which float32 rounding would not preserve. CPU training is not the speed path.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../attention_checks.h"
+
+namespace flash_ext {
+namespace {
+
+// Tile sizes. Measured on the 2-core development machine (float32, batch 1, 8 heads, head_dim 64,
+// seqlen 4096): 128 x 512 keeps the matmuls large enough that ATen's per-op overhead stays small.
+constexpr int64_t kBlockM = 128;
+constexpr int64_t kBlockN = 512;
+
+// Type of S and the softmax statistics; of P, V and O in the forward; of every gradient.
+at::ScalarType score_type(at::ScalarType t) {
+  return (t == at::kDouble || t == at::kFloat) ? at::kDouble : at::kFloat;
+}
+at::ScalarType fwd_out_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+constexpr at::ScalarType kBwdAccType = at::kDouble;
+
+int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+// Keys [0, key_end) are visible to at least one row of [m0, m0 + mlen); causal is bottom-right aligned.
+int64_t key_end(int64_t m0, int64_t mlen, int64_t sq, int64_t sk, bool causal) {
+  if (!causal) return sk;
+  return std::clamp<int64_t>(m0 + mlen + sk - sq, 0, sk);
+}
+
+// Sets S[r][c] = -inf where key n0 + c is in the causal future of query m0 + r. Returns whether the
+// tile needed any masking (only blocks the diagonal crosses do).
+bool mask_causal_tile(at::Tensor& S, int64_t m0, int64_t n0, int64_t sq, int64_t sk) {
+  const int64_t mlen = S.size(0), nlen = S.size(1);
+  // Key col is visible to row r iff n0 + c <= m0 + r + sk - sq.
+  if (n0 + nlen - 1 <= m0 + sk - sq) return false;
+  auto cols = at::arange(n0, n0 + nlen, S.options().dtype(at::kLong));
+  auto limits = at::arange(m0 + sk - sq, m0 + mlen + sk - sq, S.options().dtype(at::kLong));
+  S.masked_fill_(cols.unsqueeze(0) > limits.unsqueeze(1), -std::numeric_limits<double>::infinity());
+  return true;
+}
+
+// A contiguous (rows x cols) view on the front of a preallocated buffer, for mm_out.
+at::Tensor front(const at::Tensor& buf, int64_t rows, int64_t cols) {
+  return buf.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                         const at::Tensor& v_in,
+                                                         std::optional<double> softmax_scale, bool causal,
+                                                         bool /*deterministic*/) {
+  const AttnShape s = check_qkv(q_in, k_in, v_in);
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "q must be float64, float32, bfloat16 or float16 on the CPU, got ", dtype);
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+
+  at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
+  at::Tensor lse = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (s.seqlen_k == 0) {  // no keys: every row sees nothing
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+
+  at::NoGradGuard no_grad;
+  const auto s_type = score_type(dtype), o_type = fwd_out_type(dtype);
+  // Copies only where the type changes; strided layouts are read as they are.
+  const at::Tensor q = q_in.detach().to(s_type), k = k_in.detach().to(s_type), v = v_in.detach().to(o_type);
+  at::Tensor out_acc = o_type == dtype ? out : at::empty(out.sizes(), out.options().dtype(o_type));
+  const int64_t group = s.nheads / s.nheads_k;
+  const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM);
+  const double inf = std::numeric_limits<double>::infinity();
+
+  at::parallel_for(0, s.batch * s.nheads * n_mblocks, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad_in_worker;
+    at::Tensor s_buf = at::empty({kBlockM, kBlockN}, q.options());
+    at::Tensor p_buf = at::empty({kBlockM, kBlockN}, v.options());
+    at::Tensor o_buf = at::empty({kBlockM, s.head_dim}, v.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % n_mblocks, h = (task / n_mblocks) % s.nheads, b = task / (n_mblocks * s.nheads);
+      const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
+      // scale * Q_i (mlen x head_dim): the scale folded into Q as PyTorch's own attention does.
+      const at::Tensor q_i = q.select(0, b).select(1, h).narrow(0, m0, mlen) * scale;
+      const at::Tensor k_h = k.select(0, b).select(1, h / group);  // seqlen_k x head_dim
+      const at::Tensor v_h = v.select(0, b).select(1, h / group);  // seqlen_k x head_dim
+      at::Tensor o_i = front(o_buf, mlen, s.head_dim).zero_();
+      at::Tensor m_i = at::full({mlen}, -inf, q.options());  // running max of S
+      at::Tensor l_i = at::zeros({mlen}, q.options());       // running sum of exp(S - m)
+      const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
+      for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+        const int64_t nlen = std::min(kBlockN, n_end - n0);
+        at::Tensor s_ij = front(s_buf, mlen, nlen);
+        at::mm_out(s_ij, q_i, k_h.narrow(0, n0, nlen).t());
+        if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
+        const at::Tensor m_new = at::maximum(m_i, std::get<0>(s_ij.max(1)));
+        // Rows that have seen no key yet keep m = -inf; subtract 0 there so exp gives 0, not NaN.
+        const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
+        const at::Tensor alpha = (m_i - m_safe).exp_();
+        s_ij.sub_(m_safe.unsqueeze(1)).exp_();  // s_ij now holds P
+        l_i.mul_(alpha).add_(s_ij.sum(1));
+        const at::Tensor p_ij = s_type == o_type ? s_ij : front(p_buf, mlen, nlen).copy_(s_ij);
+        o_i.mul_(alpha.unsqueeze(1).to(o_type)).addmm_(p_ij, v_h.narrow(0, n0, nlen));
+        m_i = m_new;
+      }
+      // Epilogue: O /= l, lse = m + log(l); a row that saw no key gets O = 0 and lse = -inf.
+      const at::Tensor seen = l_i > 0;
+      o_i.div_(at::where(seen, l_i, at::ones_like(l_i)).unsqueeze(1).to(o_type));
+      out_acc.select(0, b).select(1, h).narrow(0, m0, mlen).copy_(o_i);
+      lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(seen, m_i + l_i.log(), -inf));
+    }
+  });
+  if (!out_acc.is_same(out)) out.copy_(out_acc);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, double softmax_scale, bool causal,
+    bool /*deterministic: the CPU backward is always deterministic*/) {
+  const AttnShape s = check_qkv(q_in, k_in, v_in);
+  check_bwd_args(dout_in, q_in, out_in, lse_in, s);
+  const auto dtype = q_in.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "q must be float64, float32, bfloat16 or float16 on the CPU, got ", dtype);
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+
+  const auto acc = kBwdAccType;
+  at::Tensor dq = at::zeros({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options().dtype(acc));
+  at::Tensor dk = at::zeros({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options().dtype(acc));
+  at::Tensor dv = at::zeros({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options().dtype(acc));
+  auto finish = [&]() {
+    return std::make_tuple(dq.to(dtype), dk.to(dtype), dv.to(dtype));
+  };
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) return finish();
+
+  at::NoGradGuard no_grad;
+  const at::Tensor q = q_in.detach().to(acc), k = k_in.detach().to(acc), v = v_in.detach().to(acc);
+  // S is recomputed in the forward's score type (float64 too, except for bf16/fp16 inputs).
+  const bool s_is_acc = score_type(dtype) == acc;
+  const at::Tensor q_s = s_is_acc ? q : q_in.detach().to(score_type(dtype));
+  const at::Tensor k_s = s_is_acc ? k : k_in.detach().to(score_type(dtype));
+  const at::Tensor dout = dout_in.detach().to(acc);
+  // lse = -inf (a row that sees no key) would give exp(s - lse) = inf; +inf gives P = 0 instead.
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor lse = lse_in.detach().to(acc).masked_fill(lse_in == -inf, inf);
+  // D = rowsum(dO * O) = sum_j P_ij dP_ij: batch x nheads x seqlen_q, filled by pass 1.
+  at::Tensor D = at::empty({s.batch, s.nheads, s.seqlen_q}, q.options());
+  const int64_t group = s.nheads / s.nheads_k;
+  const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM), n_nblocks = num_blocks(s.seqlen_k, kBlockN);
+
+  // Per-thread tiles: S in the score type, P and dP (later dS) in float64.
+  struct Tiles {
+    at::Tensor s, p, dp;
+  };
+  auto make_tiles = [&]() {
+    return Tiles{at::empty({kBlockM, kBlockN}, q_s.options()), at::empty({kBlockM, kBlockN}, q.options()),
+                 at::empty({kBlockM, kBlockN}, q.options())};
+  };
+  // Recomputes P and dP = dO V^T (mlen x nlen) for rows m0.. of head h and keys n0...
+  auto recompute = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Tiles& t) {
+    at::Tensor s_ij = front(t.s, mlen, nlen);
+    at::mm_out(s_ij, q_s.select(0, b).select(1, h).narrow(0, m0, mlen) * scale,
+               k_s.select(0, b).select(1, h / group).narrow(0, n0, nlen).t());
+    if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
+    // Rounded to float32 as the forward's lse was: a row with one visible key gets P = 1 exactly.
+    at::Tensor p = front(t.p, mlen, nlen).copy_(s_ij.to(at::kFloat));
+    p.sub_(lse.select(0, b).select(0, h).narrow(0, m0, mlen).unsqueeze(1)).exp_();
+    at::Tensor dp = front(t.dp, mlen, nlen);
+    at::mm_out(dp, dout.select(0, b).select(1, h).narrow(0, m0, mlen),
+               v.select(0, b).select(1, h / group).narrow(0, n0, nlen).t());
+    return std::make_pair(p, dp);
+  };
+  // dS = P * (dP - D), in place of dP.
+  auto make_ds = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, at::Tensor& p, at::Tensor& dp) {
+    return dp.sub_(D.select(0, b).select(0, h).narrow(0, m0, mlen).unsqueeze(1)).mul_(p);
+  };
+
+  // Pass 1, parallel over (batch, head, row block): D = sum_j P_ij dP_ij (self-consistent with the
+  // recomputed P, so the rows of dS sum to zero, and to exactly zero for a row with one key), then dQ.
+  at::parallel_for(0, s.batch * s.nheads * n_mblocks, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad_in_worker;
+    Tiles t = make_tiles();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % n_mblocks, h = (task / n_mblocks) % s.nheads, b = task / (n_mblocks * s.nheads);
+      const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
+      const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
+      at::Tensor d_i = D.select(0, b).select(0, h).narrow(0, m0, mlen).zero_();
+      for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+        auto [p, dp] = recompute(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
+        d_i.add_((p * dp).sum(1));
+      }
+      at::Tensor dq_i = dq.select(0, b).select(1, h).narrow(0, m0, mlen);
+      for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+        const int64_t nlen = std::min(kBlockN, n_end - n0);
+        auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
+        const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
+        dq_i.addmm_(ds, k.select(0, b).select(1, h / group).narrow(0, n0, nlen), 1.0, scale);  // dQ += scale dS K
+      }
+    }
+  });
+
+  // Pass 2: dK and dV, parallel over (batch, K/V head, column block); sums over the group's heads.
+  at::parallel_for(0, s.batch * s.nheads_k * n_nblocks, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad_in_worker;
+    Tiles t = make_tiles();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % n_nblocks, hk = (task / n_nblocks) % s.nheads_k, b = task / (n_nblocks * s.nheads_k);
+      const int64_t n0 = nb * kBlockN, nlen = std::min(kBlockN, s.seqlen_k - n0);
+      at::Tensor dk_j = dk.select(0, b).select(1, hk).narrow(0, n0, nlen);
+      at::Tensor dv_j = dv.select(0, b).select(1, hk).narrow(0, n0, nlen);
+      // Causal: the first query row that sees key n0 is n0 - (sk - sq).
+      const int64_t m_start = causal ? std::clamp<int64_t>(n0 - (s.seqlen_k - s.seqlen_q), 0, s.seqlen_q) : 0;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t m0 = (m_start / kBlockM) * kBlockM; m0 < s.seqlen_q; m0 += kBlockM) {
+          const int64_t mlen = std::min(kBlockM, s.seqlen_q - m0);
+          auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
+          dv_j.addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
+          const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
+          dk_j.addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK += scale dS^T Q
+        }
+      }
+    }
+  });
+  return finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_ext, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace flash_ext

@@ -1,0 +1,59 @@
+"""Fake (meta) kernels and autograd for the C++ ops, registered the way torch.library expects, so
+autograd, torch.compile(fullgraph=True) and torch.library.opcheck all work.
+
+`attention` is CompositeImplicitAutograd in C++ (it calls attention_forward), so its gradient and
+its tracing come from attention_forward's registrations here.
+"""
+import torch
+
+from . import _C  # noqa: F401  (the schemas must exist before we register against them)
+
+
+def _default_scale(softmax_scale, head_dim):
+    return softmax_scale if softmax_scale is not None else head_dim ** -0.5
+
+
+@torch.library.register_fake("flash_ext::attention_forward")
+def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, deterministic=False):
+    torch._check(q.dim() == 4, lambda: f"q must be a 4-D tensor, got {q.dim()}-D")
+    torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be 4-D tensors")
+    torch._check(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "head_dim must match")
+    torch._check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
+                 lambda: "q's nheads must be divisible by k's nheads_k")
+    batch, seqlen_q, nheads, head_dim = q.shape
+    out = q.new_empty((batch, seqlen_q, nheads, head_dim))
+    lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("flash_ext::attention_backward")
+def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic=False):
+    torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
+    torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, causal, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.softmax_scale = _default_scale(softmax_scale, q.shape[-1])
+    ctx.causal = causal
+    ctx.deterministic = deterministic
+    # lse is returned for inspection; gradients flow through out only.
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:  # e.g. out.sum() gives a gradient expanded with stride 0
+        grad_out = grad_out.contiguous()
+    dq, dk, dv = torch.ops.flash_ext.attention_backward(
+        grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd(
+    "flash_ext::attention_forward", _backward, setup_context=_setup_context)

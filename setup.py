@@ -1,0 +1,91 @@
+"""Build flash_ext against the torch already installed.
+
+CUDAExtension (CPU + CUDA kernels) when torch has CUDA and nvcc is found, else CppExtension (CPU
+kernels only). Environment:
+  FLASH_EXT_CUDA_ARCHS  semicolon-separated archs, default "80;90a" (sm_80 family everywhere;
+                        the sm_90a Hopper kernels only where 90a is listed)
+  FLASH_EXT_FORCE_CPU=1 build the CPU-only extension even where CUDA is available
+  MAX_JOBS              parallel compile jobs (ninja)
+"""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(*parts):
+    return os.path.join("csrc", *parts)
+
+
+def _sources(folder, suffix):
+    path = os.path.join(ROOT, "csrc", folder)
+    if not os.path.isdir(path):
+        return []
+    return sorted(_rel(folder, f) for f in os.listdir(path) if f.endswith(suffix))
+
+
+def _cuda_reason():
+    if os.environ.get("FLASH_EXT_FORCE_CPU", "0") == "1":
+        return "FLASH_EXT_FORCE_CPU=1"
+    if torch.version.cuda is None:
+        return "the installed torch has no CUDA"
+    if CUDA_HOME is None:
+        return "nvcc was not found (CUDA_HOME is unset)"
+    return None
+
+
+def _gencode_flags(archs):
+    flags = []
+    for arch in archs:
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def _extension():
+    cxx_flags = ["-O3", "-std=c++17"]
+    sources = [_rel("flash_ext.cpp")] + _sources("cpu", ".cpp")
+    reason = _cuda_reason()
+    if reason is not None:
+        print(f"flash_ext: building the CPU-only extension ({reason}); CUDA tensors will be rejected.")
+        return CppExtension("flash_ext._C", sources, extra_compile_args={"cxx": cxx_flags})
+
+    archs = [a.strip() for a in os.environ.get("FLASH_EXT_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
+    print(f"flash_ext: building the CUDA extension for archs {archs} (CUDA {torch.version.cuda}).")
+    sources += _sources("cuda", ".cu") + _sources(os.path.join("kernels", "instantiations"), ".cu")
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "--use_fast_math",
+        "-lineinfo",
+        "--expt-relaxed-constexpr",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ] + _gencode_flags(archs)
+    defines = [("FLASH_EXT_WITH_CUDA", "1")]
+    if "90a" in archs:
+        defines.append(("FLASH_EXT_WITH_SM90", "1"))
+    return CUDAExtension(
+        "flash_ext._C",
+        sources,
+        define_macros=defines,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    name="flash_ext",
+    version="0.1.0",
+    description="Hand-written CUDA FlashAttention for PyTorch, with a tiled CPU implementation",
+    packages=find_packages(include=["flash_ext", "flash_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    zip_safe=False,
+)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what is missing: torch (only if absent: a CUDA torch already there is kept), the build and
+# test dependencies, and flash_ext itself (editable, built against that torch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==2.13.0"
+fi
+"$PY" -m pip install -q ninja pybind11 pytest numpy tqdm "setuptools>=64" wheel
+if ! "$PY" -c "import flash_ext" 2>/dev/null || [ "${FLASH_EXT_REBUILD:-0}" = 1 ]; then
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-build-isolation -e .
+fi
+"$PY" -c "import torch, flash_ext; print(f'flash_ext {flash_ext.__version__} on torch {torch.__version__}: ' + ('CUDA kernels built' if flash_ext.cuda_built() else 'CPU-only build'))"
