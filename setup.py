@@ -56,7 +56,10 @@ def _extension():
 
     archs = [a.strip() for a in os.environ.get("FLASH_EXT_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
     print(f"flash_ext: building the CUDA extension for archs {archs} (CUDA {torch.version.cuda}).")
-    sources += _sources("cuda", ".cu") + _sources(os.path.join("kernels", "instantiations"), ".cu")
+    kernels = _sources(os.path.join("kernels", "instantiations"), ".cu")
+    if "90a" not in archs:  # the Hopper kernels need sm_90a (wgmma, setmaxnreg)
+        kernels = [f for f in kernels if "_sm90_" not in os.path.basename(f)]
+    sources += _sources("cuda", ".cu") + kernels
     nvcc_flags = [
         "-O3",
         "-std=c++17",

@@ -1,25 +1,237 @@
-// CUDA implementations of the flash_ext ops. The tensor-core kernels land with the sm80 issue; until
-// then a CUDA tensor gets a clear NotImplementedError (never a silent copy to the CPU).
+// CUDA implementations of the flash_ext ops: argument checks, device guard, output and workspace
+// allocation, params, and dispatch to a kernel family:
+//   sm90: wgmma + TMA + warp specialization (Hopper, compute capability 9.0, built for sm_90a);
+//   sm80: mma.sync + ldmatrix + cp.async (every GPU from sm_80 up).
+// FLASH_EXT_BACKEND=sm80|sm90 forces a family (tests exercise both on one H200); a shape the sm90
+// kernels cannot take (TMA alignment, an uninstantiated head dim) falls back to sm80.
+// Nothing here synchronizes; every kernel runs on the current stream.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <limits>
+#include <mutex>
+
 #include "../attention_checks.h"
+#include "../kernels/launch.h"
+#include "../kernels/params.h"
+#include "../kernels/static_switch.h"
+#ifdef FLASH_EXT_WITH_SM90
+#include "../kernels/sm90/bwd_api.h"
+#include "../kernels/sm90/fwd_api.h"
+#endif
 
 namespace flash_ext {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, std::optional<double>, bool,
-                                                          bool) {
-  check_qkv(q, k, v);
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "flash_ext: the CUDA attention kernels are not implemented yet");
+// Properties of the current device, read once per device.
+const cudaDeviceProp* current_device_props() {
+  constexpr int kMaxDevices = 64;
+  static cudaDeviceProp props[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "flash_ext: device index ", device, " out of range");
+  std::call_once(once[device], [&] { C10_CUDA_CHECK(cudaGetDeviceProperties(&props[device], device)); });
+  return &props[device];
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(const at::Tensor&, const at::Tensor& q,
-                                                                       const at::Tensor& k, const at::Tensor& v,
-                                                                       const at::Tensor&, const at::Tensor&,
-                                                                       double, bool, bool) {
-  check_qkv(q, k, v);
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "flash_ext: the CUDA attention kernels are not implemented yet");
+enum class Backend { kAuto, kSm80, kSm90 };
+
+Backend requested_backend() {
+  const char* env = std::getenv("FLASH_EXT_BACKEND");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return Backend::kAuto;
+  if (std::strcmp(env, "sm80") == 0) return Backend::kSm80;
+  if (std::strcmp(env, "sm90") == 0) return Backend::kSm90;
+  TORCH_CHECK(false, "FLASH_EXT_BACKEND must be sm80, sm90 or auto, got '", env, "'");
+}
+
+// Whether the sm90 family may run on the current device (built for sm_90a, compute capability 9.0).
+bool sm90_available(const cudaDeviceProp* props) {
+#ifdef FLASH_EXT_WITH_SM90
+  return props->major == 9 && props->minor == 0;
+#else
+  (void)props;
+  return false;
+#endif
+}
+
+bool want_sm90(const cudaDeviceProp* props) {
+  const Backend b = requested_backend();
+  if (b == Backend::kSm80) return false;
+  const bool ok = sm90_available(props);
+  TORCH_CHECK(ok || b != Backend::kSm90,
+              "FLASH_EXT_BACKEND=sm90 needs a compute capability 9.0 GPU and a build with FLASH_EXT_CUDA_ARCHS "
+              "containing 90a; this device is sm_", props->major, props->minor);
+  return ok;
+}
+
+int round_head_dim(int head_dim, const int* dims, int n) {
+  for (int i = 0; i < n; ++i)
+    if (head_dim <= dims[i]) return dims[i];
+  return -1;
+}
+
+void check_cuda_inputs(const at::Tensor& q, const AttnShape& s, const cudaDeviceProp* props) {
+  TORCH_CHECK(props->major >= 8, "flash_ext CUDA kernels need compute capability 8.0 (sm_80) or newer, got sm_",
+              props->major, props->minor);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q must be float16 or bfloat16 on CUDA, got ", q.scalar_type());
+  TORCH_CHECK(s.head_dim % 8 == 0 && s.head_dim <= 256,
+              "head_dim must be a multiple of 8 and at most 256 on CUDA, got ", s.head_dim);
+  // The kernels' grids put heads and batch on grid.y / grid.z (at most 65535 each).
+  TORCH_CHECK(s.batch <= 65535, "batch must be at most 65535 on CUDA, got ", s.batch);
+  TORCH_CHECK(s.nheads <= 65535, "nheads must be at most 65535 on CUDA, got ", s.nheads);
+  TORCH_CHECK(s.seqlen_q <= std::numeric_limits<int>::max() - 256 &&
+                  s.seqlen_k <= std::numeric_limits<int>::max() - 256,
+              "seqlen_q and seqlen_k must fit in 31 bits on CUDA");
+}
+
+// The kernels read 16-byte vectors: base pointers 16-byte aligned and strides multiples of 8 elements.
+// A tensor that is not gets a contiguous copy (correct, one extra pass over it).
+at::Tensor aligned(const at::Tensor& t) {
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) <= 1 || t.stride(d) % 8 == 0;
+  return ok ? t : t.contiguous();
+}
+
+void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const AttnShape& s, double scale,
+                     bool causal, const cudaDeviceProp* props) {
+  std::memset(&p, 0, sizeof(p));
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1), p.k_head_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_row_stride = v.stride(1), p.v_head_stride = v.stride(2);
+  p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
+  p.batch = static_cast<int>(s.batch);
+  p.seqlen_q = static_cast<int>(s.seqlen_q);
+  p.seqlen_k = static_cast<int>(s.seqlen_k);
+  p.nheads = static_cast<int>(s.nheads);
+  p.nheads_k = static_cast<int>(s.nheads_k);
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.h_h_k_ratio = static_cast<int>(s.nheads / s.nheads_k);
+  p.scale_softmax = static_cast<float>(scale);
+  p.scale_softmax_log2 = static_cast<float>(scale * 1.4426950408889634);  // scale * log2(e)
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.is_causal = causal;
+  p.num_sm = props->multiProcessorCount;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                          const at::Tensor& v_in, std::optional<double> softmax_scale,
+                                                          bool causal, bool /*deterministic*/) {
+  const AttnShape s = check_qkv(q_in, k_in, v_in);
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const cudaDeviceProp* props = current_device_props();
+  check_cuda_inputs(q_in, s, props);
+
+  at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
+  at::Tensor lse = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
+  if (s.batch == 0 || s.seqlen_q == 0 || s.nheads == 0) return {out, lse};
+  if (s.seqlen_k == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  FwdParams params;
+  fill_fwd_params(params, q, k, v, out, lse, s, scale, causal, props);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+#ifdef FLASH_EXT_WITH_SM90
+  if (want_sm90(props) && sm90_fwd_supported(params)) {
+    const int hd = round_head_dim(params.head_dim, kSm90FwdHeadDims, std::size(kSm90FwdHeadDims));
+    if (hd == 64) run_fwd_sm90<64>(params, stream);
+    else if (hd == 128) run_fwd_sm90<128>(params, stream);
+    else run_fwd_sm90<256>(params, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out, lse};
+  }
+#else
+  want_sm90(props);  // rejects FLASH_EXT_BACKEND=sm90 in a build without the Hopper kernels
+#endif
+  const int hd = round_head_dim(params.head_dim, kSm80HeadDims, std::size(kSm80HeadDims));
+  HEADDIM_SWITCH(hd, [&] { run_fwd_sm80<kHeadDim>(params, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, double softmax_scale, bool causal, bool deterministic) {
+  const AttnShape s = check_qkv(q_in, k_in, v_in);
+  check_bwd_args(dout_in, q_in, out_in, lse_in, s);
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const cudaDeviceProp* props = current_device_props();
+  check_cuda_inputs(q_in, s, props);
+
+  at::Tensor dq = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
+  at::Tensor dk = at::empty({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options());
+  at::Tensor dv = at::empty({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options());
+  if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+    return {dq, dk, dv};
+  }
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  const at::Tensor out = aligned(out_in), dout = aligned(dout_in);
+  const at::Tensor lse = lse_in.contiguous();
+
+  BwdParams params;
+  std::memset(&params, 0, sizeof(params));
+  fill_fwd_params(params, q, k, v, out, lse, s, scale, causal, props);
+  params.dout = dout.data_ptr();
+  params.dq = dq.data_ptr(), params.dk = dk.data_ptr(), params.dv = dv.data_ptr();
+  params.do_batch_stride = dout.stride(0), params.do_row_stride = dout.stride(1), params.do_head_stride = dout.stride(2);
+  params.dq_batch_stride = dq.stride(0), params.dq_row_stride = dq.stride(1), params.dq_head_stride = dq.stride(2);
+  params.dk_batch_stride = dk.stride(0), params.dk_row_stride = dk.stride(1), params.dk_head_stride = dk.stride(2);
+  params.dv_batch_stride = dv.stride(0), params.dv_row_stride = dv.stride(1), params.dv_head_stride = dv.stride(2);
+  params.deterministic = deterministic;
+  params.seqlen_q_rounded = static_cast<int>((s.seqlen_q + 127) / 128 * 128);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  // Workspace: dQ accumulated in float32, D = rowsum(dO * O). Both are written (zeroed) by the kernels.
+  auto workspace = [&](int head_dim_rounded) {
+    params.head_dim_rounded = head_dim_rounded;
+    at::Tensor dq_accum = at::empty({s.batch, s.nheads, params.seqlen_q_rounded, head_dim_rounded},
+                                    q.options().dtype(at::kFloat));
+    at::Tensor dsoftmax_sum = at::empty({s.batch, s.nheads, params.seqlen_q_rounded}, q.options().dtype(at::kFloat));
+    params.dq_accum = dq_accum.data_ptr<float>();
+    params.dsoftmax_sum = dsoftmax_sum.data_ptr<float>();
+    return std::make_pair(dq_accum, dsoftmax_sum);
+  };
+
+#ifdef FLASH_EXT_WITH_SM90
+  if (want_sm90(props)) {
+    const int hd = round_head_dim(params.head_dim, kSm90BwdHeadDims, std::size(kSm90BwdHeadDims));
+    if (hd > 0) {  // head dims above the largest sm90 backward instantiation run on sm80
+      auto ws = workspace(hd);
+      if (sm90_bwd_supported(params)) {  // also false in deterministic mode: sm80 provides it
+        if (hd == 64) run_bwd_sm90<64>(params, stream);
+        else run_bwd_sm90<128>(params, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return {dq, dk, dv};
+      }
+    }
+  }
+#else
+  want_sm90(props);
+#endif
+  const int hd = round_head_dim(params.head_dim, kSm80HeadDims, std::size(kSm80HeadDims));
+  auto ws = workspace(hd);
+  HEADDIM_SWITCH(hd, [&] { run_bwd_sm80<kHeadDim>(params, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk, dv};
 }
 
 }  // namespace

@@ -1,0 +1,54 @@
+// Plain parameter structs passed by value (as __grid_constant__) to every kernel.
+// Torch-free: the API layer (csrc/cuda/attention_api.cu) fills them from tensors.
+// All strides are in elements. Offsets into the tensors are computed in int64_t.
+#pragma once
+#include <cstdint>
+
+namespace flash_ext {
+
+struct FwdParams {
+  // Inputs.
+  const void* q;  // batch x seqlen_q x nheads x head_dim
+  const void* k;  // batch x seqlen_k x nheads_k x head_dim
+  const void* v;  // batch x seqlen_k x nheads_k x head_dim
+  // Outputs.
+  void* out;      // batch x seqlen_q x nheads x head_dim
+  float* lse;     // batch x nheads x seqlen_q (contiguous), natural log
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+
+  int batch, seqlen_q, seqlen_k, nheads, nheads_k;
+  int head_dim;        // the real head dim (multiple of 8); kernels run on kHeadDim >= head_dim
+  int h_h_k_ratio;     // nheads / nheads_k: query head h reads K/V head h / h_h_k_ratio
+
+  float scale_softmax;       // softmax scale (natural units)
+  float scale_softmax_log2;  // softmax scale * log2(e): exp(x*scale) == exp2(x*scale_log2)
+
+  bool is_bf16;   // element type of q/k/v/out/dout/dq/dk/dv: bf16 if true, else fp16
+  bool is_causal; // bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q
+  int num_sm;     // multiprocessor count of the device (for grid sizing)
+};
+
+struct BwdParams : public FwdParams {
+  const void* dout;  // batch x seqlen_q x nheads x head_dim
+  void* dq;          // batch x seqlen_q x nheads x head_dim
+  void* dk;          // batch x seqlen_k x nheads_k x head_dim
+  void* dv;          // batch x seqlen_k x nheads_k x head_dim
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+
+  // Workspace allocated by the API layer (float32, contiguous).
+  float* dq_accum;  // batch x nheads x seqlen_q_rounded x head_dim_rounded; uninitialized: run_bwd zeroes it
+  float* dsoftmax_sum;  // D = rowsum(dO * O): batch x nheads x seqlen_q_rounded
+  int seqlen_q_rounded;  // seqlen_q rounded up to a multiple of 128
+  int head_dim_rounded;  // kHeadDim of the instantiation that runs (multiple of 32)
+
+  bool deterministic;  // dq bitwise reproducible run to run (no float atomics in dq)
+};
+
+}  // namespace flash_ext

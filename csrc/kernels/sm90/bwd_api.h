@@ -1,0 +1,72 @@
+// Host-side entry points of the Hopper (sm_90a) backward, for the API layer. Torch-free, no device code.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "../params.h"
+#include "tma_host.h"
+
+namespace flash_ext {
+
+// Instantiated head dims of the sm90 backward; a head dim h runs on the smallest one >= h.
+constexpr int kSm90BwdHeadDims[] = {64, 128};
+
+// Runs preprocess (D = rowsum(dO o O), zero dq_accum), the main kernel and the dq conversion on `stream`;
+// never synchronizes or checks errors. Call only where sm90_bwd_supported(params) is true, on a device of
+// compute capability 9.0. params.head_dim_rounded must equal kHeadDim (dq_accum rows are kHeadDim floats).
+template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
+
+// False where the sm90 backward cannot run: deterministic mode (not implemented: dq uses float atomics),
+// head_dim above 128 (not instantiated) or not a multiple of 8, TMA unable to describe q, k, v or dout
+// (a base pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), or an
+// odd output stride (dq / dk / dv / out are accessed in pairs of elements). The API then falls back to sm80.
+// Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
+inline bool sm90_bwd_supported(const BwdParams& p) {
+  if (p.deterministic) return false;
+  if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 128) return false;
+  if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
+  if (p.nheads % p.nheads_k != 0 || p.h_h_k_ratio != p.nheads / p.nheads_k) return false;
+  if (p.dq_accum == nullptr || p.dsoftmax_sum == nullptr) return false;
+  if (reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0) return false;
+  if (p.seqlen_q_rounded != (p.seqlen_q + 127) / 128 * 128) return false;
+  const int inst = p.head_dim <= 64 ? 64 : 128;
+  if (p.head_dim_rounded != inst) return false;
+  const void* ptrs[4] = {p.q, p.k, p.v, p.dout};
+  for (const void* ptr : ptrs) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  }
+  auto ok_stride = [](int64_t stride, int size) { return size == 1 || (stride > 0 && stride % 8 == 0); };
+  if (!ok_stride(p.q_row_stride, p.seqlen_q) || !ok_stride(p.q_head_stride, p.nheads) ||
+      !ok_stride(p.q_batch_stride, p.batch))
+    return false;
+  if (!ok_stride(p.do_row_stride, p.seqlen_q) || !ok_stride(p.do_head_stride, p.nheads) ||
+      !ok_stride(p.do_batch_stride, p.batch))
+    return false;
+  if (!ok_stride(p.k_row_stride, p.seqlen_k) || !ok_stride(p.k_head_stride, p.nheads_k) ||
+      !ok_stride(p.k_batch_stride, p.batch))
+    return false;
+  if (!ok_stride(p.v_row_stride, p.seqlen_k) || !ok_stride(p.v_head_stride, p.nheads_k) ||
+      !ok_stride(p.v_batch_stride, p.batch))
+    return false;
+  // out, dq, dk, dv: read / written as 4-byte pairs.
+  const int64_t pair_strides[] = {p.o_batch_stride,  p.o_row_stride,  p.o_head_stride,  p.dq_batch_stride,
+                                  p.dq_row_stride,   p.dq_head_stride, p.dk_batch_stride, p.dk_row_stride,
+                                  p.dk_head_stride,  p.dv_batch_stride, p.dv_row_stride,  p.dv_head_stride};
+  for (int64_t s : pair_strides) {
+    if (s % 2 != 0) return false;
+  }
+  const void* pair_ptrs[4] = {p.out, p.dq, p.dk, p.dv};
+  for (const void* ptr : pair_ptrs) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return false;
+  }
+  CUtensorMap map;
+  return sm90::encode_tensor_map_4d(&map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                                    p.q_head_stride, p.q_batch_stride, 64) &&
+         sm90::encode_tensor_map_4d(&map, p.dout, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
+                                    p.do_row_stride, p.do_head_stride, p.do_batch_stride, 64) &&
+         sm90::encode_tensor_map_4d(&map, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                                    p.k_row_stride, p.k_head_stride, p.k_batch_stride, 128) &&
+         sm90::encode_tensor_map_4d(&map, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                                    p.v_row_stride, p.v_head_stride, p.v_batch_stride, 128);
+}
+
+}  // namespace flash_ext

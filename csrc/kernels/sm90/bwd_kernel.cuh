@@ -1,0 +1,560 @@
+// Hopper (sm_90a) FlashAttention backward: three kernels.
+//   1. bwd_preprocess_sm90: D = rowsum(dO * O) per query row (0 for rows >= seqlen_q, up to seqlen_q_rounded)
+//      into dsoftmax_sum, and zero the dq_accum rows of the same block.
+//   2. bwd_main_sm90 (BwdKernel): one CTA per (n_block, kv head, batch), kBlockN = 128 keys resident in shared
+//      memory (K and V, loaded once by TMA). It loops over the query heads of the GQA group and the query
+//      blocks (kBlockM = 64 or 128 rows) that see the key block; Q, dO (TMA) and lse, D (plain loads) stream through a
+//      kStages-slot mbarrier pipeline. kNWarps = 12:
+//        warpgroup 0  producer: warp 0 issues the TMA loads (lane 0) and copies lse / D into shared memory
+//                     (all lanes); setmaxnreg lowers the warpgroup to 24 registers.
+//        warpgroups 1, 2  consumers (240 registers): consumer w owns keys [64w, 64w + 64) of the block. Per query
+//                     block, with the products transposed so the key dimension is the wgmma M dimension:
+//                       S^T  (64 x kBlockM) = K_w Q^T           (SS wgmma)
+//                       dP^T (64 x kBlockM) = V_w dO^T          (SS wgmma)
+//                       P^T = exp2(S^T * scale_log2 - lse_log2), dS^T = P^T o (dP^T - D)    (registers)
+//                       dV_w += P^T dO,  dK_w += dS^T Q          (RS wgmma: P^T, dS^T straight from registers)
+//                       dQ (kBlockM x d) += dS K                 (SS wgmma, dS^T read MN-major from shared memory)
+//                     dK, dV stay in registers for the whole CTA; dQ goes through shared memory and a bulk
+//                     reduce-add (cp.reduce.async.bulk .add.f32) into dq_accum.
+//      dQ split (DqSplitKeys): false: both consumers' dS^T go to shared memory, a 256-thread barrier, and
+//      consumer w computes columns [w d/2, w d/2 + d/2) over all kBlockN keys (N = d/2); true: consumer w
+//      computes all d columns over its own 64 keys only (no cross-warpgroup barrier, twice the reduce traffic).
+//      Overlap: S^T / dP^T of step i + 1 are issued before dQ of step i is written out, so the tensor cores work
+//      while the warpgroup stages dQ (needs the registers of both: not for d128).
+//   3. bwd_convert_dq_sm90: dq = dq_accum * scale -> element type (un-permuting the accumulation layout).
+//
+// dq_accum layout (workspace, private to these kernels): per (batch, head, m_block) a contiguous block of
+// kBlockM x kHeadDim floats, in the consumers' register order so that the shared-memory staging is
+// conflict-free and the reduce is one bulk copy: see dq_accum_index.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "../mask.cuh"
+#include "../params.h"
+#include "../ptx.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace flash_ext {
+namespace sm90 {
+
+struct BwdTmaArgs {
+  CUtensorMap q_map;   // over q: (head_dim, seqlen_q, nheads, batch), box 64 x kBlockM
+  CUtensorMap do_map;  // over dout: (head_dim, seqlen_q, nheads, batch), box 64 x kBlockM
+  CUtensorMap k_map;   // over k: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
+  CUtensorMap v_map;   // over v: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
+  BwdParams params;
+  int num_m_blocks;  // ceil(seqlen_q / kBlockM)
+};
+
+// Index of dQ element (row, col) of one 64-row x kHeadDim block inside its dq_accum block (a kBlockM = 128 step
+// covers two such blocks).
+// n_dq: dQ columns per consumer (kHeadDim / 2 when split by columns, kHeadDim when split by keys).
+// Consumer part wp = col / n_dq; inside it, register i = 4 (c / 8) + 2 ((row % 16) / 8) + c % 2 of thread
+// tid = 32 (row / 16) + 4 (row % 8) + (c % 8) / 2 (c = col % n_dq): stored at (i / 4) * 512 + tid * 4 + i % 4.
+__host__ __device__ __forceinline__ int dq_accum_index(int row, int col, int n_dq) {
+  const int wp = col / n_dq, c = col - wp * n_dq;
+  const int i = 4 * (c / 8) + 2 * ((row % 16) / 8) + (c % 2);
+  const int tid = 32 * (row / 16) + 4 * (row % 8) + (c % 8) / 2;
+  return wp * (64 * n_dq) + (i / 4) * 512 + tid * 4 + (i % 4);
+}
+
+// ------------------------------------------------------------------------------------------ preprocess
+// grid (seqlen_q_rounded / 64, nheads, batch), 256 threads: 8 warps x 8 rows.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant__ BwdParams p) {
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
+  // Zero this block's dq_accum rows (64 x kHeadDim floats, contiguous).
+  float4* acc = reinterpret_cast<float4*>(p.dq_accum + row_base * kHeadDim);
+  for (int i = threadIdx.x; i < 64 * kHeadDim / 4; i += 256) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const T* o_ptr = static_cast<const T*>(p.out);      // batch x seqlen_q x nheads x head_dim
+  const T* do_ptr = static_cast<const T*>(p.dout);    // batch x seqlen_q x nheads x head_dim
+  for (int r = warp * 8; r < warp * 8 + 8; ++r) {
+    const int row = m_block * 64 + r;
+    float sum = 0.f;
+    if (row < p.seqlen_q) {
+      const int64_t oo = b * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride;
+      const int64_t od = b * p.do_batch_stride + row * p.do_row_stride + h * p.do_head_stride;
+      for (int c = 2 * lane; c < p.head_dim; c += 64) {
+        const float2 o = unpack2<T>(*reinterpret_cast<const uint32_t*>(o_ptr + oo + c));
+        const float2 d = unpack2<T>(*reinterpret_cast<const uint32_t*>(do_ptr + od + c));
+        sum += o.x * d.x + o.y * d.y;
+      }
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
+    if (lane == 0) p.dsoftmax_sum[row_base + r] = sum;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ convert dq
+// grid (ceil(seqlen_q / 64), nheads, batch), 256 threads. Each thread reads 16 contiguous bytes of the block
+// (registers 4j..4j+3 of one consumer thread: columns c, c + 1 of rows r and r + 8) and writes two pairs.
+template <typename T, int kHeadDim, int kNDq>
+__global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant__ BwdParams p) {
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
+  const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + row_base * kHeadDim);  // 64 x kHeadDim floats
+  T* dq = static_cast<T*>(p.dq);  // batch x seqlen_q x nheads x head_dim
+  for (int v = threadIdx.x; v < 64 * kHeadDim / 4; v += 256) {
+    const int idx = 4 * v;
+    const int wp = idx / (64 * kNDq), rem = idx - wp * (64 * kNDq);
+    const int j = rem / 512, tid = (rem % 512) / 4;
+    const int lane = tid % 32;
+    const int r = 16 * (tid / 32) + lane / 4;
+    const int c = wp * kNDq + 8 * j + 2 * (lane % 4);
+    if (c >= p.head_dim) continue;
+    const float4 a = acc[v];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = m_block * 64 + r + 8 * half;
+      if (row < p.seqlen_q) {
+        *reinterpret_cast<uint32_t*>(dq + b * p.dq_batch_stride + row * p.dq_row_stride + h * p.dq_head_stride + c) =
+            half ? pack2<T>(a.z * p.scale_softmax, a.w * p.scale_softmax)
+                 : pack2<T>(a.x * p.scale_softmax, a.y * p.scale_softmax);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ main kernel
+template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool Overlap_>
+struct BwdKernel {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per pipeline step: 64 or 128 (kMTiles wgmma M tiles of dQ)
+  static constexpr int kMTiles = kBlockM / 64;
+  static constexpr int kBlockN = 128;  // two consumer warpgroups x 64 keys
+  static constexpr int kStages = kStages_;
+  static constexpr bool IsCausal = IsCausal_;
+  static constexpr bool DqSplitKeys = DqSplitKeys_;
+  static constexpr bool Overlap = Overlap_;
+  static constexpr int kNWarps = 12;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kProducerRegs = 24;  // 24*128 + 240*256 = 64512 <= 65536
+  static constexpr int kConsumerRegs = 240;
+  static_assert(kHeadDim % 64 == 0, "SW128 chunks are 64 columns wide");
+  static constexpr int kChunks = kHeadDim / 64;
+  static constexpr int kNDq = DqSplitKeys ? kHeadDim : kHeadDim / 2;  // dQ columns per consumer
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;                // one Q (or dO) stage
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQChunkBytes = kBlockM * 128;
+  static constexpr int kKVChunkBytes = kBlockN * 128;
+  static_assert(kBlockM == 64 || kBlockM == 128, "kBlockM");
+  // dS^T: kBlockN key rows x kBlockM queries, SW128 chunks of 64 queries (chunk c at c * kBlockN * 128).
+  static constexpr int kDsBytes = kBlockN * kBlockM * 2;
+  // Split by keys, each consumer reads back only its own dS^T rows after its own previous dQ wgmma: one
+  // buffer; split by columns, the other consumer may still read the previous step's: two (step parity).
+  static constexpr int kDsBufs = DqSplitKeys ? 1 : 2;
+  static constexpr int kDqTileBytes = 64 * kNDq * 4;                   // one 64-row tile of one consumer's dQ
+  static constexpr int kDqPartBytes = kMTiles * kDqTileBytes;          // one consumer's dQ staging
+  // Shared memory (offsets from a 1024-aligned base).
+  static constexpr int kOffK = 0;
+  static constexpr int kOffV = kOffK + kKVBytes;
+  static constexpr int kOffQ = kOffV + kKVBytes;                      // kStages x (kChunks x 64 x 64) SW128
+  static constexpr int kOffDo = kOffQ + kStages * kQBytes;
+  static constexpr int kOffDs = kOffDo + kStages * kQBytes;           // kDsBufs buffers
+  static constexpr int kOffDq = kOffDs + kDsBufs * kDsBytes;          // 2 consumers x kDqPartBytes
+  static constexpr int kOffLse = kOffDq + 2 * kDqPartBytes;           // kStages x kBlockM floats (lse * log2 e)
+  static constexpr int kOffD = kOffLse + kStages * kBlockM * 4;       // kStages x kBlockM floats
+  static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
+  static constexpr int kNumBars = 1 + 2 * kStages;
+  static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+  // Named barriers (0 is __syncthreads): 1 dS of both consumers written; 2, 3 dS of consumer w (split keys);
+  // 4, 5 dQ staging of consumer w.
+  static constexpr int kBarDs = 1, kBarDsOwn = 2, kBarDq = 4;
+
+  __device__ static __forceinline__ uint32_t bar_kv(uint32_t b) { return b; }
+  __device__ static __forceinline__ uint32_t bar_full(uint32_t b, int s) { return b + 8 * (1 + s); }
+  __device__ static __forceinline__ uint32_t bar_empty(uint32_t b, int s) { return b + 8 * (1 + kStages + s); }
+
+  // ------------------------------------------------------------------------------------------ producer
+  __device__ static void producer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
+                                  int batch) {
+    const BwdParams& p = args.params;
+    const int lane = threadIdx.x % 32;
+    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
+    if (lane == 0) {
+      tma_prefetch_desc(&args.q_map);
+      tma_prefetch_desc(&args.do_map);
+      mbar_arrive_expect_tx(bar_kv(bars), 2 * kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        tma_load_4d(smem + kOffK + c * kKVChunkBytes, &args.k_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
+                    batch);
+        tma_load_4d(smem + kOffV + c * kKVChunkBytes, &args.v_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
+                    batch);
+      }
+    }
+    int it = 0;
+    for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
+      const int head = head_k * p.h_h_k_ratio + hh;
+      const int64_t lse_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q;
+      const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
+      for (int m_block = m_block_min; m_block < args.num_m_blocks; ++m_block, ++it) {
+        const int stage = it % kStages, phase = (it / kStages) & 1;
+        mbar_wait(bar_empty(bars, stage), phase ^ 1);
+        if (lane == 0) {
+          mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes);
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c) {
+            tma_load_4d(smem + kOffQ + stage * kQBytes + c * kQChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
+                        m_block * kBlockM, head, batch);
+            tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
+                        c * 64, m_block * kBlockM, head, batch);
+          }
+        }
+        // lse (scaled by log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D.
+#pragma unroll
+        for (int r = lane; r < kBlockM; r += 32) {
+          const int row = m_block * kBlockM + r;
+          float l = row < p.seqlen_q ? p.lse[lse_base + row] : INFINITY;
+          l = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+          const float dsum = p.dsoftmax_sum[d_base + row];
+          asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffLse + (stage * kBlockM + r) * 4), "f"(l) : "memory");
+          asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffD + (stage * kBlockM + r) * 4), "f"(dsum) : "memory");
+        }
+        mbar_arrive(bar_full(bars, stage));
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------ consumer
+  __device__ static void consumer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw, int n_block,
+                                  int head_k, int batch) {
+    const BwdParams& p = args.params;
+    const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
+    const int warp_in_wg = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
+    const int n_m = args.num_m_blocks - m_block_min;  // query blocks per head
+    const int n_iters = n_m * p.h_h_k_ratio;          // pipeline steps: (head of the group, query block)
+    const float scale_log2 = p.scale_softmax_log2;
+    // This thread's key rows (global): key0 and key0 + 8.
+    const int key0 = n_block * kBlockN + cw * 64 + warp_in_wg * 16 + g;
+
+    float dv_reg[kHeadDim / 2], dk_reg[kHeadDim / 2];
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 2; ++i) dv_reg[i] = dk_reg[i] = 0.f;
+    float s_reg[kBlockM / 2], dp_reg[kBlockM / 2], dq_reg[kMTiles][kNDq / 2];
+    uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
+
+    // A operands K_w, V_w: this consumer's 64 rows of each chunk (K-major).
+    const uint32_t k_w = smem + kOffK + cw * 64 * 128;
+    const uint32_t v_w = smem + kOffV + cw * 64 * 128;
+
+    auto q_stage = [&](int it) { return smem + kOffQ + (it % kStages) * kQBytes; };
+    auto do_stage = [&](int it) { return smem + kOffDo + (it % kStages) * kQBytes; };
+
+    // ---- S^T = K_w Q^T, dP^T = V_w dO^T (two commit groups)
+    auto issue_sdp = [&](int it) {
+      const uint32_t q_s = q_stage(it), do_s = do_stage(it);
+      fence_regs(s_reg);
+      fence_regs(dp_reg);
+      wgmma_fence();
+      {
+        const uint64_t desc_k = make_desc_sw128(k_w, 16, 1024), desc_q = make_desc_sw128(q_s, 16, 1024);
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+          const uint32_t off_a = (kk / 4) * kKVChunkBytes + (kk % 4) * 32;
+          const uint32_t off_b = (kk / 4) * kQChunkBytes + (kk % 4) * 32;
+          Wgmma<kBlockM, T>::template ss<0>(s_reg, desc_k + (off_a >> 4), desc_q + (off_b >> 4), kk > 0 ? 1 : 0);
+        }
+      }
+      wgmma_commit();
+      {
+        const uint64_t desc_v = make_desc_sw128(v_w, 16, 1024), desc_do = make_desc_sw128(do_s, 16, 1024);
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+          const uint32_t off_a = (kk / 4) * kKVChunkBytes + (kk % 4) * 32;
+          const uint32_t off_b = (kk / 4) * kQChunkBytes + (kk % 4) * 32;
+          Wgmma<kBlockM, T>::template ss<0>(dp_reg, desc_v + (off_a >> 4), desc_do + (off_b >> 4), kk > 0 ? 1 : 0);
+        }
+      }
+      wgmma_commit();
+    };
+
+    // ---- wait for S^T / dP^T (no other wgmma group in flight); P^T, dS^T into A fragments.
+    auto softmax = [&](int it) {
+      const int stage = it % kStages;
+      const int m_block = m_block_min + it % n_m;
+      wgmma_wait<1>();
+      fence_regs(s_reg);
+      // P^T = exp2(S^T scale_log2 - lse_log2[col]) (0 where masked)
+      const bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+        float2 l2;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(l2.x), "=f"(l2.y)
+                     : "r"(smem + kOffLse + (stage * kBlockM + 8 * j + 2 * t) * 4));
+        s_reg[4 * j + 0] = fast_exp2(fmaf(s_reg[4 * j + 0], scale_log2, -l2.x));
+        s_reg[4 * j + 1] = fast_exp2(fmaf(s_reg[4 * j + 1], scale_log2, -l2.y));
+        s_reg[4 * j + 2] = fast_exp2(fmaf(s_reg[4 * j + 2], scale_log2, -l2.x));
+        s_reg[4 * j + 3] = fast_exp2(fmaf(s_reg[4 * j + 3], scale_log2, -l2.y));
+      }
+      if (need_mask) {
+#pragma unroll
+        for (int j = 0; j < kBlockM / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int lim = mask.col_limit(m_block * kBlockM + 8 * j + 2 * t + e);
+            if (key0 >= lim) s_reg[4 * j + e] = 0.f;
+            if (key0 + 8 >= lim) s_reg[4 * j + 2 + e] = 0.f;
+          }
+        }
+      }
+      wgmma_wait<0>();
+      fence_regs(dp_reg);
+      // dS^T = P^T o (dP^T - D[col])
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j) {
+        float2 d2;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
+                     : "=f"(d2.x), "=f"(d2.y)
+                     : "r"(smem + kOffD + (stage * kBlockM + 8 * j + 2 * t) * 4));
+        dp_reg[4 * j + 0] = s_reg[4 * j + 0] * (dp_reg[4 * j + 0] - d2.x);
+        dp_reg[4 * j + 1] = s_reg[4 * j + 1] * (dp_reg[4 * j + 1] - d2.y);
+        dp_reg[4 * j + 2] = s_reg[4 * j + 2] * (dp_reg[4 * j + 2] - d2.x);
+        dp_reg[4 * j + 3] = s_reg[4 * j + 3] * (dp_reg[4 * j + 3] - d2.y);
+      }
+      // P^T, dS^T as A operands of dV += P^T dO, dK += dS^T Q (k-step kk: q columns 16kk..16kk+15).
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          p_frag[kk][r] = pack2<T>(s_reg[8 * kk + 2 * r], s_reg[8 * kk + 2 * r + 1]);
+          ds_frag[kk][r] = pack2<T>(dp_reg[8 * kk + 2 * r], dp_reg[8 * kk + 2 * r + 1]);
+        }
+      }
+    };
+    // ---- dS^T (16-bit) -> shared memory, SW128: row = key in block (kBlockN rows), col = query (64); then the
+    // barrier that makes it visible to the dQ wgmma (both consumers' halves, or this consumer's own).
+    auto store_ds = [&](int it) {
+      const uint32_t ds_s = smem + kOffDs + (it % kDsBufs) * kDsBytes;
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = cw * 64 + warp_in_wg * 16 + g + 8 * (r & 1);
+          const int col8 = 2 * kk + (r >> 1);  // q columns 8 col8 .. + 7: chunk col8 / 8, 16-byte piece col8 % 8
+          const uint32_t addr =
+              ds_s + (col8 / 8) * (kBlockN * 128) + row * 128 + (((col8 % 8) ^ (row % 8)) << 4) + 4 * t;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frag[kk][r]) : "memory");
+        }
+      }
+      fence_proxy_async_smem();
+      if constexpr (DqSplitKeys) {
+        named_bar_sync(kBarDsOwn + cw, 128);
+      } else {
+        named_bar_sync(kBarDs, 256);
+      }
+    };
+
+    // ---- dV_w += P^T dO, dK_w += dS^T Q (RS; B operands MN-major: K-dim = query rows); then (issue_dq) the dQ
+    // part = dS K (SS: A = dS, M = 64 queries, K-dim = keys, MN-major from the dS^T tile; B = K, MN-major).
+    auto issue_dkdv = [&](int it) {
+      const uint32_t q_s = q_stage(it), do_s = do_stage(it);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        fence_regs(p_frag[kk]);
+        fence_regs(ds_frag[kk]);
+      }
+      fence_regs(dv_reg);
+      fence_regs(dk_reg);
+      wgmma_fence();
+      {
+        const uint64_t desc_do = make_desc_sw128(do_s, kQChunkBytes, 1024);
+        const uint64_t desc_q = make_desc_sw128(q_s, kQChunkBytes, 1024);
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) {
+          Wgmma<kHeadDim, T>::template rs<1>(dv_reg, p_frag[kk], desc_do + ((kk * 16 * 128) >> 4), 1);
+        }
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) {
+          Wgmma<kHeadDim, T>::template rs<1>(dk_reg, ds_frag[kk], desc_q + ((kk * 16 * 128) >> 4), 1);
+        }
+      }
+      wgmma_commit();
+    };
+    auto issue_dq = [&](int it) {
+      const uint32_t ds_s = smem + kOffDs + (it % kDsBufs) * kDsBytes;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
+      wgmma_fence();
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        // Queries [64 mt, 64 mt + 64): chunk mt of the dS^T tile.
+        const uint32_t ds_mt = ds_s + mt * (kBlockN * 128);
+        if constexpr (DqSplitKeys) {
+          const uint64_t desc_ds = make_desc_sw128(ds_mt + cw * 64 * 128, kBlockN * 128, 1024);
+          const uint64_t desc_k = make_desc_sw128(smem + kOffK + cw * 64 * 128, kKVChunkBytes, 1024);
+#pragma unroll
+          for (int kk = 0; kk < 64 / 16; ++kk) {
+            Wgmma<kNDq, T>::template ss_t<1, 1>(dq_reg[mt], desc_ds + ((kk * 2048) >> 4),
+                                                desc_k + ((kk * 2048) >> 4), kk > 0 ? 1 : 0);
+          }
+        } else {
+          const uint64_t desc_ds = make_desc_sw128(ds_mt, kBlockN * 128, 1024);
+          // Columns [cw kNDq, +kNDq) of K: chunk (cw kNDq) / 64, byte offset 2 (cw kNDq % 64) inside the row.
+          const uint32_t k_cols = smem + kOffK + ((cw * kNDq) / 64) * kKVChunkBytes + ((cw * kNDq) % 64) * 2;
+          const uint64_t desc_k = make_desc_sw128(k_cols, kKVChunkBytes, 1024);
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk) {
+            Wgmma<kNDq, T>::template ss_t<1, 1>(dq_reg[mt], desc_ds + ((kk * 2048) >> 4),
+                                                desc_k + ((kk * 2048) >> 4), kk > 0 ? 1 : 0);
+          }
+        }
+      }
+      wgmma_commit();
+    };
+    // After the dK / dV / dQ groups are complete: free the stage, keep the fragments alive until here.
+    auto grads_done = [&](int it) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
+      fence_regs(dv_reg);
+      fence_regs(dk_reg);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        fence_regs(p_frag[kk]);
+        fence_regs(ds_frag[kk]);
+      }
+      if (lane == 0) mbar_arrive(bar_empty(bars, it % kStages));  // Q, dO, lse, D of this stage are consumed
+    };
+    // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum.
+    auto store_dq = [&](int it) {
+      const int head = head_k * p.h_h_k_ratio + it / n_m;
+      const int m_block = m_block_min + it % n_m;
+      const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
+      if (tid == 0) tma_store_wait_read();  // the previous reduce has read the staging buffer
+      named_bar_sync(kBarDq + cw, 128);
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int i = 0; i < kNDq / 8; ++i) {
+          asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dq_s + mt * kDqTileBytes +
+                                                                          (i * 512 + tid * 4) * 4),
+                       "f"(dq_reg[mt][4 * i]), "f"(dq_reg[mt][4 * i + 1]), "f"(dq_reg[mt][4 * i + 2]),
+                       "f"(dq_reg[mt][4 * i + 3])
+                       : "memory");
+        }
+      }
+      fence_proxy_async_smem();
+      named_bar_sync(kBarDq + cw, 128);
+      if (tid == 0) {
+        const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
+        if constexpr (DqSplitKeys) {
+          // The 64-row blocks of dq_accum are contiguous: one reduce for all kMTiles tiles.
+          bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
+                                kDqTileBytes);
+          }
+        }
+        tma_store_commit();
+      }
+    };
+    auto wait_full = [&](int it) { mbar_wait(bar_full(bars, it % kStages), (it / kStages) & 1); };
+
+    mbar_wait(bar_kv(bars), 0);
+    if constexpr (Overlap) {
+      // S^T / dP^T of step it + 1 run on the tensor cores while this warpgroup writes dQ of step it.
+      if (n_iters > 0) {
+        wait_full(0);
+        issue_sdp(0);
+        softmax(0);
+      }
+      for (int it = 0; it < n_iters; ++it) {
+        issue_dkdv(it);
+        store_ds(it);
+        issue_dq(it);
+        wgmma_wait<0>();
+        grads_done(it);
+        if (it + 1 < n_iters) {
+          wait_full(it + 1);
+          issue_sdp(it + 1);
+        }
+        store_dq(it);
+        if (it + 1 < n_iters) softmax(it + 1);
+      }
+    } else {
+      for (int it = 0; it < n_iters; ++it) {
+        wait_full(it);
+        issue_sdp(it);
+        softmax(it);
+        issue_dkdv(it);
+        store_ds(it);
+        issue_dq(it);
+        wgmma_wait<0>();
+        grads_done(it);
+        store_dq(it);
+      }
+    }
+    if (tid == 0) bulk_wait_all();
+
+    // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
+    T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
+    T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
+    const float scale = p.scale_softmax;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int key = key0 + 8 * h;
+      if (key >= p.seqlen_k) continue;
+      const int64_t ok = batch * p.dk_batch_stride + key * p.dk_row_stride + head_k * p.dk_head_stride;
+      const int64_t ov = batch * p.dv_batch_stride + key * p.dv_row_stride + head_k * p.dv_head_stride;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        const int c = 8 * j + 2 * t;
+        if (c < p.head_dim) {
+          *reinterpret_cast<uint32_t*>(dk_ptr + ok + c) =
+              pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale);
+          *reinterpret_cast<uint32_t*>(dv_ptr + ov + c) = pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]);
+        }
+      }
+    }
+  }
+
+  __device__ static __forceinline__ void run(const BwdTmaArgs& args) {
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const uint32_t smem = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    const uint32_t bars = smem + kOffBar;
+    const int warp = threadIdx.x / 32;
+    const int n_block = blockIdx.x, head_k = blockIdx.y, batch = blockIdx.z;
+    if (threadIdx.x == 0) {
+      mbar_init(bar_kv(bars), 1);
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(bar_full(bars, s), 1 + 32);  // lane 0's expect_tx arrival + 32 lanes after lse / D
+        mbar_init(bar_empty(bars, s), 8);      // one arrival per consumer warp
+      }
+      fence_mbar_init();
+    }
+    __syncthreads();
+    if (warp < 4) {
+      setmaxnreg_dec<kProducerRegs>();
+      if (warp == 0) producer(args, smem, bars, n_block, head_k, batch);
+    } else {
+      setmaxnreg_inc<kConsumerRegs>();
+      consumer(args, smem, bars, warp / 4 - 1, n_block, head_k, batch);
+    }
+  }
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "csrc/kernels/sm90 needs -gencode=arch=compute_90a,code=sm_90a (wgmma, setmaxnreg), not plain sm_90 or newer"
+#endif
+template <typename Kernel>
+__global__ void __launch_bounds__(Kernel::kNThreads, 1) bwd_main_sm90(const __grid_constant__ BwdTmaArgs args) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  Kernel::run(args);
+#endif
+}
+
+}  // namespace sm90
+}  // namespace flash_ext

@@ -1,0 +1,86 @@
+// Launch side of the Hopper backward: tile configuration per head dim, tensor-map encoding, dispatch.
+// Instantiate with: template void flash_ext::run_bwd_sm90<D>(const flash_ext::BwdParams&, cudaStream_t);
+// Build: -gencode=arch=compute_90a,code=sm_90a (the kernel bodies are empty for any other target).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include "../params.h"
+#include "../static_switch.h"
+#include "bwd_api.h"
+#include "bwd_kernel.cuh"
+
+namespace flash_ext {
+namespace sm90 {
+
+// Tile choices per head dim (kBlockM query rows per step, kBlockN = 128 keys per CTA, kStages Q / dO slots).
+// Measured on one H200 (2026-11-21, bf16, batch*seqlen = 16k, hidden 2048, whole backward incl. preprocess and
+// dq conversion, cudaEvent median of 15; all variants in one run; identical kernels differed by 4-8% between
+// two passes of the same run, and by ~5% between machines), TFLOP/s at seqlen 1k / 4k / 16k:
+// d64 non-causal: kBlockM 128 split by keys 315 / 420 / 440; kBlockM 64 split by keys 272 / 345 / 370,
+//   3 stages 280 / 360 / 377, split by columns 264 / 347 / 371, Overlap 218 / 307 / 333 (3 stages 248 / 307 /
+//   326); kBlockM 128 split by columns 277 / 402 / 421.
+// d64 causal: kBlockM 128 split by columns 218 / 361 / 432; kBlockM 128 split by keys 203 / 357 / 416;
+//   kBlockM 64: 210 / 331 / 380 (split by columns 212 / 333 / 396, Overlap 185 / 277 / 326).
+// d128 (kBlockM 64; 128 needs more than 240 registers): split by columns, 2 stages 345 / 478 / 497 (second pass
+//   330 / 450 / 478; an earlier run 377 / 509 / 525), causal 243 / 422 / 450 (242 / 406 / 492); 3 stages
+//   313 / 445 / 486, causal 235 / 409 / 494 (noise-level, more shared memory); split by keys 312 / 409 / 437,
+//   causal 213 / 368 / 421. Overlap spills with d128 (S^T, dP^T and dQ live together with dK, dV).
+template <int kHeadDim, bool IsCausal> struct BwdTile;
+template <bool IsCausal> struct BwdTile<64, IsCausal> {
+  static constexpr int kBlockM = 128;
+  static constexpr int kStages = 2;
+  static constexpr bool DqSplitKeys = !IsCausal;
+  static constexpr bool Overlap = false;
+};
+template <bool IsCausal> struct BwdTile<128, IsCausal> {
+  static constexpr int kBlockM = 64;
+  static constexpr int kStages = 2;
+  static constexpr bool DqSplitKeys = false;
+  static constexpr bool Overlap = false;
+};
+
+inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, int block_n) {
+  bool ok = true;
+  ok = ok && encode_tensor_map_4d(&args.q_map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
+                                  p.q_row_stride, p.q_head_stride, p.q_batch_stride, block_m);
+  ok = ok && encode_tensor_map_4d(&args.do_map, p.dout, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
+                                  p.do_row_stride, p.do_head_stride, p.do_batch_stride, block_m);
+  ok = ok && encode_tensor_map_4d(&args.k_map, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                                  p.k_row_stride, p.k_head_stride, p.k_batch_stride, block_n);
+  ok = ok && encode_tensor_map_4d(&args.v_map, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                                  p.v_row_stride, p.v_head_stride, p.v_batch_stride, block_n);
+  return ok;
+}
+
+template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap>
+void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap>;
+  BwdTmaArgs args;
+  args.params = params;
+  if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
+  args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
+  const dim3 grid_pre(params.seqlen_q_rounded / 64, params.nheads, params.batch);
+  bwd_preprocess_sm90<T, kHeadDim><<<grid_pre, 256, 0, stream>>>(params);
+  const dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
+  auto kernel = bwd_main_sm90<Kernel>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
+  kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
+  const dim3 grid_cvt((params.seqlen_q + 63) / 64, params.nheads, params.batch);
+  bwd_convert_dq_sm90<T, kHeadDim, Kernel::kNDq><<<grid_cvt, 256, 0, stream>>>(params);
+}
+
+}  // namespace sm90
+
+template <int kHeadDim>
+void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+  DTYPE_SWITCH(params.is_bf16, [&] {
+    BOOL_SWITCH(params.is_causal, IsCausal, [&] {
+      using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
+      sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
+                            Tile::Overlap>(params, stream);
+    });
+  });
+}
+
+}  // namespace flash_ext

@@ -1,0 +1,505 @@
+// Hopper (sm_90a) FlashAttention forward: TMA loads into 128-byte-swizzled shared memory, an mbarrier
+// pipeline of kStages K/V slots, warp specialization and wgmma.
+//
+// A tile is (m_block, head, batch): kBlockM = 128 query rows. Each CTA walks tiles in a static zig-zag
+// order (see FwdTmaArgs, next_tile); the launch picks one CTA per SM (persistent) or one per tile.
+// kNWarps = 12, three warpgroups:
+//   warpgroup 0  producer: one thread issues every TMA load (per tile: Q, then K and V block by block from
+//                the last key block down to the first, so the masked blocks come first); it runs ahead into
+//                the next tile while the consumers finish the current one. setmaxnreg lowers the warpgroup
+//                to 24 registers.
+//   warpgroups 1, 2  consumers: each owns 64 query rows (one wgmma m64 row block); setmaxnreg raises them
+//                to 240 registers. Per key block: S = Q K^T (wgmma, both operands from shared memory),
+//                mask, online softmax in registers (exp2 with the scale folded), P packed to 16 bits in
+//                registers as the A operand of O += P V (wgmma, V from shared memory read MN-major).
+// Overlap: inside a warpgroup, S(n+1) = Q K(n+1)^T is issued together with O += P(n) V(n), so the
+// softmax of block n+1 runs while the tensor cores do P(n) V(n). With PingPong, two named barriers pass a
+// token between the consumer warpgroups so they issue their GEMMs in turn: one's softmax runs during the
+// other's GEMMs.
+// Epilogue: O /= l, written through shared memory by a TMA store, which drops rows >= seqlen_q and
+// columns >= head_dim; lse = m * scale + log(l) per row. Where shared memory allows (kHeadDim <= 128) O has
+// its own buffer: Q is released (q_empty) as soon as the tile's last S GEMM is done, so the producer loads
+// the next tile's Q during this tile's last P V and epilogue. Otherwise (kHeadDim = 256) O reuses the
+// warpgroup's own Q rows and Q is released once the stores have read them.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "../mask.cuh"
+#include "../params.h"
+#include "../ptx.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace flash_ext {
+namespace sm90 {
+
+// The kernel's only parameter (passed as __grid_constant__ so TMA can read the maps from parameter space).
+struct FwdTmaArgs {
+  CUtensorMap q_map;  // over q: (head_dim, seqlen_q, nheads, batch), box 64 x kBlockM
+  CUtensorMap k_map;  // over k: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
+  CUtensorMap v_map;  // over v: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
+  CUtensorMap o_map;  // over out: (head_dim, seqlen_q, nheads, batch), box 64 x 64 (one consumer's rows)
+  FwdParams params;
+  // Static schedule (see next_tile): round r gives each CTA one of tiles [r * gridDim.x, ...). Tiles are ordered in groups of
+  // group_hb (head, batch) pairs whose K/V fit in L2 together; inside a group the query block index is the
+  // slower index (descending for causal: the longest tiles first) and (head, batch) the faster.
+  int num_m_blocks;  // ceil(seqlen_q / kBlockM)
+  int num_hb;        // nheads * batch
+  int group_hb;      // (head, batch) pairs per group, >= 1
+  int num_tiles;     // num_m_blocks * num_hb
+};
+
+template <typename T_, int kHeadDim_, int kBlockN_, int kStages_, bool IsCausal_, bool PingPong_, bool DoubleP_>
+struct FwdKernel {
+  using T = T_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr bool IsCausal = IsCausal_;
+  static constexpr bool PingPong = PingPong_;
+  static constexpr bool DoubleP = DoubleP_;
+  static constexpr int kNWarps = 12;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kProducerRegs = 24;   // 24*128 + 240*256 = 64512 <= 65536 registers per SM
+  static constexpr int kConsumerRegs = 240;
+  static_assert(kHeadDim % 64 == 0, "SW128 chunks are 64 columns wide");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N / K constraints");
+  static constexpr int kChunks = kHeadDim / 64;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQChunkBytes = kBlockM * 128;
+  static constexpr int kKVChunkBytes = kBlockN * 128;
+  // Layout of dynamic shared memory (offsets from a 1024-aligned base):
+  static constexpr int kOffQ = 0;                                  // kChunks x kBlockM x 64, SW128
+  static constexpr int kOffK = kOffQ + kQBytes;                    // kStages x kChunks x kBlockN x 64
+  static constexpr int kOffV = kOffK + kStages * kKVBytes;         // kStages x kChunks x kBlockN x 64
+  // O staging: own buffer (kBlockM x kHeadDim, SW128) when it fits in the 227 KiB, else the Q buffer.
+  static constexpr int kOBytesIfSeparate = kQBytes;
+  static constexpr bool SeparateO = kOffV + kStages * kKVBytes + kOBytesIfSeparate + 2048 <= 227 * 1024;
+  static constexpr int kOffO = SeparateO ? kOffV + kStages * kKVBytes : kOffQ;
+  static constexpr int kOffBar = kOffV + kStages * kKVBytes + (SeparateO ? kOBytesIfSeparate : 0);  // mbarriers
+  static constexpr int kNumBars = 2 + 4 * kStages;
+  static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;  // + slack for aligning the base
+  static constexpr int kConsumerWarps = 8;  // arrivals that free a K or V slot, or Q (q_empty)
+  // Named barriers (0 is __syncthreads): 1, 2 scheduling token of consumer 0 / 1; 3, 4 epilogue.
+  static constexpr int kBarSched = 1;
+  static constexpr int kBarEpi = 3;
+
+  __device__ static __forceinline__ uint32_t bar_q(uint32_t b) { return b; }
+  // Q (and the O staging that reuses it) free again: both consumers' stores have read it.
+  __device__ static __forceinline__ uint32_t bar_q_empty(uint32_t b) { return b + 8 * (1 + 4 * kStages); }
+  __device__ static __forceinline__ uint32_t bar_k_full(uint32_t b, int s) { return b + 8 * (1 + s); }
+  __device__ static __forceinline__ uint32_t bar_k_empty(uint32_t b, int s) { return b + 8 * (1 + kStages + s); }
+  __device__ static __forceinline__ uint32_t bar_v_full(uint32_t b, int s) { return b + 8 * (1 + 2 * kStages + s); }
+  __device__ static __forceinline__ uint32_t bar_v_empty(uint32_t b, int s) { return b + 8 * (1 + 3 * kStages + s); }
+
+  // ------------------------------------------------------------------------------------------ consumer
+  // S (64 x kBlockN) = Q (this warpgroup's 64 rows) K^T, kHeadDim/16 wgmma k-steps.
+  __device__ static __forceinline__ void issue_qk(float (&s_reg)[kBlockN / 2], uint32_t q_smem, uint32_t k_smem) {
+    const uint64_t desc_q = make_desc_sw128(q_smem, 16, 1024);
+    const uint64_t desc_k = make_desc_sw128(k_smem, 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t off_q = (kk / 4) * kQChunkBytes + (kk % 4) * 32;
+      const uint32_t off_k = (kk / 4) * kKVChunkBytes + (kk % 4) * 32;
+      Wgmma<kBlockN, T>::template ss<0>(s_reg, desc_q + (off_q >> 4), desc_k + (off_k >> 4), kk > 0 ? 1 : 0);
+    }
+  }
+  // O (64 x kHeadDim) += P (64 x kBlockN, registers) V (kBlockN x kHeadDim, MN-major B operand).
+  __device__ static __forceinline__ void issue_pv(float (&o_reg)[kHeadDim / 2], const uint32_t (&p_reg)[kBlockN / 16][4],
+                                                  uint32_t v_smem) {
+    const uint64_t desc_v = make_desc_sw128(v_smem, kKVChunkBytes, 1024);
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      Wgmma<kHeadDim, T>::template rs<1>(o_reg, p_reg[kk], desc_v + ((kk * 16 * 128) >> 4), 1);
+    }
+  }
+
+  __device__ static __forceinline__ void fence_p(uint32_t (&p_reg)[kBlockN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) fence_regs(p_reg[kk]);
+  }
+  __device__ static __forceinline__ void sched_wait(int cw) {
+    if constexpr (PingPong) named_bar_sync(kBarSched + cw, 256);
+  }
+  __device__ static __forceinline__ void sched_pass(int cw, bool last) {
+    if constexpr (PingPong) {
+      if (!(cw == 1 && last)) named_bar_arrive(kBarSched + (1 - cw), 256);
+    }
+  }
+
+  // Mask the key columns >= col_limit of this thread's two rows.
+  __device__ static __forceinline__ void apply_mask(float (&s_reg)[kBlockN / 2], int n_block, int t, int lim0, int lim1) {
+    const int col0 = n_block * kBlockN + 2 * t;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = col0 + 8 * j + e;
+        if (c >= lim0) s_reg[4 * j + e] = -INFINITY;
+        if (c >= lim1) s_reg[4 * j + 2 + e] = -INFINITY;
+      }
+    }
+  }
+
+  // Online softmax of one block for this thread's two rows (row g and g + 8 of its warp's 16): updates
+  // the running max m (raw score units) and the thread-partial row sum l, turns s into P, returns the
+  // factors that rescale O.
+  __device__ static __forceinline__ void softmax_step(float (&s_reg)[kBlockN / 2], float (&m)[2], float (&l)[2],
+                                                      float (&alpha)[2], float scale_log2) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = m[h];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s_reg[4 * j + 2 * h], s_reg[4 * j + 2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row with every score so far at -inf keeps m = -inf; use 0 as its offset so exp2 gives 0, not NaN.
+      const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+      alpha[h] = fast_exp2(m[h] * scale_log2 - m_scaled);  // m[h] = -inf -> 0
+      m[h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        s_reg[4 * j + 2 * h] = fast_exp2(fmaf(s_reg[4 * j + 2 * h], scale_log2, -m_scaled));
+        s_reg[4 * j + 2 * h + 1] = fast_exp2(fmaf(s_reg[4 * j + 2 * h + 1], scale_log2, -m_scaled));
+        sum += s_reg[4 * j + 2 * h] + s_reg[4 * j + 2 * h + 1];
+      }
+      l[h] = l[h] * alpha[h] + sum;
+    }
+  }
+
+  // Accumulator of block n8 j (cols 16kk..16kk+15 are blocks 2kk, 2kk+1) -> A fragment of k-step kk.
+  __device__ static __forceinline__ void convert_p(const float (&s_reg)[kBlockN / 2], uint32_t (&p_reg)[kBlockN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p_reg[kk][r] = pack2<T>(s_reg[8 * kk + 2 * r], s_reg[8 * kk + 2 * r + 1]);
+    }
+  }
+
+  __device__ static __forceinline__ void rescale_o(float (&o_reg)[kHeadDim / 2], const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      o_reg[4 * j + 0] *= alpha[0];
+      o_reg[4 * j + 1] *= alpha[0];
+      o_reg[4 * j + 2] *= alpha[1];
+      o_reg[4 * j + 3] *= alpha[1];
+    }
+  }
+
+  struct Tile {
+    int m_block, head, batch;
+  };
+  // Static zig-zag schedule: round r takes tiles [r * G, (r + 1) * G) (G = gridDim.x), CTA b the tile
+  // r * G + b in even rounds and r * G + G - 1 - b in odd ones, so a CTA that got a long tile of a
+  // round (the tile order is longest first inside a group) gets a short one in the next.
+  __device__ static __forceinline__ int first_tile() { return blockIdx.x; }
+  __device__ static __forceinline__ int next_tile(int t, int round) {
+    const int g = gridDim.x, b = blockIdx.x;
+    return round * g + ((round & 1) ? g - 1 - b : b);
+  }
+  __device__ static __forceinline__ Tile tile_coord(const FwdTmaArgs& args, int t) {
+    const int per_group = args.group_hb * args.num_m_blocks;
+    const int group = t / per_group;
+    const int within = t - group * per_group;
+    const int hb0 = group * args.group_hb;
+    const int gsize = min(args.group_hb, args.num_hb - hb0);
+    const int m_idx = within / gsize;
+    const int hb = hb0 + within - m_idx * gsize;
+    Tile tile;
+    tile.m_block = IsCausal ? args.num_m_blocks - 1 - m_idx : m_idx;
+    tile.head = hb % args.params.nheads;
+    tile.batch = hb / args.params.nheads;
+    return tile;
+  }
+
+  // One tile (m_block, head, batch) for consumer warpgroup cw. kv_iter counts K/V blocks consumed by this
+  // CTA before this tile (it picks the pipeline slot and phase); tile_iter counts the CTA's tiles.
+  __device__ static __forceinline__ void consumer_tile(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw,
+                                                       const Tile& tile, int kv_iter, int tile_iter) {
+    const FwdParams& p = args.params;
+    const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
+    const int warp_in_wg = tid / 32;
+    const int lane = tid % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int m_block = tile.m_block;
+    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(m_block);
+    const int n_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+    const int row0 = m_block * kBlockM + cw * 64 + warp_in_wg * 16 + g;  // this thread's rows: row0, row0 + 8
+    const int lim0 = mask.col_limit(row0), lim1 = mask.col_limit(row0 + 8);
+    const float scale_log2 = p.scale_softmax_log2;
+    const uint32_t q_smem = smem + kOffQ + cw * 64 * 128;  // this warpgroup's 64 rows in each chunk
+
+    float o_reg[kHeadDim / 2];
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 2; ++i) o_reg[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
+    float s_reg[kBlockN / 2];
+    // P of the block whose P V is in flight, and (DoubleP) a second buffer for the next block's P, so the
+    // conversion needs no wait on that P V (with one buffer ptxas pulls the P V wait up in front of the
+    // softmax to write the converted P into the registers the running wgmma reads).
+    uint32_t p_a[kBlockN / 16][4];
+    uint32_t p_b[kBlockN / 16][4];
+
+    mbar_wait(bar_q(bars), tile_iter & 1);
+    const int n_iters = n_block_max;
+    if (n_iters > 0) {
+      if (PingPong && cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
+      // Block n_block_max - 1 (slot 0): S only.
+      {
+        const int stage = kv_iter % kStages, phase = (kv_iter / kStages) & 1;
+        mbar_wait(bar_k_full(bars, stage), phase);
+        sched_wait(cw);
+        fence_regs(s_reg);
+        wgmma_fence();
+        issue_qk(s_reg, q_smem, smem + kOffK + stage * kKVBytes);
+        wgmma_commit();
+        sched_pass(cw, false);
+        wgmma_wait<0>();
+        fence_regs(s_reg);
+        if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
+        if (SeparateO && n_iters == 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done: Q free
+        if (n_block_max - 1 >= n_unmasked_end) apply_mask(s_reg, n_block_max - 1, t, lim0, lim1);
+        softmax_step(s_reg, m, l, alpha, scale_log2);
+        convert_p(s_reg, p_a);
+      }
+      // Slot i: S(i) = Q K(i)^T and O += P(i-1) V(i-1) together, then the softmax of S(i) while P V runs.
+      auto step = [&](const int i, uint32_t(&p_cur)[kBlockN / 16][4], uint32_t(&p_nxt)[kBlockN / 16][4]) {
+        const int n_block = n_block_max - 1 - i;
+        const int it = kv_iter + i;
+        const int stage = it % kStages, phase = (it / kStages) & 1;
+        const int pstage = (it - 1) % kStages, pphase = ((it - 1) / kStages) & 1;
+        mbar_wait(bar_k_full(bars, stage), phase);
+        mbar_wait(bar_v_full(bars, pstage), pphase);
+        sched_wait(cw);
+        fence_regs(s_reg);
+        fence_regs(o_reg);
+        fence_p(p_cur);
+        wgmma_fence();
+        issue_qk(s_reg, q_smem, smem + kOffK + stage * kKVBytes);
+        wgmma_commit();
+        issue_pv(o_reg, p_cur, smem + kOffV + pstage * kKVBytes);
+        wgmma_commit();
+        sched_pass(cw, false);
+        wgmma_wait<1>();  // S of block n_block is ready; P(n_block + 1) V still runs
+        fence_regs(s_reg);
+        if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
+        if (SeparateO && i == n_iters - 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done
+        // The softmax sits in its own branches: ptxas hoists a wgmma wait above the instructions of its basic
+        // block, which would make the softmax wait for P V; a branch join keeps the wait below the softmax.
+        if (n_block >= n_unmasked_end) {
+          apply_mask(s_reg, n_block, t, lim0, lim1);
+          softmax_step(s_reg, m, l, alpha, scale_log2);
+        } else {
+          softmax_step(s_reg, m, l, alpha, scale_log2);
+        }
+        if constexpr (DoubleP) {
+          convert_p(s_reg, p_nxt);
+          fence_p(p_nxt);
+        }
+        fence_regs(s_reg);
+        fence_regs(alpha);
+        wgmma_wait<0>();
+        fence_regs(o_reg);
+        fence_p(p_cur);
+        if (lane == 0) mbar_arrive(bar_v_empty(bars, pstage));
+        rescale_o(o_reg, alpha);
+        if constexpr (!DoubleP) convert_p(s_reg, p_nxt);
+      };
+      // Last slot: O += P V of the final block.
+      auto last_pv = [&](uint32_t(&p_cur)[kBlockN / 16][4]) {
+        const int it = kv_iter + n_iters - 1;
+        const int pstage = it % kStages, pphase = (it / kStages) & 1;
+        mbar_wait(bar_v_full(bars, pstage), pphase);
+        sched_wait(cw);
+        fence_regs(o_reg);
+        fence_p(p_cur);
+        wgmma_fence();
+        issue_pv(o_reg, p_cur, smem + kOffV + pstage * kKVBytes);
+        wgmma_commit();
+        sched_pass(cw, true);
+        wgmma_wait<0>();
+        fence_regs(o_reg);
+        if (lane == 0) mbar_arrive(bar_v_empty(bars, pstage));
+      };
+      if constexpr (DoubleP) {
+        int i = 1;
+        for (; i + 1 < n_iters; i += 2) {
+          step(i, p_a, p_b);
+          step(i + 1, p_b, p_a);
+        }
+        if (i < n_iters) {
+          step(i, p_a, p_b);
+          last_pv(p_b);
+        } else {
+          last_pv(p_a);
+        }
+      } else {
+        for (int i = 1; i < n_iters; ++i) step(i, p_a, p_a);
+        last_pv(p_a);
+      }
+    }
+
+    if (SeparateO && n_iters == 0 && lane == 0) mbar_arrive(bar_q_empty(bars));
+
+    // ---------------------------------------------------------------- epilogue
+    float inv[2], lse[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = l[h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      inv[h] = sum > 0.f ? 1.f / sum : 0.f;
+      lse[h] = sum > 0.f ? m[h] * p.scale_softmax + logf(sum) : -INFINITY;
+    }
+    // O (16-bit) into this warpgroup's 64 staging rows, SW128 layout: 16-byte piece (col % 64) / 8 of row r
+    // sits at piece ((col % 64) / 8) ^ (r % 8). Rows g..g+7 of a warp hit 8 different pieces: no bank
+    // conflicts.
+    const uint32_t o_smem = smem + kOffO + cw * 64 * 128;
+    if constexpr (SeparateO) {
+      // The previous tile's store must have read the staging rows before they are overwritten.
+      if (tid == 0) tma_store_wait_read();
+      named_bar_sync(kBarEpi + cw, 128);
+    }
+    const int r0 = warp_in_wg * 16 + g;  // row inside this warpgroup's 64
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const int chunk = j / 8, piece = j % 8;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = r0 + 8 * h;
+        const uint32_t addr = o_smem + chunk * kQChunkBytes + r * 128 + ((piece ^ (r % 8)) << 4) + 4 * t;
+        const uint32_t val = pack2<T>(o_reg[4 * j + 2 * h] * inv[h], o_reg[4 * j + 2 * h + 1] * inv[h]);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
+      }
+    }
+    fence_proxy_async_smem();
+    named_bar_sync(kBarEpi + cw, 128);
+    if (t == 0) {
+      const int64_t lse_base = (static_cast<int64_t>(tile.batch) * p.nheads + tile.head) * p.seqlen_q;
+      if (row0 < p.seqlen_q) p.lse[lse_base + row0] = lse[0];
+      if (row0 + 8 < p.seqlen_q) p.lse[lse_base + row0 + 8] = lse[1];
+    }
+    if (tid == 0) {
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head,
+                     tile.batch);
+      }
+      tma_store_commit();
+      if constexpr (!SeparateO) {
+        tma_store_wait_read();
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], 4;\n" ::"r"(bar_q_empty(bars)) : "memory");
+      }
+    }
+  }
+
+  __device__ static void consumer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw) {
+    Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
+    int kv_iter = 0, tile_iter = 0;
+    for (int t = first_tile(); t < args.num_tiles; t = next_tile(t, ++tile_iter)) {
+      const Tile tile = tile_coord(args, t);
+      consumer_tile(args, smem, bars, cw, tile, kv_iter, tile_iter);
+      kv_iter += mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
+    }
+    // Shared memory must stay valid until the last store has read it.
+    if (threadIdx.x % 128 == 0) tma_store_wait_read();
+  }
+
+  // ------------------------------------------------------------------------------------------ producer
+  __device__ static __forceinline__ void load_kv(const CUtensorMap* map, uint32_t dst, uint32_t full, uint32_t empty,
+                                                 int phase, int n_block, int head_k, int batch) {
+    mbar_wait(empty, phase ^ 1);
+    mbar_arrive_expect_tx(full, kKVBytes);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      tma_load_4d(dst + c * kKVChunkBytes, map, full, c * 64, n_block * kBlockN, head_k, batch);
+    }
+  }
+
+  // One thread: every TMA load of the CTA's tiles, in the order the consumers use them.
+  __device__ static void producer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars) {
+    const FwdParams& p = args.params;
+    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    tma_prefetch_desc(&args.q_map);
+    tma_prefetch_desc(&args.k_map);
+    tma_prefetch_desc(&args.v_map);
+    tma_prefetch_desc(&args.o_map);
+    int kv_iter = 0, tile_iter = 0;
+    for (int t = first_tile(); t < args.num_tiles; t = next_tile(t, ++tile_iter)) {
+      const Tile tile = tile_coord(args, t);
+      const int head_k = tile.head / p.h_h_k_ratio;
+      const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
+      for (int i = 0; i < n_block_max; ++i) {
+        const int n_block = n_block_max - 1 - i;
+        const int it = kv_iter + i;
+        const int stage = it % kStages, phase = (it / kStages) & 1;
+        load_kv(&args.k_map, smem + kOffK + stage * kKVBytes, bar_k_full(bars, stage), bar_k_empty(bars, stage), phase,
+                n_block, head_k, tile.batch);
+        if (i == 0) {
+          // Q after the first K block: K may stream in while the previous tile's epilogue still holds Q.
+          mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
+          mbar_arrive_expect_tx(bar_q(bars), kQBytes);
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c) {
+            tma_load_4d(smem + kOffQ + c * kQChunkBytes, &args.q_map, bar_q(bars), c * 64, tile.m_block * kBlockM,
+                        tile.head, tile.batch);
+          }
+        }
+        load_kv(&args.v_map, smem + kOffV + stage * kKVBytes, bar_v_full(bars, stage), bar_v_empty(bars, stage), phase,
+                n_block, head_k, tile.batch);
+      }
+      if (n_block_max == 0) {
+        // Nothing visible: no Q needed, but keep the Q barrier phases in step with the consumers.
+        mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
+        mbar_arrive(bar_q(bars));
+      }
+      kv_iter += n_block_max;
+    }
+  }
+
+  __device__ static __forceinline__ void run(const FwdTmaArgs& args) {
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    const uint32_t smem = (smem_u32(smem_raw) + 1023u) & ~1023u;
+    const uint32_t bars = smem + kOffBar;
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x == 0) {
+      mbar_init(bar_q(bars), 1);
+      mbar_init(bar_q_empty(bars), kConsumerWarps);
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(bar_k_full(bars, s), 1);
+        mbar_init(bar_v_full(bars, s), 1);
+        mbar_init(bar_k_empty(bars, s), kConsumerWarps);
+        mbar_init(bar_v_empty(bars, s), kConsumerWarps);
+      }
+      fence_mbar_init();
+    }
+    __syncthreads();
+    if (warp < 4) {
+      setmaxnreg_dec<kProducerRegs>();
+      if (threadIdx.x == 0) producer(args, smem, bars);
+    } else {
+      setmaxnreg_inc<kConsumerRegs>();
+      consumer(args, smem, bars, warp / 4 - 1);
+    }
+  }
+};
+
+// The body exists only in the sm_90a pass; an sm_80 pass (a build listing both) compiles an empty kernel that
+// must never be launched (the API checks compute capability 9.0). Any other pass >= 9.0 (plain sm_90,
+// sm_100, ...) would silently run nothing, so it is refused at compile time.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "csrc/kernels/sm90 needs -gencode=arch=compute_90a,code=sm_90a (wgmma, setmaxnreg), not plain sm_90 or newer"
+#endif
+template <typename Kernel>
+__global__ void __launch_bounds__(Kernel::kNThreads, 1) fwd_kernel_sm90(const __grid_constant__ FwdTmaArgs args) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  Kernel::run(args);
+#endif
+}
+
+}  // namespace sm90
+}  // namespace flash_ext

@@ -1,0 +1,98 @@
+// Launch side of the Hopper forward: tile configuration per head dim, tensor-map encoding, dispatch.
+// Instantiate with: template void flash_ext::run_fwd_sm90<D>(const flash_ext::FwdParams&, cudaStream_t);
+// Build: -gencode=arch=compute_90a,code=sm_90a (the kernel body is empty for any other target).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include "../params.h"
+#include "../static_switch.h"
+#include "fwd_api.h"
+#include "fwd_kernel.cuh"
+
+namespace flash_ext {
+namespace sm90 {
+
+// Tile shapes per head dim (kBlockM = 128 always: two consumer warpgroups of 64 rows).
+// Measured on one H200 (2026-11-21, bf16, batch*seqlen = 16k, hidden 2048, median of 3 interleaved rounds of
+// event-timed medians; the machine was shared and identical kernels differed by up to ~10% between runs):
+// d64: kBlockN 192 and 3 stages no better than 128 / 2 (e.g. 16k: 446 vs 438 TFLOP/s); no ping-pong -2..8%.
+// d128: kBlockN 176 (FA3's non-causal choice) spills 32-56 B with this code and was 431-608 vs 494-597;
+//   3 stages 514 vs 530 at 4k; ping-pong off 510 / 536 / 611 vs 535 / 547 / 610 (1k / 4k / 16k).
+// d256: ping-pong on spills with the persistent loop; 664 vs 651 at 16k before that, 2-5% either way.
+// DoubleP (second P buffer): d128 535 / 547 / 610 vs 516 / 545 / 620, causal 16k 607 vs 623: noise-level;
+//   d256 670 vs 694 non-causal, 751 vs 728 causal 16k: kept off there (fewer registers).
+template <int kHeadDim, bool IsCausal> struct FwdTile;
+template <bool IsCausal> struct FwdTile<64, IsCausal> {
+  static constexpr int kBlockN = 128, kStages = 2;
+  static constexpr bool PingPong = true, DoubleP = true;
+};
+template <bool IsCausal> struct FwdTile<128, IsCausal> {
+  static constexpr int kBlockN = 128, kStages = 2;
+  static constexpr bool PingPong = true, DoubleP = true;
+};
+template <bool IsCausal> struct FwdTile<256, IsCausal> {
+  static constexpr int kBlockN = 80, kStages = 2;  // Q 64 KiB + 2 x (K 40 + V 40) KiB = 224 KiB of 227
+  static constexpr bool PingPong = false, DoubleP = false;
+};
+
+inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, int block_n) {
+  bool ok = true;
+  ok = ok && encode_tensor_map_4d(&args.q_map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
+                                  p.q_row_stride, p.q_head_stride, p.q_batch_stride, block_m);
+  ok = ok && encode_tensor_map_4d(&args.k_map, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                                  p.k_row_stride, p.k_head_stride, p.k_batch_stride, block_n);
+  ok = ok && encode_tensor_map_4d(&args.v_map, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                                  p.v_row_stride, p.v_head_stride, p.v_batch_stride, block_n);
+  ok = ok && encode_tensor_map_4d(&args.o_map, p.out, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
+                                  p.o_row_stride, p.o_head_stride, p.o_batch_stride, 64);
+  return ok;
+}
+
+// K/V bytes that the tiles running at once should share through L2 (H200: 60 MB of L2).
+// A guess (about half of L2), not measured against other values.
+constexpr int64_t kL2GroupBytes = 32ll << 20;
+
+// grid_limit: 0 picks the default: persistent (one CTA per SM, static zig-zag over tiles) when not causal,
+// and when causal with short tiles (seqlen_q <= 1024) and a separate O buffer (kHeadDim <= 128); otherwise
+// one CTA per tile, so the hardware's block scheduler balances the unequal causal tiles dynamically.
+// H200, bf16, causal, persistent vs one CTA per tile: d64 282 vs 241 TFLOP/s at 1k, 375 vs 382 at 4k,
+// 402 vs 439 at 16k; d128 356 vs 348 at 1k, 455 vs 548 at 4k, 470 vs 596 at 16k; d256 293 vs 370 at 1k.
+// Non-causal, persistent vs not: d64 391 vs 344 at 1k; d128 504-535 vs 462 at 1k; equal at 16k.
+// grid_limit < 0 forces persistent, > 0 caps the CTAs (comparisons).
+template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP>
+void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0) {
+  using Kernel = FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP>;
+  FwdTmaArgs args;
+  args.params = params;
+  if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return;  // sm90_fwd_supported said no
+  args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
+  args.num_hb = params.nheads * params.batch;
+  args.num_tiles = args.num_m_blocks * args.num_hb;
+  // Query heads h_h_k_ratio apart share one K/V head: a group of G pairs reads G / ratio heads' K and V.
+  const int64_t kv_bytes = static_cast<int64_t>(params.seqlen_k) * kHeadDim * 2 * 2;
+  int64_t group = kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1);
+  args.group_hb = static_cast<int>(group < 1 ? 1 : group > args.num_hb ? args.num_hb : group);
+  const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
+  const bool persistent = !IsCausal || (Kernel::SeparateO && args.num_m_blocks <= 8);
+  const int limit = grid_limit > 0 ? grid_limit : grid_limit < 0 ? num_sm : persistent ? num_sm : args.num_tiles;
+  const int ctas = args.num_tiles < limit ? args.num_tiles : limit;
+  auto kernel = fwd_kernel_sm90<Kernel>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
+  kernel<<<ctas, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
+}
+
+}  // namespace sm90
+
+template <int kHeadDim>
+void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
+  DTYPE_SWITCH(params.is_bf16, [&] {
+    BOOL_SWITCH(params.is_causal, IsCausal, [&] {
+      using Tile = sm90::FwdTile<kHeadDim, IsCausal>;
+      sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, IsCausal, Tile::PingPong,
+                            Tile::DoubleP>(params, stream);
+    });
+  });
+}
+
+}  // namespace flash_ext

@@ -1,0 +1,57 @@
+// Host side of TMA: encoding the 4D tensor maps over (head_dim, seqlen, heads, batch). Host code only (no
+// device code, no -lcuda: cuTensorMapEncodeTiled is fetched through the runtime).
+#pragma once
+#include <cstdint>
+#include <cuda.h>  // CUtensorMap and the enums only
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+namespace flash_ext {
+namespace sm90 {
+
+// cuTensorMapEncodeTiled is fetched through the runtime (no -lcuda), once per process.
+inline PFN_cuTensorMapEncodeTiled_v12000 get_encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult qres{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &qres) !=
+            cudaSuccess ||
+        qres != cudaDriverEntryPointSuccess) {
+      ptr = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// 4D map over a (batch, seqlen, heads, head_dim) tensor with element strides (row, head, batch), dims
+// listed innermost first: (head_dim, seqlen, heads, batch). Box: 64 columns (128 bytes, the SW128 chunk)
+// x box_rows rows x 1 x 1. Loads outside the tensor (seqlen tails, columns >= head_dim) read as zero;
+// stores there are dropped. A dim of size 1 gets a harmless stride (its stride is never used).
+// Returns false if the driver rejects the map.
+inline bool encode_tensor_map_4d(CUtensorMap* map, const void* base, bool is_bf16, int head_dim, int seqlen,
+                                 int heads, int batch, int64_t row_stride, int64_t head_stride,
+                                 int64_t batch_stride, int box_rows) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode = get_encode_tiled();
+  if (encode == nullptr) return false;
+  const cuuint64_t esize = 2;
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(seqlen),
+                        static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  int64_t s1 = row_stride, s2 = head_stride, s3 = batch_stride;
+  const int64_t fallback = static_cast<int64_t>(head_dim + 7) / 8 * 8;  // any multiple of 8 elements
+  if (seqlen == 1) s1 = fallback;
+  if (heads == 1) s2 = fallback;
+  if (batch == 1) s3 = fallback;
+  cuuint64_t strides[3] = {static_cast<cuuint64_t>(s1) * esize, static_cast<cuuint64_t>(s2) * esize,
+                           static_cast<cuuint64_t>(s3) * esize};
+  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  cuuint32_t estrides[4] = {1, 1, 1, 1};
+  CUresult res = encode(map, is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                        const_cast<void*>(base), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS;
+}
+
+}  // namespace sm90
+}  // namespace flash_ext

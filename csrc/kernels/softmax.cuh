@@ -1,0 +1,100 @@
+// Online softmax pieces, in registers. Scope: one warp; each thread holds 2 rows per 16-row m-tile
+// (rows g and g+8 of the m16n8 accumulator, g = lane / 4) and 2 columns per 8-column n-tile; the 4
+// threads of a quad (same g) hold one row together, so row reductions are two xor-shuffles.
+// Scores are kept unscaled; the softmax scale is folded into the exponent:
+//   p = exp2(s * scale_log2 - m * scale_log2).
+#pragma once
+#include <cmath>
+#include "ptx.cuh"
+
+namespace flash_ext {
+
+__device__ __forceinline__ float quad_allreduce_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+__device__ __forceinline__ float quad_allreduce_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+// kMTiles m-tiles of 16 rows per warp -> 2 * kMTiles rows per thread.
+template <int kMTiles>
+struct OnlineSoftmax {
+  static constexpr int kRowsPerThread = 2 * kMTiles;
+  float row_max_reg[kRowsPerThread];  // running max of the raw scores (-inf: no key seen yet)
+  float row_sum_reg[kRowsPerThread];  // this thread's partial sum of exp (quad-reduced at the end)
+
+  __device__ __forceinline__ OnlineSoftmax() {
+#pragma unroll
+    for (int r = 0; r < kRowsPerThread; ++r) {
+      row_max_reg[r] = -INFINITY;
+      row_sum_reg[r] = 0.f;
+    }
+  }
+
+  // One key block: update the running max with the scores s, rescale o and the sums, and turn s
+  // into P = exp2((s - m) * scale_log2) in place. Masked scores are -inf. A row whose max is still
+  // -inf gets P = 0 and keeps o = 0 (no NaN from -inf - -inf).
+  template <int kNTiles, int kDTiles>
+  __device__ __forceinline__ void rescale(float (&s)[kMTiles][kNTiles][4],
+                                          float (&o)[kMTiles][kDTiles][4], float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = mt * 2 + i;
+        float m = row_max_reg[r];
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) m = fmaxf(m, fmaxf(s[mt][nt][2 * i], s[mt][nt][2 * i + 1]));
+        m = quad_allreduce_max(m);
+        const float m_scaled = (m == -INFINITY) ? 0.f : m * scale_log2;
+        // old max -inf -> factor 0 (o and sum are still 0 then).
+        const float factor = fast_exp2(row_max_reg[r] * scale_log2 - m_scaled);
+        row_max_reg[r] = m;
+        float sum = row_sum_reg[r] * factor;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[mt][dt][2 * i] *= factor;
+          o[mt][dt][2 * i + 1] *= factor;
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          const float p0 = fast_exp2(fmaf(s[mt][nt][2 * i], scale_log2, -m_scaled));
+          const float p1 = fast_exp2(fmaf(s[mt][nt][2 * i + 1], scale_log2, -m_scaled));
+          s[mt][nt][2 * i] = p0;
+          s[mt][nt][2 * i + 1] = p1;
+          sum += p0 + p1;
+        }
+        row_sum_reg[r] = sum;
+      }
+    }
+  }
+
+  // Epilogue: o /= l; returns lse per thread row (natural log: m * scale + log(l)); a row that saw
+  // no key gets o = 0 and lse = -inf.
+  template <int kDTiles>
+  __device__ __forceinline__ void finalize(float (&o)[kMTiles][kDTiles][4], float scale,
+                                           float (&lse)[kRowsPerThread]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = mt * 2 + i;
+        const float l = quad_allreduce_sum(row_sum_reg[r]);
+        const bool empty = !(l > 0.f);  // also catches NaN
+        const float inv = empty ? 0.f : 1.f / l;
+        lse[r] = empty ? -INFINITY : row_max_reg[r] * scale + logf(l);
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[mt][dt][2 * i] *= inv;
+          o[mt][dt][2 * i + 1] *= inv;
+        }
+      }
+    }
+  }
+};
+
+}  // namespace flash_ext

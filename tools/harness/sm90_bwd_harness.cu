@@ -1,0 +1,501 @@
+// Standalone correctness + speed harness for the Hopper backward (csrc/kernels/sm90/bwd_*.cuh). No torch.
+// Build (sm_90a only):
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
+//        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
+// Run: bwd_harness [test] [bench] [small]   (no argument: test and bench; small: two small cases, for
+// compute-sanitizer). Log: $OUT/sm90_bwd.log.
+// Inputs are fresh random normals; out / lse come from a naive fp32 reference forward (written in the element
+// type, like a real forward). References: `ref` = the gradients in fp32 from those inputs; `pt` = the same
+// computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
+// Pass when, for dq, dk, dv each: max|ours - ref| <= 2 max|pt - ref| + atol, atol = 2 max|(ref + 0.3 - 0.3) - ref|
+// in the element type, and no NaN / inf. Outputs poisoned (0xFF: NaN) before each call; dq_accum and
+// dsoftmax_sum poisoned too (the API hands them over uninitialized).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../../csrc/kernels/sm90/bwd_launch.cuh"
+
+using namespace flash_ext;
+
+#define CK(x)                                                                                    \
+  do {                                                                                           \
+    cudaError_t e_ = (x);                                                                        \
+    if (e_ != cudaSuccess) {                                                                     \
+      fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #x); \
+      exit(1);                                                                                   \
+    }                                                                                            \
+  } while (0)
+
+template void flash_ext::run_bwd_sm90<64>(const BwdParams&, cudaStream_t);
+template void flash_ext::run_bwd_sm90<128>(const BwdParams&, cudaStream_t);
+
+using LaunchFn = void (*)(const BwdParams&, cudaStream_t);
+template <int D, int M, int S, bool SplitKeys, bool Overlap>
+void run_cfg(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal,
+                [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Overlap>(p, s); });
+  });
+}
+// Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.
+// d64m128 is the d64 non-causal default and d64m128sD the d64 causal default (BwdTile in bwd_launch.cuh).
+struct Variant { const char* name; int d; LaunchFn fn; };
+static const Variant kVariants[] = {
+    {"d64ovl", 64, run_cfg<64, 64, 2, true, true>},
+    {"d64ovl3", 64, run_cfg<64, 64, 3, true, true>},
+    {"d64st3", 64, run_cfg<64, 64, 3, true, false>},
+    {"d64splitD", 64, run_cfg<64, 64, 2, false, false>},
+    {"d64m128", 64, run_cfg<64, 128, 2, true, false>},
+    {"d64m128sD", 64, run_cfg<64, 128, 2, false, false>},
+    {"d128splitK", 128, run_cfg<128, 64, 2, true, false>},
+    {"d128st3", 128, run_cfg<128, 64, 3, false, false>},
+};
+
+// ---------------------------------------------------------------- helpers
+struct Layout { int64_t sb, ss, sh, numel; };  // (batch, seqlen, heads, dim), elements
+static Layout make_layout(int B, int S, int H, int D, bool bhsd, int pad) {
+  const int64_t Dp = D + pad;
+  Layout L;
+  if (bhsd) { L.ss = Dp; L.sh = (int64_t)S * Dp; L.sb = (int64_t)H * S * Dp; }
+  else { L.sh = Dp; L.ss = (int64_t)H * Dp; L.sb = (int64_t)S * H * Dp; }
+  L.numel = (int64_t)B * S * H * Dp;
+  return L;
+}
+template <typename T> __host__ __device__ __forceinline__ float to_f(T x);
+template <> __host__ __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <> __host__ __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __host__ __device__ __forceinline__ T from_f(float x);
+template <> __host__ __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f<T>(from_f<T>(x)); }
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+template <typename T>
+__global__ void fill_randn(T* p, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const uint64_t r = mix64(seed * 0x100000001B3ull + i);
+    const float u1 = ((r >> 40) + 1) * (1.0f / 16777217.0f);
+    const float u2 = ((r & 0xFFFFFF)) * (1.0f / 16777216.0f);
+    p[i] = from_f<T>(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
+  }
+}
+
+struct Dims { int B, Sq, Sk, H, Hk, D; bool causal; float scale; };
+__device__ __forceinline__ bool visible(const Dims& d, int i, int j) { return !d.causal || j <= i + d.Sk - d.Sq; }
+
+template <typename T>
+__global__ void ref_fwd(Dims dm, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
+                        Layout lo, float* lse) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)dm.B * dm.H * dm.Sq) return;
+  const int i = idx % dm.Sq, h = (idx / dm.Sq) % dm.H, b = idx / ((int64_t)dm.Sq * dm.H);
+  const int hk = h / (dm.H / dm.Hk);
+  const T* qi = q + b * lq.sb + i * lq.ss + h * lq.sh;
+  float mx = -INFINITY;
+  for (int j = 0; j < dm.Sk; ++j) {
+    if (!visible(dm, i, j)) continue;
+    const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
+    float s = 0.f;
+    for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
+    mx = fmaxf(mx, s * dm.scale);
+  }
+  float o[128];
+  for (int d = 0; d < dm.D; ++d) o[d] = 0.f;
+  float l = 0.f;
+  if (mx != -INFINITY) {
+    for (int j = 0; j < dm.Sk; ++j) {
+      if (!visible(dm, i, j)) continue;
+      const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
+      const T* vj = v + b * lv.sb + j * lv.ss + hk * lv.sh;
+      float s = 0.f;
+      for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
+      const float p = expf(s * dm.scale - mx);
+      l += p;
+      for (int d = 0; d < dm.D; ++d) o[d] += p * to_f(vj[d]);
+    }
+  }
+  T* oi = out + b * lo.sb + i * lo.ss + h * lo.sh;
+  for (int d = 0; d < dm.D; ++d) oi[d] = from_f<T>(l > 0.f ? o[d] / l : 0.f);
+  lse[idx] = l > 0.f ? mx + logf(l) : -INFINITY;
+}
+
+// dq (compact fp32, b x h x i x d) and D; kPt: S, P, dP, dS rounded to T (a 16-bit computation).
+template <typename T, bool kPt>
+__global__ void ref_dq(Dims dm, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, const T* out,
+                       Layout lo, const T* dout, Layout ldo, const float* lse, float* dq_ref, float* dsum) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)dm.B * dm.H * dm.Sq) return;
+  const int i = idx % dm.Sq, h = (idx / dm.Sq) % dm.H, b = idx / ((int64_t)dm.Sq * dm.H);
+  const int hk = h / (dm.H / dm.Hk);
+  const T* qi = q + b * lq.sb + i * lq.ss + h * lq.sh;
+  const T* oi = out + b * lo.sb + i * lo.ss + h * lo.sh;
+  const T* doi = dout + b * ldo.sb + i * ldo.ss + h * ldo.sh;
+  float Dv = 0.f;
+  for (int d = 0; d < dm.D; ++d) Dv += to_f(oi[d]) * to_f(doi[d]);
+  if (!kPt) dsum[idx] = Dv;
+  float acc[128];
+  for (int d = 0; d < dm.D; ++d) acc[d] = 0.f;
+  const float L = lse[idx];
+  if (L != -INFINITY) {
+    for (int j = 0; j < dm.Sk; ++j) {
+      if (!visible(dm, i, j)) continue;
+      const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
+      const T* vj = v + b * lv.sb + j * lv.ss + hk * lv.sh;
+      float s = 0.f, dp = 0.f;
+      for (int d = 0; d < dm.D; ++d) { s += to_f(qi[d]) * to_f(kj[d]); dp += to_f(doi[d]) * to_f(vj[d]); }
+      if (kPt) { s = rnd<T>(s); dp = rnd<T>(dp); }
+      float p = expf(s * dm.scale - L);
+      if (kPt) p = rnd<T>(p);
+      float ds = p * (dp - Dv);
+      if (kPt) ds = rnd<T>(ds);
+      for (int d = 0; d < dm.D; ++d) acc[d] += ds * to_f(kj[d]);
+    }
+  }
+  for (int d = 0; d < dm.D; ++d) dq_ref[idx * dm.D + d] = kPt ? rnd<T>(acc[d] * dm.scale) : acc[d] * dm.scale;
+}
+
+template <typename T, bool kPt>
+__global__ void ref_dkdv(Dims dm, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv,
+                         const T* dout, Layout ldo, const float* lse, const float* dsum, float* dk_ref, float* dv_ref) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)dm.B * dm.Hk * dm.Sk) return;
+  const int j = idx % dm.Sk, hk = (idx / dm.Sk) % dm.Hk, b = idx / ((int64_t)dm.Sk * dm.Hk);
+  const int ratio = dm.H / dm.Hk;
+  const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
+  const T* vj = v + b * lv.sb + j * lv.ss + hk * lv.sh;
+  float adk[128], adv[128];
+  for (int d = 0; d < dm.D; ++d) adk[d] = adv[d] = 0.f;
+  for (int h = hk * ratio; h < (hk + 1) * ratio; ++h) {
+    for (int i = 0; i < dm.Sq; ++i) {
+      if (!visible(dm, i, j)) continue;
+      const int64_t ri = ((int64_t)b * dm.H + h) * dm.Sq + i;
+      const float L = lse[ri];
+      if (L == -INFINITY) continue;
+      const T* qi = q + b * lq.sb + i * lq.ss + h * lq.sh;
+      const T* doi = dout + b * ldo.sb + i * ldo.ss + h * ldo.sh;
+      float s = 0.f, dp = 0.f;
+      for (int d = 0; d < dm.D; ++d) { s += to_f(qi[d]) * to_f(kj[d]); dp += to_f(doi[d]) * to_f(vj[d]); }
+      if (kPt) { s = rnd<T>(s); dp = rnd<T>(dp); }
+      float p = expf(s * dm.scale - L);
+      if (kPt) p = rnd<T>(p);
+      float ds = p * (dp - dsum[ri]);
+      if (kPt) ds = rnd<T>(ds);
+      for (int d = 0; d < dm.D; ++d) { adv[d] += p * to_f(doi[d]); adk[d] += ds * to_f(qi[d]); }
+    }
+  }
+  for (int d = 0; d < dm.D; ++d) {
+    dk_ref[idx * dm.D + d] = kPt ? rnd<T>(adk[d] * dm.scale) : adk[d] * dm.scale;
+    dv_ref[idx * dm.D + d] = kPt ? rnd<T>(adv[d]) : adv[d];
+  }
+}
+
+// stats: [0] max|ours-ref|, [1] max|pt-ref|, [2] max|(ref+0.3-0.3)-ref| in T, [3] max|ref|, [4] NaN/inf count
+template <typename T>
+__global__ void compare(const T* ours, Layout lo, const float* ref, const float* pt, int B, int S, int H, int D,
+                        unsigned* stats) {
+  const int64_t n = (int64_t)B * H * S * D;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int d = idx % D, s = (idx / D) % S, h = (idx / ((int64_t)D * S)) % H, b = idx / ((int64_t)D * S * H);
+    const float o = to_f(ours[b * lo.sb + s * lo.ss + h * lo.sh + d]);
+    const float r = ref[idx];
+    if (!isfinite(o)) { atomicAdd(stats + 4, 1u); continue; }
+    atomicMax(stats + 0, __float_as_uint(fabsf(o - r)));
+    atomicMax(stats + 1, __float_as_uint(fabsf(pt[idx] - r)));
+    atomicMax(stats + 2, __float_as_uint(fabsf(rnd<T>(rnd<T>(r + 0.3f) - 0.3f) - r)));
+    atomicMax(stats + 3, __float_as_uint(fabsf(r)));
+  }
+}
+
+template <typename T>
+struct Problem {
+  Dims dm;
+  int inst;
+  Layout lq, lk, lv, lo, ldo, ldq, ldk, ldv;
+  T *q, *k, *v, *out, *dout, *dq, *dk, *dv;
+  float *lse, *dq_accum, *dsum_ws;
+  BwdParams params;
+  LaunchFn runner = nullptr;
+
+  void init(int B, int Sq, int Sk, int H, int Hk, int D, bool causal, bool bhsd, int do_pad, uint64_t seed) {
+    dm = Dims{B, Sq, Sk, H, Hk, D, causal, 1.f / sqrtf((float)D)};
+    inst = D <= 64 ? 64 : 128;
+    lq = make_layout(B, Sq, H, D, bhsd, 0);
+    lk = make_layout(B, Sk, Hk, D, bhsd, 0);
+    lv = make_layout(B, Sk, Hk, D, false, 0);
+    lo = make_layout(B, Sq, H, D, false, 0);
+    ldo = make_layout(B, Sq, H, D, bhsd, do_pad);
+    ldq = make_layout(B, Sq, H, D, false, 0);
+    ldk = make_layout(B, Sk, Hk, D, bhsd, 0);
+    ldv = make_layout(B, Sk, Hk, D, false, 8);
+    CK(cudaMalloc(&q, lq.numel * sizeof(T)));
+    CK(cudaMalloc(&k, lk.numel * sizeof(T)));
+    CK(cudaMalloc(&v, lv.numel * sizeof(T)));
+    CK(cudaMalloc(&out, lo.numel * sizeof(T)));
+    CK(cudaMalloc(&dout, ldo.numel * sizeof(T)));
+    CK(cudaMalloc(&dq, ldq.numel * sizeof(T)));
+    CK(cudaMalloc(&dk, ldk.numel * sizeof(T)));
+    CK(cudaMalloc(&dv, ldv.numel * sizeof(T)));
+    CK(cudaMalloc(&lse, (int64_t)B * H * Sq * sizeof(float)));
+    const int sqr = (Sq + 127) / 128 * 128;
+    CK(cudaMalloc(&dq_accum, (int64_t)B * H * sqr * inst * sizeof(float)));
+    CK(cudaMalloc(&dsum_ws, (int64_t)B * H * sqr * sizeof(float)));
+    fill_randn<T><<<1024, 256>>>(q, lq.numel, seed * 7 + 1);
+    fill_randn<T><<<1024, 256>>>(k, lk.numel, seed * 7 + 2);
+    fill_randn<T><<<1024, 256>>>(v, lv.numel, seed * 7 + 3);
+    fill_randn<T><<<1024, 256>>>(dout, ldo.numel, seed * 7 + 4);
+    CK(cudaGetLastError());
+    BwdParams& p = params;
+    memset(&p, 0, sizeof(p));
+    p.q = q; p.k = k; p.v = v; p.out = out; p.lse = lse; p.dout = dout; p.dq = dq; p.dk = dk; p.dv = dv;
+    p.q_batch_stride = lq.sb; p.q_row_stride = lq.ss; p.q_head_stride = lq.sh;
+    p.k_batch_stride = lk.sb; p.k_row_stride = lk.ss; p.k_head_stride = lk.sh;
+    p.v_batch_stride = lv.sb; p.v_row_stride = lv.ss; p.v_head_stride = lv.sh;
+    p.o_batch_stride = lo.sb; p.o_row_stride = lo.ss; p.o_head_stride = lo.sh;
+    p.do_batch_stride = ldo.sb; p.do_row_stride = ldo.ss; p.do_head_stride = ldo.sh;
+    p.dq_batch_stride = ldq.sb; p.dq_row_stride = ldq.ss; p.dq_head_stride = ldq.sh;
+    p.dk_batch_stride = ldk.sb; p.dk_row_stride = ldk.ss; p.dk_head_stride = ldk.sh;
+    p.dv_batch_stride = ldv.sb; p.dv_row_stride = ldv.ss; p.dv_head_stride = ldv.sh;
+    p.batch = B; p.seqlen_q = Sq; p.seqlen_k = Sk; p.nheads = H; p.nheads_k = Hk;
+    p.head_dim = D; p.h_h_k_ratio = H / Hk;
+    p.scale_softmax = dm.scale; p.scale_softmax_log2 = dm.scale * 1.4426950408889634f;
+    p.is_bf16 = std::is_same<T, __nv_bfloat16>::value; p.is_causal = causal;
+    p.dq_accum = dq_accum; p.dsoftmax_sum = dsum_ws; p.seqlen_q_rounded = sqr; p.head_dim_rounded = inst;
+    p.deterministic = false;
+    int dev; CK(cudaGetDevice(&dev));
+    CK(cudaDeviceGetAttribute(&p.num_sm, cudaDevAttrMultiProcessorCount, dev));
+  }
+  void poison() {
+    CK(cudaMemset(dq, 0xFF, ldq.numel * sizeof(T)));
+    CK(cudaMemset(dk, 0xFF, ldk.numel * sizeof(T)));
+    CK(cudaMemset(dv, 0xFF, ldv.numel * sizeof(T)));
+    const int64_t sqr = params.seqlen_q_rounded;
+    CK(cudaMemset(dq_accum, 0xFF, (int64_t)dm.B * dm.H * sqr * inst * sizeof(float)));
+    CK(cudaMemset(dsum_ws, 0xFF, (int64_t)dm.B * dm.H * sqr * sizeof(float)));
+  }
+  void run(cudaStream_t st = 0) {
+    if (runner) { runner(params, st); return; }
+    if (inst == 64) run_bwd_sm90<64>(params, st); else run_bwd_sm90<128>(params, st);
+  }
+  void free_all() {
+    cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(out); cudaFree(dout); cudaFree(dq); cudaFree(dk);
+    cudaFree(dv); cudaFree(lse); cudaFree(dq_accum); cudaFree(dsum_ws);
+  }
+};
+
+static int g_fail = 0, g_pass = 0;
+static FILE* g_log = nullptr;
+static void logline(const char* s) { printf("%s\n", s); if (g_log) { fprintf(g_log, "%s\n", s); fflush(g_log); } }
+
+template <typename T>
+static void test_one(int B, int Sq, int Sk, int H, int Hk, int D, bool causal, bool bhsd, int do_pad, uint64_t seed,
+                     LaunchFn runner = nullptr, const char* vname = "default") {
+  Problem<T> pb;
+  pb.init(B, Sq, Sk, H, Hk, D, causal, bhsd, do_pad, seed);
+  pb.runner = runner;
+  if (!sm90_bwd_supported(pb.params)) {
+    char line[256];
+    snprintf(line, sizeof(line), "SKIP unsupported b%d sq%d sk%d h%d/%d d%d", B, Sq, Sk, H, Hk, D);
+    logline(line); ++g_fail; pb.free_all(); return;
+  }
+  const int64_t nq = (int64_t)B * H * Sq, nk = (int64_t)B * Hk * Sk;
+  ref_fwd<T><<<(nq + 127) / 128, 128>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.out, pb.lo, pb.lse);
+  float *dq_ref, *dk_ref, *dv_ref, *dq_pt, *dk_pt, *dv_pt, *dsum;
+  CK(cudaMalloc(&dq_ref, nq * D * 4)); CK(cudaMalloc(&dk_ref, nk * D * 4)); CK(cudaMalloc(&dv_ref, nk * D * 4));
+  CK(cudaMalloc(&dq_pt, nq * D * 4)); CK(cudaMalloc(&dk_pt, nk * D * 4)); CK(cudaMalloc(&dv_pt, nk * D * 4));
+  CK(cudaMalloc(&dsum, nq * 4));
+  ref_dq<T, false><<<(nq + 127) / 128, 128>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.out, pb.lo, pb.dout,
+                                              pb.ldo, pb.lse, dq_ref, dsum);
+  ref_dq<T, true><<<(nq + 127) / 128, 128>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.out, pb.lo, pb.dout,
+                                             pb.ldo, pb.lse, dq_pt, dsum);
+  ref_dkdv<T, false><<<(nk + 63) / 64, 64>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.dout, pb.ldo, pb.lse,
+                                             dsum, dk_ref, dv_ref);
+  ref_dkdv<T, true><<<(nk + 63) / 64, 64>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.dout, pb.ldo, pb.lse,
+                                            dsum, dk_pt, dv_pt);
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  pb.poison();
+  pb.run();
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  unsigned* stats;
+  CK(cudaMalloc(&stats, 15 * 4));
+  CK(cudaMemset(stats, 0, 15 * 4));
+  compare<T><<<512, 256>>>(pb.dq, pb.ldq, dq_ref, dq_pt, B, Sq, H, D, stats + 0);
+  compare<T><<<512, 256>>>(pb.dk, pb.ldk, dk_ref, dk_pt, B, Sk, Hk, D, stats + 5);
+  compare<T><<<512, 256>>>(pb.dv, pb.ldv, dv_ref, dv_pt, B, Sk, Hk, D, stats + 10);
+  CK(cudaGetLastError());
+  unsigned hs[15];
+  CK(cudaMemcpy(hs, stats, sizeof(hs), cudaMemcpyDeviceToHost));
+  bool ok = true;
+  char parts[3][96];
+  const char* nm[3] = {"dq", "dk", "dv"};
+  for (int i = 0; i < 3; ++i) {
+    float e[4];
+    memcpy(e, hs + 5 * i, 16);
+    const unsigned nan = hs[5 * i + 4];
+    const bool o = nan == 0 && e[0] <= 2.f * e[1] + 2.f * e[2];
+    ok &= o;
+    snprintf(parts[i], sizeof(parts[i]), "%s %.2e/pt %.2e/at %.2e%s", nm[i], e[0], e[1], 2.f * e[2],
+             nan ? " NaN!" : "");
+  }
+  char line[512];
+  snprintf(line, sizeof(line), "%s %-9s %s b%d sq%-5d sk%-5d h%d/%d d%-3d %s%s%s | %s | %s | %s", ok ? "PASS" : "FAIL",
+           vname, std::is_same<T, __nv_bfloat16>::value ? "bf16" : "fp16", B, Sq, Sk, H, Hk, D,
+           causal ? "causal" : "full  ", bhsd ? " bhsd" : "", do_pad ? " dopad" : "", parts[0], parts[1], parts[2]);
+  logline(line);
+  if (ok) ++g_pass; else ++g_fail;
+  cudaFree(stats); cudaFree(dq_ref); cudaFree(dk_ref); cudaFree(dv_ref); cudaFree(dq_pt); cudaFree(dk_pt);
+  cudaFree(dv_pt); cudaFree(dsum);
+  pb.free_all();
+}
+
+// The test list for head dim D (64: dims 64, 48; 128: dims 128, 80, 120), with `runner` (nullptr: run_bwd_sm90).
+static void run_tests_d(int Dinst, LaunchFn runner, const char* vname, uint64_t seed) {
+  using bf = __nv_bfloat16;
+  using hf = __half;
+  const int D = Dinst;
+  //        B   Sq    Sk   H Hk  D  causal bhsd pad
+  for (bool c : {false, true}) {
+    test_one<bf>(1, 1, 1, 2, 1, D, c, false, 0, ++seed, runner, vname);
+    test_one<bf>(2, 17, 17, 4, 4, D, c, false, 0, ++seed, runner, vname);
+    test_one<bf>(2, 113, 203, 4, 2, D, c, false, 0, ++seed, runner, vname);
+    test_one<bf>(2, 203, 113, 4, 2, D, c, true, 8, ++seed, runner, vname);
+    test_one<bf>(1, 1023, 1025, 4, 1, D, c, false, 8, ++seed, runner, vname);
+    test_one<bf>(1, 1025, 1023, 6, 2, D, c, true, 0, ++seed, runner, vname);
+    test_one<bf>(1, 1, 1025, 2, 1, D, c, false, 0, ++seed, runner, vname);
+    test_one<bf>(1, 1025, 17, 2, 2, D, c, false, 0, ++seed, runner, vname);
+    test_one<bf>(3, 256, 256, 4, 2, D, c, false, 0, ++seed, runner, vname);
+  }
+  if (Dinst == 128) {
+    test_one<bf>(2, 203, 1023, 6, 3, 80, true, false, 0, ++seed, runner, vname);
+    test_one<bf>(2, 1023, 203, 6, 3, 80, false, true, 8, ++seed, runner, vname);
+    test_one<bf>(1, 1025, 113, 4, 4, 120, true, false, 0, ++seed, runner, vname);
+    test_one<hf>(2, 1025, 1025, 4, 2, 128, true, false, 0, ++seed, runner, vname);
+  } else {
+    test_one<bf>(1, 113, 1025, 4, 2, 48, true, true, 0, ++seed, runner, vname);
+    test_one<bf>(1, 1023, 1023, 2, 1, 48, true, false, 0, ++seed, runner, vname);
+    test_one<hf>(1, 203, 113, 4, 1, 64, true, true, 8, ++seed, runner, vname);
+    test_one<hf>(2, 113, 203, 4, 2, 64, false, false, 0, ++seed, runner, vname);
+  }
+}
+
+static void run_small() {  // for compute-sanitizer
+  test_one<__nv_bfloat16>(2, 113, 203, 4, 2, 64, true, false, 0, 5);
+  test_one<__nv_bfloat16>(1, 203, 239, 4, 2, 120, true, true, 8, 6);
+}
+
+static void run_tests() {
+  run_tests_d(64, nullptr, "default", 1000);
+  run_tests_d(128, nullptr, "default", 2000);
+  uint64_t seed = 3000;
+  using bf = __nv_bfloat16;
+  for (const Variant& v : kVariants) run_tests_d(v.d, v.fn, v.name, seed += 100);
+  // Repeatability: dk / dv have no atomics and must be bitwise equal run to run.
+  {
+    Problem<bf> pb;
+    pb.init(4, 1025, 1025, 8, 2, 128, true, false, 0, 77);
+    const int64_t nq = (int64_t)4 * 8 * 1025;
+    ref_fwd<bf><<<(nq + 127) / 128, 128>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.out, pb.lo, pb.lse);
+    std::vector<char> a(pb.ldk.numel * 2), b(a.size());
+    int diff = 0;
+    for (int r = 0; r < 5; ++r) {
+      pb.poison(); pb.run(); CK(cudaDeviceSynchronize());
+      CK(cudaMemcpy(r == 0 ? a.data() : b.data(), pb.dk, a.size(), cudaMemcpyDeviceToHost));
+      if (r > 0) diff += memcmp(a.data(), b.data(), a.size()) != 0;
+    }
+    char line[128];
+    snprintf(line, sizeof(line), "%s repeat dk bitwise over 5 runs: %d differ", diff ? "FAIL" : "PASS", diff);
+    logline(line);
+    if (diff) ++g_fail; else ++g_pass;
+    pb.free_all();
+  }
+}
+
+struct BenchRow { std::string v; int d; bool causal; int s; float ms, tflops; };
+template <typename T>
+static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, const char* vname = "default") {
+  const int B = 16384 / S, H = 2048 / D;
+  Problem<T> pb;
+  pb.init(B, S, S, H, H, D, causal, false, 0, 7);
+  pb.runner = runner;
+  fill_randn<T><<<1024, 256>>>(pb.out, pb.lo.numel, 11);
+  {
+    std::vector<float> l((size_t)B * H * S, 8.f);  // stand-in lse (timing does not depend on values)
+    CK(cudaMemcpy(pb.lse, l.data(), l.size() * 4, cudaMemcpyHostToDevice));
+  }
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; ++i) pb.run();
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  std::vector<float> t;
+  for (int i = 0; i < 15; ++i) {
+    CK(cudaEventRecord(e0)); pb.run(); CK(cudaEventRecord(e1)); CK(cudaEventSynchronize(e1));
+    float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); t.push_back(ms);
+  }
+  CK(cudaGetLastError());
+  std::sort(t.begin(), t.end());
+  const float ms = t[t.size() / 2];
+  const double flops = 2.5 * 4.0 * B * H * (double)S * S * D / (causal ? 2.0 : 1.0);
+  BenchRow r{vname, D, causal, S, ms, (float)(flops / (ms * 1e-3) / 1e12)};
+  char line[256];
+  snprintf(line, sizeof(line), "BENCH %-9s bf16 d%-3d %-6s s%-5d b%-2d h%-2d %8.3f ms %6.1f TFLOP/s (min %.3f)", vname, D,
+           causal ? "causal" : "full", S, B, H, ms, r.tflops, t[0]);
+  logline(line);
+  cudaEventDestroy(e0); cudaEventDestroy(e1);
+  pb.free_all();
+  return r;
+}
+
+int main(int argc, char** argv) {
+  bool do_test = argc < 2, do_bench = argc < 2, do_small = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!strcmp(argv[i], "small")) do_small = true;
+    if (!strcmp(argv[i], "test")) do_test = true;
+    if (!strcmp(argv[i], "bench")) do_bench = true;
+  }
+  const char* outdir = getenv("OUT");
+  const std::string logpath = std::string(outdir ? outdir : ".") + "/sm90_bwd.log";
+  g_log = fopen(logpath.c_str(), "a");
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  if (do_small) run_small();
+  if (do_test) run_tests();
+  std::vector<BenchRow> rows;
+  if (do_bench) {
+    for (int D : {64, 128})
+      for (bool c : {false, true})
+        for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(D, S, c));
+    for (const Variant& v : kVariants)
+      for (bool c : {false, true})
+        for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(v.d, S, c, v.fn, v.name));
+    // The defaults again (the spread between the two passes shows the machine's noise).
+    for (int D : {64, 128})
+      for (bool c : {false, true})
+        for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, nullptr, "default2"));
+  }
+  char line[256];
+  snprintf(line, sizeof(line), "==== tests: %d pass, %d fail ====", g_pass, g_fail);
+  logline(line);
+  for (auto& r : rows) {
+    snprintf(line, sizeof(line), "%-9s d%-3d %-6s s%-5d %7.1f TFLOP/s (%.3f ms)", r.v.c_str(), r.d,
+             r.causal ? "causal" : "full", r.s, r.tflops, r.ms);
+    logline(line);
+  }
+  if (g_log) fclose(g_log);
+  return g_fail ? 1 : 0;
+}

@@ -1,0 +1,38 @@
+"""A handful of small forward+backward calls for compute-sanitizer (memcheck / racecheck): seqlen tails,
+causal with seqlen_q != seqlen_k both ways, GQA, a padded head dim, deterministic mode; each family.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_cases.py
+"""
+import os
+
+import torch
+
+import flash_ext
+
+CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, deterministic
+    (1, 17, 203, 2, 1, 64, False, False),
+    (2, 113, 77, 4, 2, 128, True, False),
+    (1, 77, 113, 2, 2, 80, True, True),
+    (1, 130, 130, 2, 1, 256, True, False),
+    (1, 1, 33, 1, 1, 32, False, True),
+]
+
+
+def main():
+    families = [os.environ.get("FLASH_EXT_BACKEND", "")] if os.environ.get("FLASH_EXT_BACKEND") else ["sm80", "sm90"]
+    if torch.cuda.get_device_capability() != (9, 0):
+        families = ["sm80"]
+    for family in families:
+        os.environ["FLASH_EXT_BACKEND"] = family
+        for b, sq, sk, h, hk, d, causal, det in CASES:
+            q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            out = flash_ext.attention(q, k, v, causal=causal, deterministic=det)
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        torch.cuda.synchronize()
+        print(f"{family}: {len(CASES)} cases ran")
+
+
+if __name__ == "__main__":
+    main()
