@@ -8,6 +8,9 @@
 #include <optional>
 
 namespace flash_ext {
+// Internal linkage: this header is compiled both by the host compiler (cpu/) and by nvcc (cuda/); one
+// private copy per translation unit keeps the two from being merged as the same inline function.
+namespace {
 
 struct AttnShape {
   int64_t batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim;
@@ -86,4 +89,5 @@ inline void check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at
   check_last_dim_contiguous(out, "out");
 }
 
+}  // namespace
 }  // namespace flash_ext
