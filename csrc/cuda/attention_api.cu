@@ -35,7 +35,7 @@ const cudaDeviceProp* current_device_props() {
   static cudaDeviceProp props[kMaxDevices];
   static std::once_flag once[kMaxDevices];
   const int device = c10::cuda::current_device();
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "flash_ext: device index ", device, " out of range");
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "flash_ext: device index ", fmt(device), " out of range");
   std::call_once(once[device], [&] { C10_CUDA_CHECK(cudaGetDeviceProperties(&props[device], device)); });
   return &props[device];
 }
@@ -66,7 +66,7 @@ bool want_sm90(const cudaDeviceProp* props) {
   const bool ok = sm90_available(props);
   TORCH_CHECK(ok || b != Backend::kSm90,
               "FLASH_EXT_BACKEND=sm90 needs a compute capability 9.0 GPU and a build with FLASH_EXT_CUDA_ARCHS "
-              "containing 90a; this device is sm_", props->major, props->minor);
+              "containing 90a; this device is sm_", fmt(props->major), fmt(props->minor));
   return ok;
 }
 
@@ -78,14 +78,14 @@ int round_head_dim(int head_dim, const int* dims, int n) {
 
 void check_cuda_inputs(const at::Tensor& q, const AttnShape& s, const cudaDeviceProp* props) {
   TORCH_CHECK(props->major >= 8, "flash_ext CUDA kernels need compute capability 8.0 (sm_80) or newer, got sm_",
-              props->major, props->minor);
+              fmt(props->major), fmt(props->minor));
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "q must be float16 or bfloat16 on CUDA, got ", q.scalar_type());
   TORCH_CHECK(s.head_dim % 8 == 0 && s.head_dim <= 256,
-              "head_dim must be a multiple of 8 and at most 256 on CUDA, got ", s.head_dim);
+              "head_dim must be a multiple of 8 and at most 256 on CUDA, got ", fmt(s.head_dim));
   // The kernels' grids put heads and batch on grid.y / grid.z (at most 65535 each).
-  TORCH_CHECK(s.batch <= 65535, "batch must be at most 65535 on CUDA, got ", s.batch);
-  TORCH_CHECK(s.nheads <= 65535, "nheads must be at most 65535 on CUDA, got ", s.nheads);
+  TORCH_CHECK(s.batch <= 65535, "batch must be at most 65535 on CUDA, got ", fmt(s.batch));
+  TORCH_CHECK(s.nheads <= 65535, "nheads must be at most 65535 on CUDA, got ", fmt(s.nheads));
   TORCH_CHECK(s.seqlen_q <= std::numeric_limits<int>::max() - 256 &&
                   s.seqlen_k <= std::numeric_limits<int>::max() - 256,
               "seqlen_q and seqlen_k must fit in 31 bits on CUDA");

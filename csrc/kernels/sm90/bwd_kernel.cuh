@@ -424,6 +424,9 @@ struct BwdKernel {
         fence_regs(p_frag[kk]);
         fence_regs(ds_frag[kk]);
       }
+      // Every lane's reads of this stage (lse / D by ld.shared, Q / dO by wgmma) are complete: order them
+      // before lane 0's release-arrive, after which the producer overwrites the stage.
+      __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty(bars, it % kStages));  // Q, dO, lse, D of this stage are consumed
     };
     // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum.
