@@ -12,13 +12,13 @@
 // of K/V and accumulates dK and dV over the query heads of the K/V head's group (GQA/MQA without
 // repeating K/V).
 //
-// Precision: scores S = scale * Q K^T and the softmax statistics are computed in float64 for float32
-// and float64 inputs and in float32 for bf16/fp16 (the rounding of S dominates attention's error, so
-// this keeps the CPU path at least as accurate as PyTorch's own computation in the input dtype);
-// O += P V runs in float32 (float64 for float64 inputs). The backward rounds the recomputed S to
-// float32 before subtracting the float32 lse (so P reproduces the forward's normalization exactly)
-// and accumulates the gradients in float64: where a row sees a single key, dS = P * (dP - D)
-// cancels to exactly 0, which float32 rounding would not preserve. CPU training is not the speed path.
+// Precision: float32 and float64 inputs are computed in float64, bf16/fp16 inputs in float32
+// (upcast copies, linear in seqlen). Why float64 for float32: the rounding of S = scale * Q K^T in
+// float32 is as large in any float32 attention as in PyTorch's own, so a float32 path cannot be held
+// reliably within 2x of PyTorch's float32 error (DESIGN.md's rule): it missed in ~0.3% of random
+// small cases, measured. The backward rounds the recomputed S to float32 before subtracting the
+// float32 lse (so P reproduces the forward's normalization exactly) and accumulates the gradients in
+// float64: where a row sees a single key, dS = P * (dP - D) then cancels to exactly 0.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,11 +36,11 @@ namespace {
 constexpr int64_t kBlockM = 128;
 constexpr int64_t kBlockN = 512;
 
-// Type of S and the softmax statistics; of P, V and O in the forward; of every gradient.
-at::ScalarType score_type(at::ScalarType t) {
+// Compute type of the forward (S, softmax statistics, P V, O) for an input dtype; every gradient
+// accumulates in float64.
+at::ScalarType fwd_type(at::ScalarType t) {
   return (t == at::kDouble || t == at::kFloat) ? at::kDouble : at::kFloat;
 }
-at::ScalarType fwd_out_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 constexpr at::ScalarType kBwdAccType = at::kDouble;
 
 int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
@@ -88,10 +88,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   }
 
   at::NoGradGuard no_grad;
-  const auto s_type = score_type(dtype), o_type = fwd_out_type(dtype);
+  const auto acc = fwd_type(dtype);
   // Copies only where the type changes; strided layouts are read as they are.
-  const at::Tensor q = q_in.detach().to(s_type), k = k_in.detach().to(s_type), v = v_in.detach().to(o_type);
-  at::Tensor out_acc = o_type == dtype ? out : at::empty(out.sizes(), out.options().dtype(o_type));
+  const at::Tensor q = q_in.detach().to(acc), k = k_in.detach().to(acc), v = v_in.detach().to(acc);
+  at::Tensor out_acc = acc == dtype ? out : at::empty(out.sizes(), out.options().dtype(acc));
   const int64_t group = s.nheads / s.nheads_k;
   const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM);
   const double inf = std::numeric_limits<double>::infinity();
@@ -99,8 +99,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   at::parallel_for(0, s.batch * s.nheads * n_mblocks, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad_in_worker;
     at::Tensor s_buf = at::empty({kBlockM, kBlockN}, q.options());
-    at::Tensor p_buf = at::empty({kBlockM, kBlockN}, v.options());
-    at::Tensor o_buf = at::empty({kBlockM, s.head_dim}, v.options());
+    at::Tensor o_buf = at::empty({kBlockM, s.head_dim}, q.options());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % n_mblocks, h = (task / n_mblocks) % s.nheads, b = task / (n_mblocks * s.nheads);
       const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
@@ -123,13 +122,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
         const at::Tensor alpha = (m_i - m_safe).exp_();
         s_ij.sub_(m_safe.unsqueeze(1)).exp_();  // s_ij now holds P
         l_i.mul_(alpha).add_(s_ij.sum(1));
-        const at::Tensor p_ij = s_type == o_type ? s_ij : front(p_buf, mlen, nlen).copy_(s_ij);
-        o_i.mul_(alpha.unsqueeze(1).to(o_type)).addmm_(p_ij, v_h.narrow(0, n0, nlen));
+        o_i.mul_(alpha.unsqueeze(1)).addmm_(s_ij, v_h.narrow(0, n0, nlen));
         m_i = m_new;
       }
       // Epilogue: O /= l, lse = m + log(l); a row that saw no key gets O = 0 and lse = -inf.
       const at::Tensor seen = l_i > 0;
-      o_i.div_(at::where(seen, l_i, at::ones_like(l_i)).unsqueeze(1).to(o_type));
+      o_i.div_(at::where(seen, l_i, at::ones_like(l_i)).unsqueeze(1));
       out_acc.select(0, b).select(1, h).narrow(0, m0, mlen).copy_(o_i);
       lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(seen, m_i + l_i.log(), -inf));
     }
@@ -160,10 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
 
   at::NoGradGuard no_grad;
   const at::Tensor q = q_in.detach().to(acc), k = k_in.detach().to(acc), v = v_in.detach().to(acc);
-  // S is recomputed in the forward's score type (float64 too, except for bf16/fp16 inputs).
-  const bool s_is_acc = score_type(dtype) == acc;
-  const at::Tensor q_s = s_is_acc ? q : q_in.detach().to(score_type(dtype));
-  const at::Tensor k_s = s_is_acc ? k : k_in.detach().to(score_type(dtype));
+  // S is recomputed in the forward's compute type (float64 too, except for bf16/fp16 inputs).
+  const bool s_is_acc = fwd_type(dtype) == acc;
+  const at::Tensor q_s = s_is_acc ? q : q_in.detach().to(fwd_type(dtype));
+  const at::Tensor k_s = s_is_acc ? k : k_in.detach().to(fwd_type(dtype));
   const at::Tensor dout = dout_in.detach().to(acc);
   // lse = -inf (a row that sees no key) would give exp(s - lse) = inf; +inf gives P = 0 instead.
   const double inf = std::numeric_limits<double>::infinity();
