@@ -86,11 +86,14 @@ def main():
     p.add_argument("--pytest-summary", default="")
     p.add_argument("--build-seconds", type=float, default=None)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--tag", default="", help="suffix of the result files (e.g. sm80 for FLASH_EXT_BACKEND=sm80)")
     args = p.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    if not commit:
-        commit = os.environ.get("FLASH_EXT_COMMIT", "unknown")
+    # FLASH_EXT_COMMIT names the commit when the tree was copied without its history (the device tool).
+    commit = os.environ.get("FLASH_EXT_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    if not re.fullmatch(r"[0-9a-f]{40}", commit or ""):
+        commit = "unknown"
     gpu = torch.cuda.get_device_name()
     seqlens = [1024, 4096, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
     dtypes = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float16]
@@ -116,12 +119,14 @@ def main():
     memory = {impl: peak_memory(impl) for impl in ("flash_ext", "sdpa_flash")}
 
     date = datetime.date.today().isoformat()
-    result = dict(commit=commit, gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda,
+    result = dict(commit=commit, gpu=gpu, backend=os.environ.get("FLASH_EXT_BACKEND", "auto"),
+                  torch=torch.__version__, cuda=torch.version.cuda,
                   cudnn=torch.backends.cudnn.version(), pytest=args.pytest_summary,
                   build_seconds=args.build_seconds, date=date, rows=rows, notes=notes,
                   peak_memory_fwd_bwd_b1_h16_d128_s16384_causal_bytes=memory)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + f"-{date}")
+    stem = os.path.join(args.out, re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + f"-{date}"
+                        + (f"-{args.tag}" if args.tag else ""))
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     md = markdown(result)
@@ -133,8 +138,8 @@ def main():
 
 def markdown(r):
     lines = [f"# {r['gpu']} — {r['date']}", "",
-             f"commit `{r['commit']}`; torch {r['torch']} (CUDA {r['cuda']}, cuDNN {r['cudnn']}); "
-             f"build {r['build_seconds']} s", "", f"GPU tests on this commit: `{r['pytest']}`", "",
+             f"commit `{r['commit']}`; kernel family `{r.get('backend', 'auto')}` (FLASH_EXT_BACKEND); "
+             f"torch {r['torch']} (CUDA {r['cuda']}, cuDNN {r['cudnn']}); build {r['build_seconds']} s", "", f"GPU tests on this commit: `{r['pytest']}`", "",
              "TFLOP/s (do_bench median); backward = (fwd+bwd) − fwd with 2.5× the forward FLOPs. "
              "Ratios are flash_ext / peer (> 1: flash_ext faster).", ""]
     by = {}
