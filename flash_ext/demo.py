@@ -117,7 +117,7 @@ def main(argv=None):
     if device == "cuda" and not has_cuda:
         raise SystemExit("--device cuda needs a CUDA device and a CUDA build of flash_ext")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    seqlens = args.seqlens or ([1024, 2048, 4096, 8192, 16384] if device == "cuda" else [512, 1024, 2048, 4096, 8192])
+    seqlens = args.seqlens or ([1024, 2048, 4096, 8192, 16384] if device == "cuda" else [512, 1024, 2048, 4096])
     nheads = args.nheads or (16 if device == "cuda" else 4)
     reps = 10 if device == "cuda" else 3
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
