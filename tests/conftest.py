@@ -29,7 +29,7 @@ def poison_cuda_allocator(*shapes_dtypes):
     held = []
     for shape, dtype in shapes_dtypes:
         t = torch.empty(shape, dtype=dtype, device="cuda")
-        t.view(torch.uint8).fill_(0xFF) if t.numel() else None
+        t.view(torch.uint8).fill_(0xFF)
         held.append(t)
     del held
 

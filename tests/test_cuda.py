@@ -1,7 +1,5 @@
 """CUDA-only properties: run-to-run bitwise reproducibility (a race shows up as a moving result), the
 deterministic backward, both kernel families on one GPU, and huge index ranges."""
-import os
-
 import pytest
 import torch
 

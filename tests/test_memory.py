@@ -2,48 +2,17 @@
 
 Peak resident memory of one CPU forward+backward is measured in a fresh subprocess (the peak is
 reset through /proc/self/clear_refs once the inputs exist), at seqlen 4096 and 8192."""
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from conftest import requires_cuda
-
-_CHILD = textwrap.dedent("""
-    import json, sys, torch, flash_ext
-    sys.path.insert(0, sys.argv[5])
-    from reference import attention_ref
-    seqlen, nheads, head_dim, impl = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    torch.set_num_threads(2)
-    q, k, v = (torch.randn(1, seqlen, nheads, head_dim, requires_grad=True) for _ in range(3))
-    dout = torch.randn(1, seqlen, nheads, head_dim)
-    def rss_kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = rss_kib("VmHWM")
-    if impl == "flash_ext":
-        out = flash_ext.attention(q, k, v, causal=True)
-    else:  # the naive implementation, in float32: materializes the seqlen x seqlen scores
-        out = attention_ref(q, k, v, causal=True, upcast=False)[0]
-    out.backward(dout)
-    peak = rss_kib("VmHWM")
-    print(json.dumps({"extra_bytes": (peak - base) * 1024}))
-""")
+from flash_ext.demo import peak_memory
 
 
 def _peak_extra_bytes(seqlen, nheads, head_dim, impl="flash_ext"):
-    res = subprocess.run([sys.executable, "-c", _CHILD, str(seqlen), str(nheads), str(head_dim), impl,
-                          os.path.dirname(os.path.abspath(__file__))],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])["extra_bytes"]
+    """Peak resident memory of one causal CPU forward+backward above its inputs, in a fresh child process
+    (flash_ext.demo.peak_memory; impl "naive" materializes the float32 score matrix)."""
+    return peak_memory(impl, seqlen, nheads, head_dim, True, "cpu", torch.float32)
 
 
 def test_cpu_memory_is_linear_in_seqlen():
