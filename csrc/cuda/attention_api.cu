@@ -216,7 +216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const int hd = round_head_dim(params.head_dim, kSm90BwdHeadDims, std::size(kSm90BwdHeadDims));
     if (hd > 0) {  // head dims above the largest sm90 backward instantiation run on sm80
       auto ws = workspace(hd);
-      if (sm90_bwd_supported(params)) {  // also false in deterministic mode: sm80 provides it
+      // Deterministic mode: one int32 counter per 64 query rows orders the dQ adds (zeroed by the kernels).
+      at::Tensor dq_semaphore;
+      if (deterministic) {
+        dq_semaphore = at::empty({s.batch, s.nheads, params.seqlen_q_rounded / 64}, q.options().dtype(at::kInt));
+        params.dq_semaphore = dq_semaphore.data_ptr<int>();
+      }
+      if (sm90_bwd_supported(params)) {
         if (hd == 64) run_bwd_sm90<64>(params, stream);
         else run_bwd_sm90<128>(params, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -229,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 #endif
   const int hd = round_head_dim(params.head_dim, kSm80HeadDims, std::size(kSm80HeadDims));
   auto ws = workspace(hd);
+  params.dq_semaphore = nullptr;  // sm80 does not use it
   HEADDIM_SWITCH(hd, [&] { run_bwd_sm80<kHeadDim>(params, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};

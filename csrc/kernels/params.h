@@ -48,7 +48,10 @@ struct BwdParams : public FwdParams {
   int seqlen_q_rounded;  // seqlen_q rounded up to a multiple of 128
   int head_dim_rounded;  // kHeadDim of the instantiation that runs (multiple of 32)
 
-  bool deterministic;  // dq bitwise reproducible run to run (no float atomics in dq)
+  bool deterministic;  // dq bitwise reproducible run to run (sm80: no float atomics in dq; sm90: ordered adds)
+  // sm90 deterministic backward only (nullptr otherwise): one int32 counter per 64 query rows,
+  // batch x nheads x (seqlen_q_rounded / 64), uninitialized: the sm90 preprocess kernel zeroes it.
+  int* dq_semaphore;
 };
 
 }  // namespace flash_ext

@@ -2,8 +2,9 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small]   (no argument: test and bench; small: two small cases, for
-// compute-sanitizer). Log: $OUT/sm90_bwd.log.
+// Run: bwd_harness [test] [bench] [small] [det]   (no argument: test and bench; small: two small cases, for
+// compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
+// speed against the default). Log: $OUT/sm90_bwd.log.
 // Inputs are fresh random normals; out / lse come from a naive fp32 reference forward (written in the element
 // type, like a real forward). References: `ref` = the gradients in fp32 from those inputs; `pt` = the same
 // computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
@@ -38,13 +39,22 @@ template void flash_ext::run_bwd_sm90<64>(const BwdParams&, cudaStream_t);
 template void flash_ext::run_bwd_sm90<128>(const BwdParams&, cudaStream_t);
 
 using LaunchFn = void (*)(const BwdParams&, cudaStream_t);
-template <int D, int M, int S, bool SplitKeys, bool Overlap>
+template <int D, int M, int S, bool SplitKeys, bool Overlap, int Det = sm90::kDetOff>
 void run_cfg(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal,
-                [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Overlap>(p, s); });
+                [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Overlap, Det>(p, s); });
   });
 }
+// Deterministic variants (need params.deterministic and dq_semaphore): the defaults (run_bwd_sm90 with
+// deterministic = true: deferred flush, split by columns), the eager flush, and d64 split by keys (consumer 1
+// ordered after consumer 0 of its own CTA).
+static const struct { const char* name; int d; LaunchFn fn; } kDetVariants[] = {
+    {"d64detE", 64, run_cfg<64, 128, 2, false, false, sm90::kDetEager>},
+    {"d64detK", 64, run_cfg<64, 128, 2, true, false, sm90::kDetDeferred>},
+    {"d128detE", 128, run_cfg<128, 64, 2, false, false, sm90::kDetEager>},
+};
+static bool g_det = false;  // Problem::init sets params.deterministic from it
 // Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.
 // d64m128 is the d64 non-causal default and d64m128sD the d64 causal default (BwdTile in bwd_launch.cuh).
 struct Variant { const char* name; int d; LaunchFn fn; };
@@ -226,6 +236,7 @@ struct Problem {
   Layout lq, lk, lv, lo, ldo, ldq, ldk, ldv;
   T *q, *k, *v, *out, *dout, *dq, *dk, *dv;
   float *lse, *dq_accum, *dsum_ws;
+  int* dq_sem;
   BwdParams params;
   LaunchFn runner = nullptr;
 
@@ -252,6 +263,7 @@ struct Problem {
     const int sqr = (Sq + 127) / 128 * 128;
     CK(cudaMalloc(&dq_accum, (int64_t)B * H * sqr * inst * sizeof(float)));
     CK(cudaMalloc(&dsum_ws, (int64_t)B * H * sqr * sizeof(float)));
+    CK(cudaMalloc(&dq_sem, (int64_t)B * H * (sqr / 64) * sizeof(int)));
     fill_randn<T><<<1024, 256>>>(q, lq.numel, seed * 7 + 1);
     fill_randn<T><<<1024, 256>>>(k, lk.numel, seed * 7 + 2);
     fill_randn<T><<<1024, 256>>>(v, lv.numel, seed * 7 + 3);
@@ -273,7 +285,8 @@ struct Problem {
     p.scale_softmax = dm.scale; p.scale_softmax_log2 = dm.scale * 1.4426950408889634f;
     p.is_bf16 = std::is_same<T, __nv_bfloat16>::value; p.is_causal = causal;
     p.dq_accum = dq_accum; p.dsoftmax_sum = dsum_ws; p.seqlen_q_rounded = sqr; p.head_dim_rounded = inst;
-    p.deterministic = false;
+    p.deterministic = g_det;
+    p.dq_semaphore = g_det ? dq_sem : nullptr;
     int dev; CK(cudaGetDevice(&dev));
     CK(cudaDeviceGetAttribute(&p.num_sm, cudaDevAttrMultiProcessorCount, dev));
   }
@@ -284,6 +297,7 @@ struct Problem {
     const int64_t sqr = params.seqlen_q_rounded;
     CK(cudaMemset(dq_accum, 0xFF, (int64_t)dm.B * dm.H * sqr * inst * sizeof(float)));
     CK(cudaMemset(dsum_ws, 0xFF, (int64_t)dm.B * dm.H * sqr * sizeof(float)));
+    CK(cudaMemset(dq_sem, 0xFF, (int64_t)dm.B * dm.H * (sqr / 64) * sizeof(int)));  // -1: the kernels zero it
   }
   void run(cudaStream_t st = 0) {
     if (runner) { runner(params, st); return; }
@@ -291,7 +305,7 @@ struct Problem {
   }
   void free_all() {
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(out); cudaFree(dout); cudaFree(dq); cudaFree(dk);
-    cudaFree(dv); cudaFree(lse); cudaFree(dq_accum); cudaFree(dsum_ws);
+    cudaFree(dv); cudaFree(lse); cudaFree(dq_accum); cudaFree(dsum_ws); cudaFree(dq_sem);
   }
 };
 
@@ -424,6 +438,34 @@ static void run_tests() {
   }
 }
 
+// Bitwise repeatability of dq (and dk) over `reps` runs with the same inputs; returns the number of runs whose
+// dq differs from the first (logged). With deterministic off, dq is expected to differ (float atomics order).
+static int repeat_dq(int B, int S, int H, int Hk, int D, bool causal, int reps, LaunchFn runner, const char* vname) {
+  using bf = __nv_bfloat16;
+  Problem<bf> pb;
+  pb.init(B, S, S, H, Hk, D, causal, false, 0, 77);
+  pb.runner = runner;
+  const int64_t nq = (int64_t)B * H * S;
+  ref_fwd<bf><<<(nq + 127) / 128, 128>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.out, pb.lo, pb.lse);
+  std::vector<char> a(pb.ldq.numel * 2), b(a.size()), ka(pb.ldk.numel * 2), kb(ka.size());
+  int diff = 0, kdiff = 0;
+  for (int r = 0; r < reps; ++r) {
+    pb.poison(); pb.run(); CK(cudaGetLastError()); CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(r == 0 ? a.data() : b.data(), pb.dq, a.size(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(r == 0 ? ka.data() : kb.data(), pb.dk, ka.size(), cudaMemcpyDeviceToHost));
+    if (r > 0) diff += memcmp(a.data(), b.data(), a.size()) != 0;
+    if (r > 0) kdiff += memcmp(ka.data(), kb.data(), ka.size()) != 0;
+  }
+  char line[256];
+  snprintf(line, sizeof(line), "%s %-9s %s repeat b%d s%d h%d/%d d%d %s: dq differs in %d of %d runs, dk in %d",
+           (g_det && (diff || kdiff)) || kdiff ? "FAIL" : "PASS", vname, g_det ? "det" : "atomic", B, S, H, Hk, D,
+           causal ? "causal" : "full", diff, reps - 1, kdiff);
+  logline(line);
+  if ((g_det && diff) || kdiff) ++g_fail; else ++g_pass;
+  pb.free_all();
+  return diff;
+}
+
 struct BenchRow { std::string v; int d; bool causal; int s; float ms, tflops; };
 template <typename T>
 static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, const char* vname = "default") {
@@ -461,8 +503,9 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 }
 
 int main(int argc, char** argv) {
-  bool do_test = argc < 2, do_bench = argc < 2, do_small = false;
+  bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false;
   for (int i = 1; i < argc; ++i) {
+    if (!strcmp(argv[i], "det")) do_det = true;
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
@@ -476,6 +519,39 @@ int main(int argc, char** argv) {
   if (do_small) run_small();
   if (do_test) run_tests();
   std::vector<BenchRow> rows;
+  if (do_det) {
+    // Tests: the deterministic defaults over the full list of their head dim.
+    g_det = true;
+    run_tests_d(64, nullptr, "det", 5000);
+    run_tests_d(128, nullptr, "det", 6000);
+    // dq bitwise over 10 runs: defaults and variants; GQA; causal with seqlen_q != seqlen_k is in the lists.
+    repeat_dq(4, 1025, 8, 2, 128, true, 10, nullptr, "det");
+    repeat_dq(4, 1025, 8, 2, 128, false, 10, nullptr, "det");
+    repeat_dq(4, 1025, 8, 2, 64, true, 10, nullptr, "det");
+    repeat_dq(4, 1025, 8, 2, 64, false, 10, nullptr, "det");
+    for (const auto& v : kDetVariants) repeat_dq(4, 1025, 8, 2, v.d, !strcmp(v.name, "d64detE"), 10, v.fn, v.name);
+    g_det = false;  // the same with the default (atomic) mode: dq is expected to differ (shows the check bites)
+    repeat_dq(4, 1025, 8, 2, 128, true, 10, nullptr, "default");
+    repeat_dq(4, 1025, 8, 2, 64, false, 10, nullptr, "default");
+    // Speed: default vs deterministic, interleaved per shape.
+    for (int D : {64, 128})
+      for (bool c : {false, true})
+        for (int S : {1024, 4096, 16384}) {
+          g_det = false;
+          rows.push_back(bench_one<__nv_bfloat16>(D, S, c, nullptr, "default"));
+          g_det = true;
+          rows.push_back(bench_one<__nv_bfloat16>(D, S, c, nullptr, "det"));
+          for (const auto& v : kDetVariants)
+            if (v.d == D && (c == false || strcmp(v.name, "d64detK")))
+              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
+          g_det = false;
+        }
+    // Last (the slowest part): the variants over the full test lists.
+    g_det = true;
+    uint64_t seed = 7000;
+    for (const auto& v : kDetVariants) run_tests_d(v.d, v.fn, v.name, seed += 100);
+    g_det = false;
+  }
   if (do_bench) {
     for (int D : {64, 128})
       for (bool c : {false, true})

@@ -69,6 +69,11 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
   // Zero this block's dq_accum rows (64 x kHeadDim floats, contiguous).
   float4* acc = reinterpret_cast<float4*>(p.dq_accum + row_base * kHeadDim);
   for (int i = threadIdx.x; i < 64 * kHeadDim / 4; i += 256) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  // Deterministic mode: zero this block's dQ counter (one per 64 rows; the main kernel, later on the same
+  // stream, indexes them per kBlockM rows, which is at most as many).
+  if (p.dq_semaphore != nullptr && threadIdx.x == 0) {
+    p.dq_semaphore[(static_cast<int64_t>(b) * p.nheads + h) * (p.seqlen_q_rounded / 64) + m_block] = 0;
+  }
   const T* o_ptr = static_cast<const T*>(p.out);      // batch x seqlen_q x nheads x head_dim
   const T* do_ptr = static_cast<const T*>(p.dout);    // batch x seqlen_q x nheads x head_dim
   for (int r = warp * 8; r < warp * 8 + 8; ++r) {
@@ -120,7 +125,13 @@ __global__ void __launch_bounds__(256) bwd_convert_dq_sm90(const __grid_constant
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool Overlap_>
+// Deterministic dQ (BwdKernel's DetMode): off (reduce-adds in arrival order), or ordered reduce-adds with the
+// counter wait / reduce / completion / release done right after dQ is staged (eager), or deferred until the
+// next step's S^T / dP^T wgmmas are issued, so that the tensor cores work meanwhile (deferred).
+constexpr int kDetOff = 0, kDetEager = 1, kDetDeferred = 2;
+
+template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool Overlap_,
+          int DetMode_ = kDetOff>
 struct BwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -131,6 +142,10 @@ struct BwdKernel {
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool DqSplitKeys = DqSplitKeys_;
   static constexpr bool Overlap = Overlap_;
+  static constexpr int DetMode = DetMode_;
+  static constexpr bool Deterministic = DetMode != kDetOff;
+  static_assert(DetMode == kDetOff || DetMode == kDetEager || DetMode == kDetDeferred, "DetMode");
+  static_assert(!(Deterministic && Overlap), "deterministic mode is implemented for the non-overlapped loop");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kProducerRegs = 24;  // 24*128 + 240*256 = 64512 <= 65536
@@ -429,10 +444,67 @@ struct BwdKernel {
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty(bars, it % kStages));  // Q, dO, lse, D of this stage are consumed
     };
-    // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum.
-    auto store_dq = [&](int it) {
+    // ---- bulk reduce-add of the staged dQ part of step it into dq_accum (one thread: tid 0).
+    auto reduce_dq = [&](int it) {
       const int head = head_k * p.h_h_k_ratio + it / n_m;
       const int m_block = m_block_min + it % n_m;
+      const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
+      const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
+      if constexpr (DqSplitKeys) {
+        // The 64-row blocks of dq_accum are contiguous: one reduce for all kMTiles tiles.
+        bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
+                              kDqTileBytes);
+        }
+      }
+      tma_store_commit();
+    };
+    // ---- Deterministic mode (tid 0): the reduce-adds into one dq_accum block happen in a fixed order, key
+    // block by key block, through the block's counter in dq_semaphore (one per (batch, head, m_block)):
+    //   wait until counter >= target, reduce, wait for the reduce to COMPLETE (its global writes done, not
+    //   only its shared-memory reads), then release-increment the counter by 1.
+    // Each consumer warpgroup of every key-block CTA that visits the block increments once, so with
+    // target = 2 n_block (+ cw when split by keys) the adds run in the order (n_block, cw) — bitwise the same
+    // sums every run:
+    //   - The contributors of query block m are a prefix of the key blocks: m_block_min(n) is nondecreasing
+    //     in n (causal bottom-right: a row that sees key block n sees every block < n; non-causal: 0), and
+    //     CTA n visits every m >= m_block_min(n). So if CTA n visits m, all CTAs n' < n of the same
+    //     (head_k, batch) do too, each increments exactly twice, and the first 2n increments can only come
+    //     from them (increment number i of consumer (n, c) needs counter >= 2n (+c) first, so i > 2n (+c)).
+    //     With GQA every query head of the group has the same pattern (its own counters); query blocks that
+    //     no key block sees (rows that see no key) have no contributors and nobody waits on them.
+    //   - Split by columns the two consumers write disjoint columns, so their relative order does not
+    //     matter and both wait for 2n; split by keys they add into the same columns: consumer 1 also waits
+    //     for consumer 0 of its own CTA (target 2n + 1).
+    //   - Deadlock freedom: a CTA only ever waits for CTAs of the same (head_k, batch) with a lower
+    //     blockIdx.x; x is the fastest grid dimension, so those have lower linear block indices and are
+    //     launched no later (resident or finished) — CTA 0 never waits, and by induction each CTA finishes.
+    //     The producer never waits on a counter.
+    //   - Memory ordering: the reduce-adds are async-proxy writes; wait_group 0 completes them and
+    //     fence.proxy.async.global orders them before the generic-proxy release (red.release.gpu); on the
+    //     other side ld.acquire.gpu, then the same proxy fence before this thread issues its own reduce.
+    //     Only tid 0 issues the reduce, so no barrier is needed for the warpgroup after the wait (the
+    //     staging of dQ into shared memory does not depend on the counter).
+    auto det_flush = [&](int it) {
+      if (tid == 0) {
+        const int head = head_k * p.h_h_k_ratio + it / n_m;
+        const int m_block = m_block_min + it % n_m;
+        int* sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) +
+                   m_block;
+        wait_counter_geq(sem, 2 * n_block + (DqSplitKeys ? cw : 0));
+        fence_proxy_async_global();
+        reduce_dq(it);
+        bulk_wait_all();
+        fence_proxy_async_global();
+        red_release_gpu_add(sem, 1);
+      }
+    };
+    // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum (deterministic
+    // deferred: the reduce is issued by det_flush, after the next step's issue_sdp).
+    auto store_dq = [&](int it) {
       const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
       if (tid == 0) tma_store_wait_read();  // the previous reduce has read the staging buffer
       named_bar_sync(kBarDq + cw, 128);
@@ -449,19 +521,10 @@ struct BwdKernel {
       }
       fence_proxy_async_smem();
       named_bar_sync(kBarDq + cw, 128);
-      if (tid == 0) {
-        const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
-        if constexpr (DqSplitKeys) {
-          // The 64-row blocks of dq_accum are contiguous: one reduce for all kMTiles tiles.
-          bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
-        } else {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
-                                kDqTileBytes);
-          }
-        }
-        tma_store_commit();
+      if constexpr (DetMode == kDetOff) {
+        if (tid == 0) reduce_dq(it);
+      } else if constexpr (DetMode == kDetEager) {
+        det_flush(it);
       }
     };
     auto wait_full = [&](int it) { mbar_wait(bar_full(bars, it % kStages), (it / kStages) & 1); };
@@ -491,6 +554,9 @@ struct BwdKernel {
       for (int it = 0; it < n_iters; ++it) {
         wait_full(it);
         issue_sdp(it);
+        if constexpr (DetMode == kDetDeferred) {
+          if (it > 0) det_flush(it - 1);  // step it - 1's dQ, while S^T / dP^T of step it run
+        }
         softmax(it);
         issue_dkdv(it);
         store_ds(it);
@@ -498,6 +564,9 @@ struct BwdKernel {
         wgmma_wait<0>();
         grads_done(it);
         store_dq(it);
+      }
+      if constexpr (DetMode == kDetDeferred) {
+        if (n_iters > 0) det_flush(n_iters - 1);
       }
     }
     if (tid == 0) bulk_wait_all();

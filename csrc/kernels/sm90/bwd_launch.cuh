@@ -40,6 +40,14 @@ template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr bool Overlap = false;
 };
 
+// Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred): the dQ reduce-adds of each query
+// block are ordered by key block through per-block counters (see det_flush in bwd_kernel.cuh). It uses the
+// dQ split by columns (the two consumers add disjoint columns, so only the key-block order is serialized), so
+// d64 non-causal switches from split by keys to kBlockM 128 split by columns; the other tiles are unchanged.
+template <int kHeadDim, bool IsCausal> struct BwdTileDet : BwdTile<kHeadDim, IsCausal> {
+  static constexpr bool DqSplitKeys = false;
+};
+
 inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, int block_n) {
   bool ok = true;
   ok = ok && encode_tensor_map_4d(&args.q_map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
@@ -53,15 +61,21 @@ inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, i
   return ok;
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap>
+template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap,
+          int DetMode = kDetOff>
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap>;
+  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode>;
+  // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported
+  // checks that the API allocated them.
+  if (DetMode != kDetOff && params.dq_semaphore == nullptr) return;
   BwdTmaArgs args;
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   const dim3 grid_pre(params.seqlen_q_rounded / 64, params.nheads, params.batch);
   bwd_preprocess_sm90<T, kHeadDim><<<grid_pre, 256, 0, stream>>>(params);
+  // x = key block is the fastest grid dimension: the deterministic mode relies on CTAs of lower x of the same
+  // (kv head, batch) being launched no later than higher ones (see det_flush).
   const dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
   auto kernel = bwd_main_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
@@ -76,9 +90,15 @@ template <int kHeadDim>
 void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
-      using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
-      sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                            Tile::Overlap>(params, stream);
+      if (params.deterministic) {
+        using Tile = sm90::BwdTileDet<kHeadDim, IsCausal>;
+        sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
+                              Tile::Overlap, sm90::kDetDeferred>(params, stream);
+      } else {
+        using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
+        sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
+                              Tile::Overlap>(params, stream);
+      }
     });
   });
 }

@@ -79,6 +79,29 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst_gmem, uint32_t sr
 // Wait until the committed bulk operations have completed (their global writes done, not only their reads).
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
+// ---------------------------------------------------------------- global-memory counters (deterministic dQ)
+// Bidirectional proxy fence for global memory: orders this thread's async-proxy global accesses (completed
+// bulk reduce-adds) against its generic-proxy ones (the counter's release / acquire), both ways.
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+__device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release_gpu_add(int* ptr, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
+}
+// Spin (one thread) until *ptr >= target, backing off with __nanosleep (16 ns doubling to 256 ns).
+__device__ __forceinline__ void wait_counter_geq(const int* ptr, int target) {
+  unsigned ns = 16;
+  while (ld_acquire_gpu(ptr) < target) {
+    __nanosleep(ns);
+    ns = ns < 256 ? 2 * ns : 256;
+  }
+}
+
 // ---------------------------------------------------------------- named barriers and register budgets
 __device__ __forceinline__ void named_bar_sync(int id, int nthreads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(nthreads) : "memory");
