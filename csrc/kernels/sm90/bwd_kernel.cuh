@@ -186,6 +186,25 @@ struct BwdKernel {
   __device__ static __forceinline__ uint32_t bar_full(uint32_t b, int s) { return b + 8 * (1 + s); }
   __device__ static __forceinline__ uint32_t bar_empty(uint32_t b, int s) { return b + 8 * (1 + kStages + s); }
 
+  // Pipeline step it -> (head hh of the GQA group, query block). Default: heads outer, query blocks ascending
+  // from m_block_min. Deterministic: query blocks DESCENDING from the last, heads inner. Then every key-block
+  // CTA of a (head_k, batch) visits a given (hh, m_block) at the same step index (CTA n's sequence is a prefix
+  // of CTA n - 1's: causal contributors form a prefix of key blocks), so the CTAs run in lockstep, each one
+  // counter hand-off behind the previous one. Ascending, causal CTA n would first need the query blocks that
+  // only CTAs < n see to be done by them: a wait of a whole step per CTA, and about half the SM time idle.
+  __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, int m_block_min, int it, int& hh,
+                                                     int& m_block) {
+    const int ratio = args.params.h_h_k_ratio;
+    if constexpr (Deterministic) {
+      hh = it % ratio;
+      m_block = args.num_m_blocks - 1 - it / ratio;
+    } else {
+      const int n_m = args.num_m_blocks - m_block_min;
+      hh = it / n_m;
+      m_block = m_block_min + it % n_m;
+    }
+  }
+
   // ------------------------------------------------------------------------------------------ producer
   __device__ static void producer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
                                   int batch) {
@@ -205,36 +224,36 @@ struct BwdKernel {
                     batch);
       }
     }
-    int it = 0;
-    for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
+    const int n_iters = (args.num_m_blocks - m_block_min) * p.h_h_k_ratio;
+    for (int it = 0; it < n_iters; ++it) {
+      int hh, m_block;
+      step_coords(args, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const int64_t lse_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q;
       const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
-      for (int m_block = m_block_min; m_block < args.num_m_blocks; ++m_block, ++it) {
-        const int stage = it % kStages, phase = (it / kStages) & 1;
-        mbar_wait(bar_empty(bars, stage), phase ^ 1);
-        if (lane == 0) {
-          mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes);
+      const int stage = it % kStages, phase = (it / kStages) & 1;
+      mbar_wait(bar_empty(bars, stage), phase ^ 1);
+      if (lane == 0) {
+        mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes);
 #pragma unroll
-          for (int c = 0; c < kChunks; ++c) {
-            tma_load_4d(smem + kOffQ + stage * kQBytes + c * kQChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
-                        m_block * kBlockM, head, batch);
-            tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
-                        c * 64, m_block * kBlockM, head, batch);
-          }
+        for (int c = 0; c < kChunks; ++c) {
+          tma_load_4d(smem + kOffQ + stage * kQBytes + c * kQChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
+                      m_block * kBlockM, head, batch);
+          tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
+                      c * 64, m_block * kBlockM, head, batch);
         }
-        // lse (scaled by log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D.
-#pragma unroll
-        for (int r = lane; r < kBlockM; r += 32) {
-          const int row = m_block * kBlockM + r;
-          float l = row < p.seqlen_q ? p.lse[lse_base + row] : INFINITY;
-          l = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
-          const float dsum = p.dsoftmax_sum[d_base + row];
-          asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffLse + (stage * kBlockM + r) * 4), "f"(l) : "memory");
-          asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffD + (stage * kBlockM + r) * 4), "f"(dsum) : "memory");
-        }
-        mbar_arrive(bar_full(bars, stage));
       }
+      // lse (scaled by log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D.
+#pragma unroll
+      for (int r = lane; r < kBlockM; r += 32) {
+        const int row = m_block * kBlockM + r;
+        float l = row < p.seqlen_q ? p.lse[lse_base + row] : INFINITY;
+        l = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+        const float dsum = p.dsoftmax_sum[d_base + row];
+        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffLse + (stage * kBlockM + r) * 4), "f"(l) : "memory");
+        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffD + (stage * kBlockM + r) * 4), "f"(dsum) : "memory");
+      }
+      mbar_arrive(bar_full(bars, stage));
     }
   }
 
@@ -297,7 +316,8 @@ struct BwdKernel {
     // ---- wait for S^T / dP^T (no other wgmma group in flight); P^T, dS^T into A fragments.
     auto softmax = [&](int it) {
       const int stage = it % kStages;
-      const int m_block = m_block_min + it % n_m;
+      int hh_unused, m_block;
+      step_coords(args, m_block_min, it, hh_unused, m_block);
       wgmma_wait<1>();
       fence_regs(s_reg);
       // P^T = exp2(S^T scale_log2 - lse_log2[col]) (0 where masked)
@@ -446,8 +466,9 @@ struct BwdKernel {
     };
     // ---- bulk reduce-add of the staged dQ part of step it into dq_accum (one thread: tid 0).
     auto reduce_dq = [&](int it) {
-      const int head = head_k * p.h_h_k_ratio + it / n_m;
-      const int m_block = m_block_min + it % n_m;
+      int hh, m_block;
+      step_coords(args, m_block_min, it, hh, m_block);
+      const int head = head_k * p.h_h_k_ratio + hh;
       const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
       const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
       if constexpr (DqSplitKeys) {
@@ -490,8 +511,9 @@ struct BwdKernel {
     //     staging of dQ into shared memory does not depend on the counter).
     auto det_flush = [&](int it) {
       if (tid == 0) {
-        const int head = head_k * p.h_h_k_ratio + it / n_m;
-        const int m_block = m_block_min + it % n_m;
+        int hh, m_block;
+        step_coords(args, m_block_min, it, hh, m_block);
+        const int head = head_k * p.h_h_k_ratio + hh;
         int* sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) +
                    m_block;
         wait_counter_geq(sem, 2 * n_block + (DqSplitKeys ? cw : 0));

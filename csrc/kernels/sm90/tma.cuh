@@ -93,12 +93,12 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
 __device__ __forceinline__ void red_release_gpu_add(int* ptr, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
 }
-// Spin (one thread) until *ptr >= target, backing off with __nanosleep (16 ns doubling to 256 ns).
+// Spin (one thread) until *ptr >= target, backing off with __nanosleep (16 ns doubling to 128 ns).
 __device__ __forceinline__ void wait_counter_geq(const int* ptr, int target) {
   unsigned ns = 16;
   while (ld_acquire_gpu(ptr) < target) {
     __nanosleep(ns);
-    ns = ns < 256 ? 2 * ns : 256;
+    ns = ns < 128 ? 2 * ns : 128;
   }
 }
 
