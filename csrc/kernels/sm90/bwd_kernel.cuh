@@ -22,6 +22,10 @@
 //      Overlap: S^T / dP^T of step i + 1 are issued before dQ of step i is written out, so the tensor cores work
 //      while the warpgroup stages dQ (needs the registers of both: not for d128).
 //   3. bwd_convert_dq_sm90: dq = dq_accum * scale -> element type (un-permuting the accumulation layout).
+// Deterministic mode (DetMode != kDetOff, params.deterministic): the reduce-adds into each dq_accum block are
+// ordered by key block through an int32 counter per (batch, head, query block) in params.dq_semaphore (zeroed by
+// the preprocess kernel), and the query blocks are visited in descending order so the CTAs run in lockstep:
+// see step_coords and det_flush.
 //
 // dq_accum layout (workspace, private to these kernels): per (batch, head, m_block) a contiguous block of
 // kBlockM x kHeadDim floats, in the consumers' register order so that the shared-memory staging is
