@@ -416,8 +416,9 @@ struct FwdKernel {
       // Same addresses, fewer live registers (ptxas keeps precomputed addresses live across the main loop, and
       // with 160 registers they spilled): r0 % 8 == g, and o_smem, the row offsets and the chunk offsets have
       // bits 4..6 clear, so piece p of (row r0 + 8h, chunk c) is at (row_base ^ (p << 4)) + 1024 h + c *
-      // kQChunkBytes: one XOR per piece, the rest an immediate offset. (Kept to 3 warpgroups: with 2, 1k
-      // shapes at d128 / d256 measured 7-11% slower with this form, 2026-11-21; not understood.)
+      // kQChunkBytes: one XOR per piece, the rest an immediate offset. (Kept to 3 warpgroups so the 2-warpgroup
+      // kernels stay SASS-identical to the measured ones: with this form d128 / d256 1k read 7-11% slower once,
+      // but identical code read 9% slower in a later run, so that was probably noise.)
       const uint32_t row_base = o_smem + r0 * 128 + (g << 4) + 4 * t;
 #pragma unroll
       for (int piece = 0; piece < 8; ++piece) {
