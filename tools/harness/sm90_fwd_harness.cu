@@ -1,4 +1,5 @@
 // Standalone correctness + speed harness for the Hopper forward (csrc/kernels/sm90). No torch.
+// Variants: "default" is what the API runs; the others are the comparisons in fwd_launch.cuh / NOTES.md.
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_fwd_harness.cu -o .devbin/sm90/fwd_harness
@@ -43,11 +44,12 @@ struct Variant {
 };
 template <int D>
 void run_default(const FwdParams& p, cudaStream_t s) { run_fwd_sm90<D>(p, s); }
-template <int D, int N, int S, bool PP, bool DP, int kGridLimit = 0>
+template <int D, int N, int S, bool PP, bool DP, int kGridLimit = 0, int kSw = 0, bool kChain = false, int kWG = 2>
 void run_cfg(const FwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
-    BOOL_SWITCH(p.is_causal, IsCausal,
-                [&] { sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP>(p, s, kGridLimit); });
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
+      sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP, kSw, kChain, kWG>(p, s, kGridLimit);
+    });
   });
 }
 constexpr int kNoPersist = 1 << 30;  // one CTA per tile
@@ -56,13 +58,16 @@ static const Variant kVariants[] = {
     {"default", 64, run_default<64>},
     {"default", 128, run_default<128>},
     {"default", 256, run_default<256>},
-    {"nonpersist", 64, run_cfg<64, 128, 2, true, true, kNoPersist>},
-    {"persist", 64, run_cfg<64, 128, 2, true, true, kPersist>},
-    {"dp0", 64, run_cfg<64, 128, 2, true, false>},
+    {"wg2", 64, run_cfg<64, 128, 2, true, true>},  // the 2-warpgroup d64 default before 3 warpgroups
+    {"wg2np", 64, run_cfg<64, 128, 2, true, true, kNoPersist>},
+    {"wg2chain", 64, run_cfg<64, 128, 2, true, true, 0, 0, true>},
+    {"wg2sw88", 64, run_cfg<64, 128, 2, true, false, 0, 0x88, true>},  // software exp2 for 1/4 of P
+    {"wg3pp", 64, run_cfg<64, 128, 2, true, false, 0, 0, true, 3>},
+    {"wg3pp0", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3>},
+    {"wg3p", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3>},
     {"nonpersist", 128, run_cfg<128, 128, 2, true, true, kNoPersist>},
     {"persist", 128, run_cfg<128, 128, 2, true, true, kPersist>},
     {"dp0", 128, run_cfg<128, 128, 2, true, false>},
-    {"pp0", 128, run_cfg<128, 128, 2, false, true>},
     {"nonpersist", 256, run_cfg<256, 80, 2, false, false, kNoPersist>},
     {"persist", 256, run_cfg<256, 80, 2, false, false, kPersist>},
     {"dp1", 256, run_cfg<256, 80, 2, false, true>},
@@ -353,7 +358,7 @@ static void run_checks(bool quick) {
 // Times every variant of a config in kRounds interleaved rounds (the device may be shared: interleaving
 // spreads any contention over all variants); reports the median of the per-round medians and the best.
 static void run_bench() {
-  constexpr int kRounds = 3;
+  constexpr int kRounds = 5;
   fprintf(g_log, "\n%-4s %-6s %-6s %-5s %-12s %9s %9s %9s\n", "hdim", "causal", "seqlen", "dtype", "variant", "ms",
           "TFLOP/s", "best");
   const int dims[] = {64, 128, 256};

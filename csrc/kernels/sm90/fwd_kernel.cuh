@@ -1,21 +1,22 @@
 // Hopper (sm_90a) FlashAttention forward: TMA loads into 128-byte-swizzled shared memory, an mbarrier
 // pipeline of kStages K/V slots, warp specialization and wgmma.
 //
-// A tile is (m_block, head, batch): kBlockM = 128 query rows. Each CTA walks tiles in a static zig-zag
-// order (see FwdTmaArgs, next_tile); the launch picks one CTA per SM (persistent) or one per tile.
-// kNWarps = 12, three warpgroups:
+// A tile is (m_block, head, batch): kBlockM = 64 * kNumWG query rows (kNumWG = 2 or 3 consumer warpgroups).
+// Each CTA walks tiles in a static zig-zag order (see FwdTmaArgs, next_tile); the launch picks one CTA per SM
+// (persistent) or one per tile. kNWarps = 4 * (1 + kNumWG):
 //   warpgroup 0  producer: one thread issues every TMA load (per tile: Q, then K and V block by block from
 //                the last key block down to the first, so the masked blocks come first); it runs ahead into
 //                the next tile while the consumers finish the current one. setmaxnreg lowers the warpgroup
 //                to 24 registers.
-//   warpgroups 1, 2  consumers: each owns 64 query rows (one wgmma m64 row block); setmaxnreg raises them
-//                to 240 registers. Per key block: S = Q K^T (wgmma, both operands from shared memory),
-//                mask, online softmax in registers (exp2 with the scale folded), P packed to 16 bits in
-//                registers as the A operand of O += P V (wgmma, V from shared memory read MN-major).
+//   warpgroups 1..kNumWG  consumers: each owns 64 query rows (one wgmma m64 row block); setmaxnreg raises
+//                them to 240 registers (2 consumers) or 160 (3 consumers: head dim 64 only). Per key block:
+//                S = Q K^T (wgmma, both operands from shared memory), mask, online softmax in registers
+//                (exp2 with the scale folded), P packed to 16 bits in registers as the A operand of
+//                O += P V (wgmma, V from shared memory read MN-major).
 // Overlap: inside a warpgroup, S(n+1) = Q K(n+1)^T is issued together with O += P(n) V(n), so the
-// softmax of block n+1 runs while the tensor cores do P(n) V(n). With PingPong, two named barriers pass a
-// token between the consumer warpgroups so they issue their GEMMs in turn: one's softmax runs during the
-// other's GEMMs.
+// softmax of block n+1 runs while the tensor cores do P(n) V(n). With PingPong, named barriers pass a
+// token around the consumer warpgroups so they issue their GEMMs in turn: one's softmax runs during the
+// others' GEMMs.
 // Epilogue: O /= l, written through shared memory by a TMA store, which drops rows >= seqlen_q and
 // columns >= head_dim; lse = m * scale + log(l) per row. Where shared memory allows (kHeadDim <= 128) O has
 // its own buffer: Q is released (q_empty) as soon as the tile's last S GEMM is done, so the producer loads
@@ -49,20 +50,46 @@ struct FwdTmaArgs {
   int num_tiles;     // num_m_blocks * num_hb
 };
 
-template <typename T_, int kHeadDim_, int kBlockN_, int kStages_, bool IsCausal_, bool PingPong_, bool DoubleP_>
+// 2^x on the FMA pipe (for a share of the softmax exponentials: the MUFU unit does 16 ex2 / clk / SM, which
+// is the bound at head dim 64). x <= 0 in the softmax (x slightly > 0 by rounding is fine). 2^x = 2^j 2^f,
+// j = floor(x) (the add rounding down leaves it in the low mantissa bits of 1.5 * 2^23 + j), f in [0, 1),
+// 2^f by a degree-3 polynomial (minimax in relative error with p(0) = 1 exactly: max rel. error 8.6e-5,
+// below the 2^-9 / 2^-12 rounding of bf16 / fp16 P), j added to the exponent field by an integer add.
+// x is clamped to -127 first: -inf (masked) -> j = -127, f = 0, p = 1 -> bits 0x3f800000 - (127 << 23) = 0,
+// an exact 0 like ex2.approx.ftz gives. x in (-127, -126) gives a denormal below 2^-126 instead of 2^x.
+__device__ __forceinline__ float soft_exp2(float x) {
+  x = fmaxf(x, -127.f);
+  float r;
+  asm("add.rm.f32 %0, %1, 0f4B400000;\n" : "=f"(r) : "f"(x));  // 12582912 + floor(x)
+  const float f = x - (r - 12582912.f);                           // both subtractions exact
+  const float p = fmaf(fmaf(fmaf(0.07706803f, f, 0.22764353f), f, 0.6951173f), f, 1.f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));  // low 9 bits of r hold j
+}
+
+// kSwExpMask: bit b set -> the columns of n8 blocks j with j % 8 == b take soft_exp2 instead of ex2.approx.
+// ChainTiles (with PingPong): the scheduling token passes on across tile boundaries, so one consumer starts
+// the next tile's first GEMM while the other still finishes its epilogue (otherwise the token restarts at
+// consumer 0 on every tile, which waits for consumer 1's epilogue).
+template <typename T_, int kHeadDim_, int kBlockN_, int kStages_, bool IsCausal_, bool PingPong_, bool DoubleP_,
+          int kSwExpMask_ = 0, bool ChainTiles_ = false, int kNumWG_ = 2>
 struct FwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;
+  static constexpr int kNumWG = kNumWG_;  // consumer warpgroups, 64 query rows each
+  static_assert(kNumWG == 2 || kNumWG == 3, "2 or 3 consumer warpgroups");
+  static constexpr int kBlockM = 64 * kNumWG;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool PingPong = PingPong_;
   static constexpr bool DoubleP = DoubleP_;
-  static constexpr int kNWarps = 12;
+  static constexpr int kSwExpMask = kSwExpMask_;
+  static constexpr bool ChainTiles = ChainTiles_;
+  static constexpr int kNWarps = 4 * (1 + kNumWG);
   static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kProducerRegs = 24;   // 24*128 + 240*256 = 64512 <= 65536 registers per SM
-  static constexpr int kConsumerRegs = 240;
+  // 24*128 + 240*256 = 64512 <= 65536 registers per SM; with 3 consumers 24*128 + 160*384 = 64512.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = kNumWG == 2 ? 240 : 160;
   static_assert(kHeadDim % 64 == 0, "SW128 chunks are 64 columns wide");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N / K constraints");
   static constexpr int kChunks = kHeadDim / 64;
@@ -81,10 +108,10 @@ struct FwdKernel {
   static constexpr int kOffBar = kOffV + kStages * kKVBytes + (SeparateO ? kOBytesIfSeparate : 0);  // mbarriers
   static constexpr int kNumBars = 2 + 4 * kStages;
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;  // + slack for aligning the base
-  static constexpr int kConsumerWarps = 8;  // arrivals that free a K or V slot, or Q (q_empty)
-  // Named barriers (0 is __syncthreads): 1, 2 scheduling token of consumer 0 / 1; 3, 4 epilogue.
+  static constexpr int kConsumerWarps = 4 * kNumWG;  // arrivals that free a K or V slot, or Q (q_empty)
+  // Named barriers (0 is __syncthreads): 1 + cw scheduling token of consumer cw; 1 + kNumWG + cw epilogue.
   static constexpr int kBarSched = 1;
-  static constexpr int kBarEpi = 3;
+  static constexpr int kBarEpi = 1 + kNumWG;
 
   __device__ static __forceinline__ uint32_t bar_q(uint32_t b) { return b; }
   // Q (and the O staging that reuses it) free again: both consumers' stores have read it.
@@ -125,7 +152,8 @@ struct FwdKernel {
   }
   __device__ static __forceinline__ void sched_pass(int cw, bool last) {
     if constexpr (PingPong) {
-      if (!(cw == 1 && last)) named_bar_arrive(kBarSched + (1 - cw), 256);
+      const int next = kNumWG == 2 ? 1 - cw : (cw + 1) % kNumWG;
+      if (ChainTiles || !(cw == kNumWG - 1 && last)) named_bar_arrive(kBarSched + next, 256);
     }
   }
 
@@ -162,8 +190,15 @@ struct FwdKernel {
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
-        s_reg[4 * j + 2 * h] = fast_exp2(fmaf(s_reg[4 * j + 2 * h], scale_log2, -m_scaled));
-        s_reg[4 * j + 2 * h + 1] = fast_exp2(fmaf(s_reg[4 * j + 2 * h + 1], scale_log2, -m_scaled));
+        const float x0 = fmaf(s_reg[4 * j + 2 * h], scale_log2, -m_scaled);
+        const float x1 = fmaf(s_reg[4 * j + 2 * h + 1], scale_log2, -m_scaled);
+        if ((kSwExpMask >> (j % 8)) & 1) {
+          s_reg[4 * j + 2 * h] = soft_exp2(x0);
+          s_reg[4 * j + 2 * h + 1] = soft_exp2(x1);
+        } else {
+          s_reg[4 * j + 2 * h] = fast_exp2(x0);
+          s_reg[4 * j + 2 * h + 1] = fast_exp2(x1);
+        }
         sum += s_reg[4 * j + 2 * h] + s_reg[4 * j + 2 * h + 1];
       }
       l[h] = l[h] * alpha[h] + sum;
@@ -247,7 +282,7 @@ struct FwdKernel {
     mbar_wait(bar_q(bars), tile_iter & 1);
     const int n_iters = n_block_max;
     if (n_iters > 0) {
-      if (PingPong && cw == 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
+      if (PingPong && !ChainTiles && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 first
       // Block n_block_max - 1 (slot 0): S only.
       {
         const int stage = kv_iter % kStages, phase = (kv_iter / kStages) & 1;
@@ -365,15 +400,39 @@ struct FwdKernel {
       named_bar_sync(kBarEpi + cw, 128);
     }
     const int r0 = warp_in_wg * 16 + g;  // row inside this warpgroup's 64
+    if constexpr (kNumWG == 2) {
 #pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j) {
-      const int chunk = j / 8, piece = j % 8;
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        const int chunk = j / 8, piece = j % 8;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = r0 + 8 * h;
-        const uint32_t addr = o_smem + chunk * kQChunkBytes + r * 128 + ((piece ^ (r % 8)) << 4) + 4 * t;
-        const uint32_t val = pack2<T>(o_reg[4 * j + 2 * h] * inv[h], o_reg[4 * j + 2 * h + 1] * inv[h]);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
+        for (int h = 0; h < 2; ++h) {
+          const int r = r0 + 8 * h;
+          const uint32_t addr = o_smem + chunk * kQChunkBytes + r * 128 + ((piece ^ (r % 8)) << 4) + 4 * t;
+          const uint32_t val = pack2<T>(o_reg[4 * j + 2 * h] * inv[h], o_reg[4 * j + 2 * h + 1] * inv[h]);
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
+        }
+      }
+    } else {
+      // Same addresses, fewer live registers (ptxas keeps precomputed addresses live across the main loop, and
+      // with 160 registers they spilled): r0 % 8 == g, and o_smem, the row offsets and the chunk offsets have
+      // bits 4..6 clear, so piece p of (row r0 + 8h, chunk c) is at (row_base ^ (p << 4)) + 1024 h + c *
+      // kQChunkBytes: one XOR per piece, the rest an immediate offset. (Kept to 3 warpgroups so the 2-warpgroup
+      // kernels stay SASS-identical to the measured ones: with this form d128 / d256 1k read 7-11% slower once,
+      // but identical code read 9% slower in a later run, so that was probably noise.)
+      const uint32_t row_base = o_smem + r0 * 128 + (g << 4) + 4 * t;
+#pragma unroll
+      for (int piece = 0; piece < 8; ++piece) {
+        const uint32_t base = row_base ^ (piece << 4);
+#pragma unroll
+        for (int chunk = 0; chunk < kChunks; ++chunk) {
+          const int j = chunk * 8 + piece;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t val = pack2<T>(o_reg[4 * j + 2 * h] * inv[h], o_reg[4 * j + 2 * h + 1] * inv[h]);
+            const uint32_t addr = base + h * 1024 + chunk * kQChunkBytes;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
+          }
+        }
       }
     }
     fence_proxy_async_smem();
@@ -400,11 +459,15 @@ struct FwdKernel {
   __device__ static void consumer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw) {
     Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
     int kv_iter = 0, tile_iter = 0;
+    // ChainTiles: consumer 0 issues first; the token then alternates over all GEMM issues of all tiles (both
+    // consumers see the same tiles and key blocks), and consumer 0 takes consumer 1's last pass at the end.
+    if (PingPong && ChainTiles && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);
     for (int t = first_tile(); t < args.num_tiles; t = next_tile(t, ++tile_iter)) {
       const Tile tile = tile_coord(args, t);
       consumer_tile(args, smem, bars, cw, tile, kv_iter, tile_iter);
       kv_iter += mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
     }
+    if (PingPong && ChainTiles && cw == 0) named_bar_sync(kBarSched + 0, 256);
     // Shared memory must stay valid until the last store has read it.
     if (threadIdx.x % 128 == 0) tma_store_wait_read();
   }

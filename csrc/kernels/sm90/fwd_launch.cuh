@@ -13,27 +13,43 @@
 namespace flash_ext {
 namespace sm90 {
 
-// Tile shapes per head dim (kBlockM = 128 always: two consumer warpgroups of 64 rows).
+// Tile shapes per head dim (kBlockM = 64 * kNumWG: one consumer warpgroup per 64 query rows).
 // Measured on one H200 (2026-11-21, bf16, batch*seqlen = 16k, hidden 2048, median of 3 interleaved rounds of
 // event-timed medians; the machine was shared and identical kernels differed by up to ~10% between runs):
 // d64: kBlockN 192 and 3 stages no better than 128 / 2 (e.g. 16k: 446 vs 438 TFLOP/s); no ping-pong -2..8%.
 // d128: kBlockN 176 (FA3's non-causal choice) spills 32-56 B with this code and was 431-608 vs 494-597;
 //   3 stages 514 vs 530 at 4k; ping-pong off 510 / 536 / 611 vs 535 / 547 / 610 (1k / 4k / 16k).
 // d256: ping-pong on spills with the persistent loop; 664 vs 651 at 16k before that, 2-5% either way.
+// d64, 3 consumer warpgroups (kBlockM 192, 160 registers each, so no second P buffer), 2026-11-21 run 2 of
+//   the second series, same process, median of 5 rounds: non-causal 1k / 4k / 16k 386 / 441 / 480 (no
+//   ping-pong) and 385 / 428 / 468 (ping-pong) vs 369 / 397 / 413 with 2; causal 263 / 398 / 454 (ping-pong,
+//   token chained over tiles) vs 275 / 363 / 414: causal seqlen_q <= 1024 keeps 2 warpgroups (FwdTileShort).
+//   kBlockN 96: 2-8% slower; 3 stages: noise. Software exp2 for part of P (kSwExpMask) was slower by 0-2% for
+//   1/8 of the columns and 8% for 1/2 (d64 is not bound by MUFU throughput here; see NOTES.md).
 // DoubleP (second P buffer): d128 535 / 547 / 610 vs 516 / 545 / 620, causal 16k 607 vs 623: noise-level;
 //   d256 670 vs 694 non-causal, 751 vs 728 causal 16k: kept off there (fewer registers).
 template <int kHeadDim, bool IsCausal> struct FwdTile;
 template <bool IsCausal> struct FwdTile<64, IsCausal> {
-  static constexpr int kBlockN = 128, kStages = 2;
-  static constexpr bool PingPong = true, DoubleP = true;
+  static constexpr int kBlockN = 128, kStages = 2, kNumWG = 3;
+  static constexpr bool PingPong = IsCausal, DoubleP = false, ChainTiles = IsCausal;
 };
 template <bool IsCausal> struct FwdTile<128, IsCausal> {
-  static constexpr int kBlockN = 128, kStages = 2;
-  static constexpr bool PingPong = true, DoubleP = true;
+  static constexpr int kBlockN = 128, kStages = 2, kNumWG = 2;
+  static constexpr bool PingPong = true, DoubleP = true, ChainTiles = false;
 };
 template <bool IsCausal> struct FwdTile<256, IsCausal> {
-  static constexpr int kBlockN = 80, kStages = 2;  // Q 64 KiB + 2 x (K 40 + V 40) KiB = 224 KiB of 227
-  static constexpr bool PingPong = false, DoubleP = false;
+  static constexpr int kBlockN = 80, kStages = 2, kNumWG = 2;  // Q 64 KiB + 2 x (K 40 + V 40) KiB = 224 of 227
+  static constexpr bool PingPong = false, DoubleP = false, ChainTiles = false;
+};
+// Where FwdTile differs for short causal problems (seqlen_q <= kShortSeqlenQ): d64 keeps 2 warpgroups.
+constexpr int kShortSeqlenQ = 1024;
+template <int kHeadDim, bool IsCausal> struct FwdTileShort : FwdTile<kHeadDim, IsCausal> {
+  static constexpr bool kDiffers = false;
+};
+template <> struct FwdTileShort<64, true> {
+  static constexpr bool kDiffers = true;
+  static constexpr int kBlockN = 128, kStages = 2, kNumWG = 2;
+  static constexpr bool PingPong = true, DoubleP = true, ChainTiles = false;
 };
 
 inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, int block_n) {
@@ -60,9 +76,10 @@ constexpr int64_t kL2GroupBytes = 32ll << 20;
 // 402 vs 439 at 16k; d128 356 vs 348 at 1k, 455 vs 548 at 4k, 470 vs 596 at 16k; d256 293 vs 370 at 1k.
 // Non-causal, persistent vs not: d64 391 vs 344 at 1k; d128 504-535 vs 462 at 1k; equal at 16k.
 // grid_limit < 0 forces persistent, > 0 caps the CTAs (comparisons).
-template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP>
+template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP,
+          int kSwExpMask = 0, bool ChainTiles = false, int kNumWG = 2>
 void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0) {
-  using Kernel = FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP>;
+  using Kernel = FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP, kSwExpMask, ChainTiles, kNumWG>;
   FwdTmaArgs args;
   args.params = params;
   if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return;  // sm90_fwd_supported said no
@@ -89,8 +106,14 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       using Tile = sm90::FwdTile<kHeadDim, IsCausal>;
-      sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, IsCausal, Tile::PingPong,
-                            Tile::DoubleP>(params, stream);
+      using Short = sm90::FwdTileShort<kHeadDim, IsCausal>;
+      if (Short::kDiffers && params.seqlen_q <= sm90::kShortSeqlenQ) {
+        sm90::launch_fwd_sm90<elem_type, kHeadDim, Short::kBlockN, Short::kStages, IsCausal, Short::PingPong,
+                              Short::DoubleP, 0, Short::ChainTiles, Short::kNumWG>(params, stream);
+      } else {
+        sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, IsCausal, Tile::PingPong,
+                              Tile::DoubleP, 0, Tile::ChainTiles, Tile::kNumWG>(params, stream);
+      }
     });
   });
 }
