@@ -10,13 +10,15 @@ namespace flash_ext {
 // Instantiated head dims of the sm90 backward; a head dim h runs on the smallest one >= h.
 constexpr int kSm90BwdHeadDims[] = {64, 128};
 
-// Runs preprocess (D = rowsum(dO o O), zero dq_accum and, when deterministic, dq_semaphore), the main kernel
-// and the dq conversion on `stream`; never synchronizes or checks errors. Call only where sm90_bwd_supported(params) is true, on a device of
-// compute capability 9.0. params.head_dim_rounded must equal kHeadDim (dq_accum rows are kHeadDim floats).
+// Runs preprocess (D = rowsum(dO o O), zero dq_accum and, when deterministic, dq_semaphore), the main
+// kernel and the dq conversion on `stream`; never synchronizes or checks errors. Call only where
+// sm90_bwd_supported(params) is true, on a device of compute capability 9.0. params.head_dim_rounded must
+// equal kHeadDim (dq_accum rows are kHeadDim floats).
 template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
 
 // False where the sm90 backward cannot run: deterministic mode without the dq_semaphore workspace
-// (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned), head_dim above 128 (not instantiated) or not a multiple of 8, TMA unable to describe q, k, v or dout
+// (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned), head_dim above 128 (not instantiated)
+// or not a multiple of 8, TMA unable to describe q, k, v or dout
 // (a base pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), or an
 // odd output stride (dq / dk / dv / out are accessed in pairs of elements). The API then falls back to sm80.
 // Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
