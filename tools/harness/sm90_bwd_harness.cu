@@ -2,8 +2,9 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small]   (no argument: test and bench; small: two small cases, for
-// compute-sanitizer). Log: $OUT/sm90_bwd.log.
+// Run: bwd_harness [test] [bench] [small] [d256]   (no argument: test and bench; small: two small cases, for
+// compute-sanitizer; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in test / bench / small).
+// Log: $OUT/sm90_bwd.log.
 // Inputs are fresh random normals; out / lse come from a naive fp32 reference forward (written in the element
 // type, like a real forward). References: `ref` = the gradients in fp32 from those inputs; `pt` = the same
 // computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
@@ -22,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include "../../csrc/kernels/sm90/bwd_launch.cuh"
+#include "../../csrc/kernels/sm90/bwd_launch_hd256.cuh"
 
 using namespace flash_ext;
 
@@ -36,6 +38,10 @@ using namespace flash_ext;
 
 template void flash_ext::run_bwd_sm90<64>(const BwdParams&, cudaStream_t);
 template void flash_ext::run_bwd_sm90<128>(const BwdParams&, cudaStream_t);
+template <>
+void flash_ext::run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream) {
+  flash_ext::sm90::run_bwd_sm90_hd256(params, stream);
+}
 
 using LaunchFn = void (*)(const BwdParams&, cudaStream_t);
 template <int D, int M, int S, bool SplitKeys, bool Overlap>
@@ -43,6 +49,12 @@ void run_cfg(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal,
                 [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Overlap>(p, s); });
+  });
+}
+template <bool Overlap>
+void run_cfg256(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] { sm90::launch_bwd_hd256_sm90<elem_type, 2, IsCausal, Overlap>(p, s); });
   });
 }
 // Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.
@@ -57,7 +69,9 @@ static const Variant kVariants[] = {
     {"d64m128sD", 64, run_cfg<64, 128, 2, false, false>},
     {"d128splitK", 128, run_cfg<128, 64, 2, true, false>},
     {"d128st3", 128, run_cfg<128, 64, 3, false, false>},
+    {"d256ovl", 256, run_cfg256<true>},
 };
+static bool g_only256 = false;
 
 // ---------------------------------------------------------------- helpers
 struct Layout { int64_t sb, ss, sh, numel; };  // (batch, seqlen, heads, dim), elements
@@ -112,7 +126,7 @@ __global__ void ref_fwd(Dims dm, const T* q, Layout lq, const T* k, Layout lk, c
     for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
     mx = fmaxf(mx, s * dm.scale);
   }
-  float o[128];
+  float o[256];
   for (int d = 0; d < dm.D; ++d) o[d] = 0.f;
   float l = 0.f;
   if (mx != -INFINITY) {
@@ -146,7 +160,7 @@ __global__ void ref_dq(Dims dm, const T* q, Layout lq, const T* k, Layout lk, co
   float Dv = 0.f;
   for (int d = 0; d < dm.D; ++d) Dv += to_f(oi[d]) * to_f(doi[d]);
   if (!kPt) dsum[idx] = Dv;
-  float acc[128];
+  float acc[256];
   for (int d = 0; d < dm.D; ++d) acc[d] = 0.f;
   const float L = lse[idx];
   if (L != -INFINITY) {
@@ -176,7 +190,7 @@ __global__ void ref_dkdv(Dims dm, const T* q, Layout lq, const T* k, Layout lk, 
   const int ratio = dm.H / dm.Hk;
   const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
   const T* vj = v + b * lv.sb + j * lv.ss + hk * lv.sh;
-  float adk[128], adv[128];
+  float adk[256], adv[256];
   for (int d = 0; d < dm.D; ++d) adk[d] = adv[d] = 0.f;
   for (int h = hk * ratio; h < (hk + 1) * ratio; ++h) {
     for (int i = 0; i < dm.Sq; ++i) {
@@ -231,7 +245,7 @@ struct Problem {
 
   void init(int B, int Sq, int Sk, int H, int Hk, int D, bool causal, bool bhsd, int do_pad, uint64_t seed) {
     dm = Dims{B, Sq, Sk, H, Hk, D, causal, 1.f / sqrtf((float)D)};
-    inst = D <= 64 ? 64 : 128;
+    inst = D <= 64 ? 64 : D <= 128 ? 128 : 256;
     lq = make_layout(B, Sq, H, D, bhsd, 0);
     lk = make_layout(B, Sk, Hk, D, bhsd, 0);
     lv = make_layout(B, Sk, Hk, D, false, 0);
@@ -287,7 +301,9 @@ struct Problem {
   }
   void run(cudaStream_t st = 0) {
     if (runner) { runner(params, st); return; }
-    if (inst == 64) run_bwd_sm90<64>(params, st); else run_bwd_sm90<128>(params, st);
+    if (inst == 64) run_bwd_sm90<64>(params, st);
+    else if (inst == 128) run_bwd_sm90<128>(params, st);
+    else run_bwd_sm90<256>(params, st);
   }
   void free_all() {
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(out); cudaFree(dout); cudaFree(dq); cudaFree(dk);
@@ -379,7 +395,16 @@ static void run_tests_d(int Dinst, LaunchFn runner, const char* vname, uint64_t 
     test_one<bf>(1, 1025, 17, 2, 2, D, c, false, 0, ++seed, runner, vname);
     test_one<bf>(3, 256, 256, 4, 2, D, c, false, 0, ++seed, runner, vname);
   }
-  if (Dinst == 128) {
+  if (Dinst == 256) {
+    test_one<bf>(2, 203, 1023, 6, 3, 160, true, false, 0, ++seed, runner, vname);
+    test_one<bf>(2, 1023, 203, 6, 3, 200, false, true, 8, ++seed, runner, vname);
+    test_one<bf>(1, 1025, 113, 4, 4, 200, true, false, 0, ++seed, runner, vname);
+    test_one<bf>(1, 113, 1025, 4, 1, 160, false, false, 0, ++seed, runner, vname);
+    test_one<hf>(2, 1025, 1025, 4, 2, 256, true, false, 0, ++seed, runner, vname);
+    test_one<hf>(1, 1023, 203, 4, 1, 256, false, true, 8, ++seed, runner, vname);
+    test_one<hf>(2, 113, 203, 4, 2, 160, true, false, 0, ++seed, runner, vname);
+    test_one<hf>(1, 17, 1, 2, 2, 200, false, false, 0, ++seed, runner, vname);
+  } else if (Dinst == 128) {
     test_one<bf>(2, 203, 1023, 6, 3, 80, true, false, 0, ++seed, runner, vname);
     test_one<bf>(2, 1023, 203, 6, 3, 80, false, true, 8, ++seed, runner, vname);
     test_one<bf>(1, 1025, 113, 4, 4, 120, true, false, 0, ++seed, runner, vname);
@@ -393,20 +418,28 @@ static void run_tests_d(int Dinst, LaunchFn runner, const char* vname, uint64_t 
 }
 
 static void run_small() {  // for compute-sanitizer
+  test_one<__nv_bfloat16>(2, 113, 203, 4, 2, 200, true, false, 0, 7);
+  test_one<__half>(1, 203, 113, 4, 1, 256, false, true, 8, 8);
+  if (g_only256) return;
   test_one<__nv_bfloat16>(2, 113, 203, 4, 2, 64, true, false, 0, 5);
   test_one<__nv_bfloat16>(1, 203, 239, 4, 2, 120, true, true, 8, 6);
 }
 
 static void run_tests() {
-  run_tests_d(64, nullptr, "default", 1000);
-  run_tests_d(128, nullptr, "default", 2000);
+  if (!g_only256) {
+    run_tests_d(64, nullptr, "default", 1000);
+    run_tests_d(128, nullptr, "default", 2000);
+  }
+  run_tests_d(256, nullptr, "default", 2500);
   uint64_t seed = 3000;
   using bf = __nv_bfloat16;
-  for (const Variant& v : kVariants) run_tests_d(v.d, v.fn, v.name, seed += 100);
+  for (const Variant& v : kVariants)
+    if (!g_only256 || v.d == 256) run_tests_d(v.d, v.fn, v.name, seed += 100);
   // Repeatability: dk / dv have no atomics and must be bitwise equal run to run.
-  {
+  for (int D : {128, 256}) {
+    if (g_only256 && D != 256) continue;
     Problem<bf> pb;
-    pb.init(4, 1025, 1025, 8, 2, 128, true, false, 0, 77);
+    pb.init(4, 1025, 1025, 8, 2, D, true, false, 0, 77);
     const int64_t nq = (int64_t)4 * 8 * 1025;
     ref_fwd<bf><<<(nq + 127) / 128, 128>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.out, pb.lo, pb.lse);
     std::vector<char> a(pb.ldk.numel * 2), b(a.size());
@@ -417,7 +450,7 @@ static void run_tests() {
       if (r > 0) diff += memcmp(a.data(), b.data(), a.size()) != 0;
     }
     char line[128];
-    snprintf(line, sizeof(line), "%s repeat dk bitwise over 5 runs: %d differ", diff ? "FAIL" : "PASS", diff);
+    snprintf(line, sizeof(line), "%s repeat d%d dk bitwise over 5 runs: %d differ", diff ? "FAIL" : "PASS", D, diff);
     logline(line);
     if (diff) ++g_fail; else ++g_pass;
     pb.free_all();
@@ -466,6 +499,7 @@ int main(int argc, char** argv) {
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
+    if (!strcmp(argv[i], "d256")) g_only256 = true;
   }
   const char* outdir = getenv("OUT");
   const std::string logpath = std::string(outdir ? outdir : ".") + "/sm90_bwd.log";
@@ -477,14 +511,17 @@ int main(int argc, char** argv) {
   if (do_test) run_tests();
   std::vector<BenchRow> rows;
   if (do_bench) {
-    for (int D : {64, 128})
+    const std::vector<int> dims = g_only256 ? std::vector<int>{256} : std::vector<int>{64, 128, 256};
+    for (int D : dims)
       for (bool c : {false, true})
         for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(D, S, c));
-    for (const Variant& v : kVariants)
+    for (const Variant& v : kVariants) {
+      if (g_only256 && v.d != 256) continue;
       for (bool c : {false, true})
         for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(v.d, S, c, v.fn, v.name));
+    }
     // The defaults again (the spread between the two passes shows the machine's noise).
-    for (int D : {64, 128})
+    for (int D : dims)
       for (bool c : {false, true})
         for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, nullptr, "default2"));
   }
