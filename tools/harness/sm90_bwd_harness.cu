@@ -51,15 +51,26 @@ void run_cfg(const BwdParams& p, cudaStream_t s) {
                 [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Overlap>(p, s); });
   });
 }
-template <bool Overlap>
+template <int kOverlap, int kAblate, bool kStagedEpi = false>
 void run_cfg256(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
-    BOOL_SWITCH(p.is_causal, IsCausal, [&] { sm90::launch_bwd_hd256_sm90<elem_type, 2, IsCausal, Overlap>(p, s); });
+    BOOL_SWITCH(p.is_causal, IsCausal,
+                [&] { sm90::launch_bwd_hd256_sm90<elem_type, 2, IsCausal, kOverlap, kStagedEpi, kAblate>(p, s); });
+  });
+}
+// Timing only: the preprocess and dq-conversion kernels of the d256 backward alone (kVec: the 16-byte preprocess).
+template <bool kVec>
+static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    const dim3 grid(p.seqlen_q_rounded / 64, p.nheads, p.batch);
+    if (kVec) sm90::bwd_preprocess_hd256_sm90<elem_type><<<grid, 256, 0, s>>>(p);
+    else sm90::bwd_preprocess_sm90<elem_type, 256><<<grid, 256, 0, s>>>(p);
+    sm90::bwd_convert_dq_sm90<elem_type, 256, 128><<<dim3((p.seqlen_q + 63) / 64, p.nheads, p.batch), 256, 0, s>>>(p);
   });
 }
 // Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.
 // d64m128 is the d64 non-causal default and d64m128sD the d64 causal default (BwdTile in bwd_launch.cuh).
-struct Variant { const char* name; int d; LaunchFn fn; };
+struct Variant { const char* name; int d; LaunchFn fn; bool bench_only = false; };
 static const Variant kVariants[] = {
     {"d64ovl", 64, run_cfg<64, 64, 2, true, true>},
     {"d64ovl3", 64, run_cfg<64, 64, 3, true, true>},
@@ -69,7 +80,14 @@ static const Variant kVariants[] = {
     {"d64m128sD", 64, run_cfg<64, 128, 2, false, false>},
     {"d128splitK", 128, run_cfg<128, 64, 2, true, false>},
     {"d128st3", 128, run_cfg<128, 64, 3, false, false>},
-    {"d256ovl", 256, run_cfg256<true>},
+    {"d256epi", 256, run_cfg256<0, 0, true>},
+    {"d256ov1", 256, run_cfg256<1, 0>},
+    {"d256ov2", 256, run_cfg256<2, 0>},
+    {"d256nodq", 256, run_cfg256<0, 1>, true},   // ablation: no dq reduction (wrong dq)
+    {"d256noqld", 256, run_cfg256<0, 2>, true},  // ablation: no Q / dO loads after the first 2 steps
+    {"d256none", 256, run_cfg256<0, 3>, true},   // ablation: both
+    {"precvt", 256, run_pre_cvt256<false>, true},  // preprocess + convert only
+    {"precvt16", 256, run_pre_cvt256<true>, true},
 };
 static bool g_only256 = false;
 
@@ -434,7 +452,7 @@ static void run_tests() {
   uint64_t seed = 3000;
   using bf = __nv_bfloat16;
   for (const Variant& v : kVariants)
-    if (!g_only256 || v.d == 256) run_tests_d(v.d, v.fn, v.name, seed += 100);
+    if ((!g_only256 || v.d == 256) && !v.bench_only) run_tests_d(v.d, v.fn, v.name, seed += 100);
   // Repeatability: dk / dv have no atomics and must be bitwise equal run to run.
   for (int D : {128, 256}) {
     if (g_only256 && D != 256) continue;

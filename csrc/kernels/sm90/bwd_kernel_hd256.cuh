@@ -24,8 +24,8 @@
 //   dK, dV (64 + 64 registers) stay in registers for the whole CTA (bitwise reproducible); the epilogue writes
 //   them scaled / as is. P^T / dS^T tiles are double-buffered (step parity) so a consumer may write step i + 1
 //   while the other still reads step i.
-//   Overlap: S^T / dP^T of step i + 1 are issued before the dQ reduction of step i (needs 224 accumulator
-//   registers at once).
+//   kOverlap (tensor-core work during the dQ reduction of step i): 0 none; 1 S^T of step i + 1 is issued before
+//   it (208 accumulator registers live); 2 S^T and dP^T of step i + 1 (224: spills).
 //
 // dq_accum layout: that of bwd_kernel.cuh with n_dq = 128 (dq_accum_index(row, col, 128)): per (batch, head,
 // 64-row block) 64 x 256 floats; consumer w's part at w * 8192, register group j (n8 block) of thread tid at
@@ -52,7 +52,55 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
                : "memory");
 }
 
-template <typename T_, int kStages_, bool IsCausal_, bool Overlap_>
+// ------------------------------------------------------------------------------------------ preprocess
+// Same job as bwd_preprocess_sm90<T, 256> (D = rowsum(dO o O) for rows up to seqlen_q_rounded, 0 past seqlen_q;
+// zero the block's dq_accum rows) with 16-byte loads: lane l reads columns [8l, 8l + 8) of each row (one load of O
+// and one of dO per row; 8 rows per warp, 4 rows' loads in flight before their reductions). Needs out / dout 16-byte
+// aligned with row / head / batch strides multiple of 8 (the launcher checks; otherwise the generic kernel runs).
+// grid (seqlen_q_rounded / 64, nheads, batch), 256 threads.
+template <typename T>
+__global__ void __launch_bounds__(256, 3) bwd_preprocess_hd256_sm90(const __grid_constant__ BwdParams p) {
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
+  float4* acc = reinterpret_cast<float4*>(p.dq_accum + row_base * 256);
+#pragma unroll
+  for (int i = 0; i < 64 * 256 / 4 / 256; ++i) acc[i * 256 + threadIdx.x] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const T* o_ptr = static_cast<const T*>(p.out);
+  const T* do_ptr = static_cast<const T*>(p.dout);
+  const int c = 8 * lane;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    uint4 o[4], d[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = m_block * 64 + warp * 8 + half * 4 + r;
+      o[r] = d[r] = make_uint4(0u, 0u, 0u, 0u);
+      if (row < p.seqlen_q && c < p.head_dim) {
+        o[r] = *reinterpret_cast<const uint4*>(o_ptr + b * p.o_batch_stride + row * p.o_row_stride +
+                                               h * p.o_head_stride + c);
+        d[r] = *reinterpret_cast<const uint4*>(do_ptr + b * p.do_batch_stride + row * p.do_row_stride +
+                                               h * p.do_head_stride + c);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const uint32_t ow[4] = {o[r].x, o[r].y, o[r].z, o[r].w}, dw[4] = {d[r].x, d[r].y, d[r].z, d[r].w};
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 a = unpack2<T>(ow[k]), e = unpack2<T>(dw[k]);
+        sum += a.x * e.x + a.y * e.y;
+      }
+#pragma unroll
+      for (int sh = 16; sh > 0; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
+      if (lane == 0) p.dsoftmax_sum[row_base + warp * 8 + half * 4 + r] = sum;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ main kernel
+template <typename T_, int kStages_, bool IsCausal_, int kOverlap_, bool StagedEpilogue_, int kAblate_ = 0>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
@@ -60,7 +108,11 @@ struct BwdKernelHd256 {
   static constexpr int kBlockN = 64;  // keys per CTA, shared by both consumers
   static constexpr int kStages = kStages_;
   static constexpr bool IsCausal = IsCausal_;
-  static constexpr bool Overlap = Overlap_;
+  static constexpr int kOverlap = kOverlap_;
+  // Timing ablations only (wrong results): bit 0 skips the dq reduction, bit 1 the Q / dO loads after the first
+  // kStages steps (the steps reuse stale tiles).
+  static constexpr int kAblate = kAblate_;
+  static constexpr bool StagedEpilogue = StagedEpilogue_;
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kProducerRegs = 24;  // 24*128 + 240*256 = 64512 <= 65536
@@ -119,7 +171,9 @@ struct BwdKernelHd256 {
       for (int m_block = m_block_min; m_block < args.num_m_blocks; ++m_block, ++it) {
         const int stage = it % kStages, phase = (it / kStages) & 1;
         mbar_wait(bar_empty(bars, stage), phase ^ 1);
-        if (lane == 0) {
+        if (lane == 0 && (kAblate & 2) && it >= kStages) {
+          mbar_arrive(bar_full(bars, stage));
+        } else if (lane == 0) {
           mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
@@ -168,35 +222,35 @@ struct BwdKernelHd256 {
     auto q_stage = [&](int it) { return smem + kOffQ + (it % kStages) * kQBytes; };
     auto do_stage = [&](int it) { return smem + kOffDo + (it % kStages) * kQBytes; };
 
-    // ---- S^T_w = K Q_w^T, dP^T_w = V dO_w^T (two commit groups; B = this consumer's 32 query rows, K-major)
-    auto issue_sdp = [&](int it) {
-      const uint32_t q_w = q_stage(it) + cw * kQh * 128, do_w = do_stage(it) + cw * kQh * 128;
-      // No fence_regs here: the first k-step (ss_z) only writes s_reg / dp_reg, so their old values are dead
-      // between steps (keeping them live costs the 32 registers that the dQ accumulators need).
+    // ---- S^T_w = K Q_w^T, dP^T_w = V dO_w^T (one commit group each, S^T first; B = this consumer's 32 query
+    // rows, K-major). No fence_regs before them: the first k-step (ss_z) only writes s_reg / dp_reg, so their
+    // old values are dead between steps (keeping them live costs the registers that the dQ accumulators need).
+    auto issue_s = [&](int it) {
+      const uint32_t q_w = q_stage(it) + cw * kQh * 128;
       wgmma_fence();
-      {
-        const uint64_t desc_k = make_desc_sw128(smem + kOffK, 16, 1024), desc_q = make_desc_sw128(q_w, 16, 1024);
+      const uint64_t desc_k = make_desc_sw128(smem + kOffK, 16, 1024), desc_q = make_desc_sw128(q_w, 16, 1024);
 #pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-          const uint32_t off = (kk / 4) * kChunkBytes + (kk % 4) * 32;
-          if (kk == 0) {
-            Wgmma<kQh, T>::template ss_z<0, 0>(s_reg, desc_k, desc_q);
-          } else {
-            Wgmma<kQh, T>::template ss<0>(s_reg, desc_k + (off >> 4), desc_q + (off >> 4), 1);
-          }
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t off = (kk / 4) * kChunkBytes + (kk % 4) * 32;
+        if (kk == 0) {
+          Wgmma<kQh, T>::template ss_z<0, 0>(s_reg, desc_k, desc_q);
+        } else {
+          Wgmma<kQh, T>::template ss<0>(s_reg, desc_k + (off >> 4), desc_q + (off >> 4), 1);
         }
       }
       wgmma_commit();
-      {
-        const uint64_t desc_v = make_desc_sw128(smem + kOffV, 16, 1024), desc_do = make_desc_sw128(do_w, 16, 1024);
+    };
+    auto issue_dp = [&](int it) {
+      const uint32_t do_w = do_stage(it) + cw * kQh * 128;
+      wgmma_fence();
+      const uint64_t desc_v = make_desc_sw128(smem + kOffV, 16, 1024), desc_do = make_desc_sw128(do_w, 16, 1024);
 #pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-          const uint32_t off = (kk / 4) * kChunkBytes + (kk % 4) * 32;
-          if (kk == 0) {
-            Wgmma<kQh, T>::template ss_z<0, 0>(dp_reg, desc_v, desc_do);
-          } else {
-            Wgmma<kQh, T>::template ss<0>(dp_reg, desc_v + (off >> 4), desc_do + (off >> 4), 1);
-          }
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t off = (kk / 4) * kChunkBytes + (kk % 4) * 32;
+        if (kk == 0) {
+          Wgmma<kQh, T>::template ss_z<0, 0>(dp_reg, desc_v, desc_do);
+        } else {
+          Wgmma<kQh, T>::template ss<0>(dp_reg, desc_v + (off >> 4), desc_do + (off >> 4), 1);
         }
       }
       wgmma_commit();
@@ -335,38 +389,87 @@ struct BwdKernelHd256 {
     auto wait_full = [&](int it) { mbar_wait(bar_full(bars, it % kStages), (it / kStages) & 1); };
 
     mbar_wait(bar_kv(bars), 0);
-    if constexpr (Overlap) {
-      if (n_iters > 0) {
-        wait_full(0);
-        issue_sdp(0);
-      }
+    // With kOverlap, the early S^T (dP^T) products are issued unconditionally, also past the last step (on a
+    // stage that holds stale data; the results are dropped): a conditional issue makes the compiler merge the
+    // accumulators of the two paths with moves, and ptxas then serializes the wgmmas (C7515).
+    if constexpr (kOverlap > 0) {
+      if (n_iters > 0) wait_full(0);
+      issue_s(0);
+      if constexpr (kOverlap == 2) issue_dp(0);
     }
     for (int it = 0; it < n_iters; ++it) {
-      if constexpr (!Overlap) {
+      if constexpr (kOverlap == 0) {
         wait_full(it);
-        issue_sdp(it);
+        issue_s(it);
       }
-      softmax(it);
+      if constexpr (kOverlap <= 1) issue_dp(it);
+      softmax(it);  // waits for S^T (group it was committed in), then dP^T: no other group is in flight
       store_pds(it);
       issue_dkdv(it);
       issue_dq(it);
       wgmma_wait<1>();
       release_stage(it);
-      wgmma_wait<0>();
-      fence_regs(dq_reg);
-      if constexpr (Overlap) {
-        if (it + 1 < n_iters) {
-          wait_full(it + 1);
-          issue_sdp(it + 1);
-        }
+      if constexpr (kOverlap > 0) {
+        if (it + 1 < n_iters) wait_full(it + 1);
+        issue_s(it + 1);
+        if constexpr (kOverlap == 2) issue_dp(it + 1);
       }
-      store_dq(it);
+      wgmma_wait<kOverlap>();  // the dQ group is done; S^T (and dP^T) of step it + 1 may still run
+      fence_regs(dq_reg);
+      if constexpr (!(kAblate & 1)) store_dq(it);
     }
+    if constexpr (kOverlap > 0) wgmma_wait<0>();
 
     // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
     T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
     T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
     const float scale = p.scale_softmax;
+    if constexpr (StagedEpilogue) {
+      // Through shared memory (the Q stages: free once both consumers' wgmmas are done), then 16-byte stores, a
+      // warp per 512-byte row. Staging layout: row = key (512 bytes), 16-byte chunk index XOR (row % 8).
+      const bool vec_ok = ((reinterpret_cast<uintptr_t>(dk_ptr) | reinterpret_cast<uintptr_t>(dv_ptr)) % 16 == 0) &&
+                          ((p.dk_batch_stride | p.dk_row_stride | p.dk_head_stride | p.dv_batch_stride |
+                            p.dv_row_stride | p.dv_head_stride) % 8 == 0);
+      if (vec_ok) {
+        const uint32_t st_k = smem + kOffQ, st_v = smem + kOffQ + kQBytes;
+        named_bar_sync(kBarPds, 256);  // the other consumer's wgmmas no longer read the Q stages
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = r0 + 8 * h;
+#pragma unroll
+          for (int j = 0; j < kNDq / 8; ++j) {
+            const int chunk = cw * (kNDq / 8) + j;
+            const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4) + 4 * t;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_k + off),
+                         "r"(pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale))
+                         : "memory");
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_v + off),
+                         "r"(pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]))
+                         : "memory");
+          }
+        }
+        named_bar_sync(kBarPds, 256);
+        const int tid2 = threadIdx.x - 128;  // 0..255 over both consumers
+#pragma unroll
+        for (int i = 0; i < 64 * 32 / 256; ++i) {
+          const int idx = i * 256 + tid2, row = idx / 32, chunk = idx % 32;
+          const int key = n_block * kBlockN + row, c = chunk * 8;
+          if (key < p.seqlen_k && c < p.head_dim) {
+            const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4);
+            uint4 vk, vv;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(st_k + off));
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(vv.x), "=r"(vv.y), "=r"(vv.z), "=r"(vv.w) : "r"(st_v + off));
+            *reinterpret_cast<uint4*>(dk_ptr + batch * p.dk_batch_stride + key * p.dk_row_stride +
+                                      head_k * p.dk_head_stride + c) = vk;
+            *reinterpret_cast<uint4*>(dv_ptr + batch * p.dv_batch_stride + key * p.dv_row_stride +
+                                      head_k * p.dv_head_stride + c) = vv;
+          }
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int key = key0 + 8 * h;
