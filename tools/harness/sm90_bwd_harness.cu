@@ -51,20 +51,17 @@ void run_cfg(const BwdParams& p, cudaStream_t s) {
                 [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Overlap>(p, s); });
   });
 }
-template <int kOverlap, int kAblate, bool kStagedEpi = false>
+template <bool kDqBulk, bool kStagedEpi, bool kStagger, int kAblate = 0>
 void run_cfg256(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal,
-                [&] { sm90::launch_bwd_hd256_sm90<elem_type, 2, IsCausal, kOverlap, kStagedEpi, kAblate>(p, s); });
+                [&] { sm90::launch_bwd_hd256_sm90<elem_type, kDqBulk, IsCausal, kStagedEpi, kStagger, kAblate>(p, s); });
   });
 }
-// Timing only: the preprocess and dq-conversion kernels of the d256 backward alone (kVec: the 16-byte preprocess).
-template <bool kVec>
+// Timing only: the preprocess and dq-conversion kernels of the d256 backward alone.
 static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
-    const dim3 grid(p.seqlen_q_rounded / 64, p.nheads, p.batch);
-    if (kVec) sm90::bwd_preprocess_hd256_sm90<elem_type><<<grid, 256, 0, s>>>(p);
-    else sm90::bwd_preprocess_sm90<elem_type, 256><<<grid, 256, 0, s>>>(p);
+    sm90::bwd_preprocess_sm90<elem_type, 256><<<dim3(p.seqlen_q_rounded / 64, p.nheads, p.batch), 256, 0, s>>>(p);
     sm90::bwd_convert_dq_sm90<elem_type, 256, 128><<<dim3((p.seqlen_q + 63) / 64, p.nheads, p.batch), 256, 0, s>>>(p);
   });
 }
@@ -80,14 +77,11 @@ static const Variant kVariants[] = {
     {"d64m128sD", 64, run_cfg<64, 128, 2, false, false>},
     {"d128splitK", 128, run_cfg<128, 64, 2, true, false>},
     {"d128st3", 128, run_cfg<128, 64, 3, false, false>},
-    {"d256epi", 256, run_cfg256<0, 0, true>},
-    {"d256ov1", 256, run_cfg256<1, 0>},
-    {"d256ov2", 256, run_cfg256<2, 0>},
-    {"d256nodq", 256, run_cfg256<0, 1>, true},   // ablation: no dq reduction (wrong dq)
-    {"d256noqld", 256, run_cfg256<0, 2>, true},  // ablation: no Q / dO loads after the first 2 steps
-    {"d256none", 256, run_cfg256<0, 3>, true},   // ablation: both
-    {"precvt", 256, run_pre_cvt256<false>, true},  // preprocess + convert only
-    {"precvt16", 256, run_pre_cvt256<true>, true},
+    {"d256bulk", 256, run_cfg256<true, true, true>},
+    {"d256nostg", 256, run_cfg256<false, true, false>},
+    {"d256bulkns", 256, run_cfg256<true, true, false>, true},
+    {"d256nodq", 256, run_cfg256<false, true, true, 1>, true},  // ablation: no dq reduction (wrong dq)
+    {"precvt", 256, run_pre_cvt256, true},  // preprocess + convert only
 };
 static bool g_only256 = false;
 

@@ -52,67 +52,27 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
                : "memory");
 }
 
-// ------------------------------------------------------------------------------------------ preprocess
-// Same job as bwd_preprocess_sm90<T, 256> (D = rowsum(dO o O) for rows up to seqlen_q_rounded, 0 past seqlen_q;
-// zero the block's dq_accum rows) with 16-byte loads: lane l reads columns [8l, 8l + 8) of each row (one load of O
-// and one of dO per row; 8 rows per warp, 4 rows' loads in flight before their reductions). Needs out / dout 16-byte
-// aligned with row / head / batch strides multiple of 8 (the launcher checks; otherwise the generic kernel runs).
-// grid (seqlen_q_rounded / 64, nheads, batch), 256 threads.
-template <typename T>
-__global__ void __launch_bounds__(256, 3) bwd_preprocess_hd256_sm90(const __grid_constant__ BwdParams p) {
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
-  float4* acc = reinterpret_cast<float4*>(p.dq_accum + row_base * 256);
-#pragma unroll
-  for (int i = 0; i < 64 * 256 / 4 / 256; ++i) acc[i * 256 + threadIdx.x] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const T* o_ptr = static_cast<const T*>(p.out);
-  const T* do_ptr = static_cast<const T*>(p.dout);
-  const int c = 8 * lane;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    uint4 o[4], d[4];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = m_block * 64 + warp * 8 + half * 4 + r;
-      o[r] = d[r] = make_uint4(0u, 0u, 0u, 0u);
-      if (row < p.seqlen_q && c < p.head_dim) {
-        o[r] = *reinterpret_cast<const uint4*>(o_ptr + b * p.o_batch_stride + row * p.o_row_stride +
-                                               h * p.o_head_stride + c);
-        d[r] = *reinterpret_cast<const uint4*>(do_ptr + b * p.do_batch_stride + row * p.do_row_stride +
-                                               h * p.do_head_stride + c);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const uint32_t ow[4] = {o[r].x, o[r].y, o[r].z, o[r].w}, dw[4] = {d[r].x, d[r].y, d[r].z, d[r].w};
-      float sum = 0.f;
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 a = unpack2<T>(ow[k]), e = unpack2<T>(dw[k]);
-        sum += a.x * e.x + a.y * e.y;
-      }
-#pragma unroll
-      for (int sh = 16; sh > 0; sh >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, sh);
-      if (lane == 0) p.dsoftmax_sum[row_base + warp * 8 + half * 4 + r] = sum;
-    }
-  }
-}
-
 // ------------------------------------------------------------------------------------------ main kernel
-template <typename T_, int kStages_, bool IsCausal_, int kOverlap_, bool StagedEpilogue_, int kAblate_ = 0>
+template <typename T_, bool DqBulk_, bool IsCausal_, bool StagedEpilogue_, bool Stagger_, int kAblate_ = 0>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
   static constexpr int kBlockM = 64;  // query rows per pipeline step
   static constexpr int kBlockN = 64;  // keys per CTA, shared by both consumers
-  static constexpr int kStages = kStages_;
+  // DqBulk: dQ staged in shared memory (two 16 KiB halves per consumer) and added by cp.reduce.async.bulk; dO then
+  // has one pipeline slot (the staging takes the second). Otherwise red.global.add.v4.f32 from registers, 2 slots.
+  static constexpr bool DqBulk = DqBulk_;
+  static constexpr int kStages = 2;                 // Q (+ lse, D) slots
+  static constexpr int kDoStages = DqBulk ? 1 : 2;  // dO slots
   static constexpr bool IsCausal = IsCausal_;
-  static constexpr int kOverlap = kOverlap_;
   // Timing ablations only (wrong results): bit 0 skips the dq reduction, bit 1 the Q / dO loads after the first
   // kStages steps (the steps reuse stale tiles).
   static constexpr int kAblate = kAblate_;
   static constexpr bool StagedEpilogue = StagedEpilogue_;
+  // Stagger: the CTA of key block n_block visits its query blocks starting at (n_block mod their count) and wraps,
+  // so that concurrently running CTAs (neighbouring key blocks) add into different dq_accum blocks instead of all
+  // into the same one at the same time.
+  static constexpr bool Stagger = Stagger_;
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kProducerRegs = 24;  // 24*128 + 240*256 = 64512 <= 65536
@@ -129,20 +89,28 @@ struct BwdKernelHd256 {
   static constexpr int kOffK = 0;
   static constexpr int kOffV = kOffK + kKVBytes;
   static constexpr int kOffQ = kOffV + kKVBytes;               // kStages x (kChunks x 64 x 64) SW128
-  static constexpr int kOffDo = kOffQ + kStages * kQBytes;
-  static constexpr int kOffP = kOffDo + kStages * kQBytes;     // 2 buffers (step parity)
+  static constexpr int kOffDo = kOffQ + kStages * kQBytes;    // kDoStages slots
+  static constexpr int kOffP = kOffDo + kDoStages * kQBytes;   // 2 buffers (step parity)
   static constexpr int kOffDs = kOffP + 2 * kPBytes;           // 2 buffers
-  static constexpr int kOffLse = kOffDs + 2 * kPBytes;         // kStages x kBlockM floats (lse * log2 e)
+  static constexpr int kDqHalfBytes = 64 * kNDq * 4 / 2;       // half of one consumer's dQ (16 KiB)
+  static constexpr int kOffDq = kOffDs + 2 * kPBytes;          // DqBulk: one half-buffer per consumer
+  static constexpr int kOffLse = kOffDq + (DqBulk ? 2 * kDqHalfBytes : 0);  // kStages x kBlockM floats (lse log2 e)
   static constexpr int kOffD = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
-  static constexpr int kNumBars = 1 + 2 * kStages;
+  static constexpr int kNumBars = 1 + 2 * kStages + 2 * kDoStages;
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
   static constexpr int kBarPds = 1;  // named barrier: P^T / dS^T of both consumers written
+  static constexpr int kBarDq = 2;   // 2, 3: dQ staging of consumer w
 
+  // mbarriers: K / V; Q (+ lse, D) full / empty per Q slot; dO full / empty per dO slot.
   __device__ static __forceinline__ uint32_t bar_kv(uint32_t b) { return b; }
   __device__ static __forceinline__ uint32_t bar_full(uint32_t b, int s) { return b + 8 * (1 + s); }
   __device__ static __forceinline__ uint32_t bar_empty(uint32_t b, int s) { return b + 8 * (1 + kStages + s); }
+  __device__ static __forceinline__ uint32_t bar_do_full(uint32_t b, int s) { return b + 8 * (1 + 2 * kStages + s); }
+  __device__ static __forceinline__ uint32_t bar_do_empty(uint32_t b, int s) {
+    return b + 8 * (1 + 2 * kStages + kDoStages + s);
+  }
 
   // ------------------------------------------------------------------------------------------ producer
   __device__ static void producer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
@@ -168,19 +136,21 @@ struct BwdKernelHd256 {
       const int head = head_k * p.h_h_k_ratio + hh;
       const int64_t lse_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q;
       const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
-      for (int m_block = m_block_min; m_block < args.num_m_blocks; ++m_block, ++it) {
+      const int n_m = args.num_m_blocks - m_block_min;
+      const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;
+      for (int i = 0; i < n_m; ++i, ++it) {
+        const int m_block = m_block_min + (i + rot < n_m ? i + rot : i + rot - n_m);
         const int stage = it % kStages, phase = (it / kStages) & 1;
         mbar_wait(bar_empty(bars, stage), phase ^ 1);
-        if (lane == 0 && (kAblate & 2) && it >= kStages) {
+        const bool skip = (kAblate & 2) && it >= kStages;
+        if (lane == 0 && skip) {
           mbar_arrive(bar_full(bars, stage));
         } else if (lane == 0) {
-          mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes);
+          mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             tma_load_4d(smem + kOffQ + stage * kQBytes + c * kChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
                         m_block * kBlockM, head, batch);
-            tma_load_4d(smem + kOffDo + stage * kQBytes + c * kChunkBytes, &args.do_map, bar_full(bars, stage),
-                        c * 64, m_block * kBlockM, head, batch);
           }
         }
         // lse (scaled by log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D.
@@ -194,6 +164,19 @@ struct BwdKernelHd256 {
           asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffD + (stage * kBlockM + r) * 4), "f"(dsum) : "memory");
         }
         mbar_arrive(bar_full(bars, stage));
+        // dO: its slot frees after the dV products of the step kDoStages back (a single slot: mid-step).
+        const int dstage = it % kDoStages, dphase = (it / kDoStages) & 1;
+        mbar_wait(bar_do_empty(bars, dstage), dphase ^ 1);
+        if (lane == 0 && skip) {
+          mbar_arrive(bar_do_full(bars, dstage));
+        } else if (lane == 0) {
+          mbar_arrive_expect_tx(bar_do_full(bars, dstage), kQBytes);
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c) {
+            tma_load_4d(smem + kOffDo + dstage * kQBytes + c * kChunkBytes, &args.do_map, bar_do_full(bars, dstage),
+                        c * 64, m_block * kBlockM, head, batch);
+          }
+        }
       }
     }
   }
@@ -208,6 +191,11 @@ struct BwdKernelHd256 {
     Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_m = args.num_m_blocks - m_block_min;  // query blocks per head
+    const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;  // see Stagger
+    auto m_block_of = [&](int it) {
+      const int i = it % n_m + rot;
+      return m_block_min + (i < n_m ? i : i - n_m);
+    };
     const int n_iters = n_m * p.h_h_k_ratio;          // pipeline steps: (head of the group, query block)
     const float scale_log2 = p.scale_softmax_log2;
     // This thread's key rows: local row r0 = 16 warp + g and r0 + 8; global key0, key0 + 8.
@@ -220,7 +208,7 @@ struct BwdKernelHd256 {
     float s_reg[kQh / 2], dp_reg[kQh / 2], dq_reg[kNDq / 2];
 
     auto q_stage = [&](int it) { return smem + kOffQ + (it % kStages) * kQBytes; };
-    auto do_stage = [&](int it) { return smem + kOffDo + (it % kStages) * kQBytes; };
+    auto do_stage = [&](int it) { return smem + kOffDo + (it % kDoStages) * kQBytes; };
 
     // ---- S^T_w = K Q_w^T, dP^T_w = V dO_w^T (one commit group each, S^T first; B = this consumer's 32 query
     // rows, K-major). No fence_regs before them: the first k-step (ss_z) only writes s_reg / dp_reg, so their
@@ -260,7 +248,7 @@ struct BwdKernelHd256 {
     // Accumulator n8 block j holds queries 32w + 8j + 2t, +1 of key rows r0 (regs 4j, 4j+1) and r0 + 8 (4j+2, 4j+3).
     auto softmax = [&](int it) {
       const int stage = it % kStages;
-      const int m_block = m_block_min + it % n_m;
+      const int m_block = m_block_of(it);
       wgmma_wait<1>();
       fence_regs(s_reg);
       const bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
@@ -340,6 +328,7 @@ struct BwdKernelHd256 {
           Wgmma<kNDq, T>::template ss<1>(dv_reg, desc_p + ((kk * 32) >> 4), desc_do + ((kk * 16 * 128) >> 4), 1);
         }
       }
+      wgmma_commit();  // dV group: its completion frees the dO slot
       {
         const uint64_t desc_ds = make_desc_sw128(ds_s, 16, 1024);
         const uint64_t desc_q = make_desc_sw128(q_stage(it) + cw * 2 * kChunkBytes, kChunkBytes, 1024);
@@ -367,58 +356,78 @@ struct BwdKernelHd256 {
       }
       wgmma_commit();
     };
-    // After the dK / dV group: Q, dO, lse, D of this stage are consumed (lse / D read in softmax).
-    auto release_stage = [&](int it) {
+    // After the dV group: dO of this step is consumed; after the dK group: Q, lse, D (lse / D read in softmax).
+    auto release_do = [&](int it) {
       fence_regs(dv_reg);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_do_empty(bars, it % kDoStages));
+    };
+    auto release_q = [&](int it) {
       fence_regs(dk_reg);
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty(bars, it % kStages));
     };
-    // ---- dQ_w -> dq_accum: 16 vector reduce-adds per thread, in register order (see the header).
+    // ---- dQ_w -> dq_accum, in register order (see the header): DqBulk: two halves (registers of n8 blocks
+    // j = 0..7, then 8..15: 16 KiB, contiguous in dq_accum) through this consumer's staging buffer, each added by
+    // one cp.reduce.async.bulk; else 16 red.global.add.v4.f32 per thread.
     auto store_dq = [&](int it) {
       fence_regs(dq_reg);
       const int head = head_k * p.h_h_k_ratio + it / n_m;
-      const int m_block = m_block_min + it % n_m;
+      const int m_block = m_block_of(it);
       const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
-      float* dst = p.dq_accum + row * kHeadDim + cw * (64 * kNDq) + tid * 4;
+      float* dst = p.dq_accum + row * kHeadDim + cw * (64 * kNDq);
+      if constexpr (DqBulk) {
+        const uint32_t buf = smem + kOffDq + cw * kDqHalfBytes;
 #pragma unroll
-      for (int j = 0; j < kNDq / 8; ++j) {
-        red_add_v4_f32(dst + j * 512, dq_reg[4 * j], dq_reg[4 * j + 1], dq_reg[4 * j + 2], dq_reg[4 * j + 3]);
+        for (int half = 0; half < 2; ++half) {
+          if (tid == 0) tma_store_wait_read();  // the previous reduce has read the buffer
+          named_bar_sync(kBarDq + cw, 128);
+#pragma unroll
+          for (int jj = 0; jj < kNDq / 16; ++jj) {
+            const int j = half * (kNDq / 16) + jj;
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(buf + (jj * 512 + tid * 4) * 4),
+                         "f"(dq_reg[4 * j]), "f"(dq_reg[4 * j + 1]), "f"(dq_reg[4 * j + 2]), "f"(dq_reg[4 * j + 3])
+                         : "memory");
+          }
+          fence_proxy_async_smem();
+          named_bar_sync(kBarDq + cw, 128);
+          if (tid == 0) {
+            bulk_reduce_add_f32(dst + half * (kDqHalfBytes / 4), buf, kDqHalfBytes);
+            tma_store_commit();
+          }
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kNDq / 8; ++j) {
+          red_add_v4_f32(dst + j * 512 + tid * 4, dq_reg[4 * j], dq_reg[4 * j + 1], dq_reg[4 * j + 2],
+                         dq_reg[4 * j + 3]);
+        }
       }
     };
     auto wait_full = [&](int it) { mbar_wait(bar_full(bars, it % kStages), (it / kStages) & 1); };
+    auto wait_do = [&](int it) { mbar_wait(bar_do_full(bars, it % kDoStages), (it / kDoStages) & 1); };
 
     mbar_wait(bar_kv(bars), 0);
-    // With kOverlap, the early S^T (dP^T) products are issued unconditionally, also past the last step (on a
-    // stage that holds stale data; the results are dropped): a conditional issue makes the compiler merge the
-    // accumulators of the two paths with moves, and ptxas then serializes the wgmmas (C7515).
-    if constexpr (kOverlap > 0) {
-      if (n_iters > 0) wait_full(0);
-      issue_s(0);
-      if constexpr (kOverlap == 2) issue_dp(0);
-    }
     for (int it = 0; it < n_iters; ++it) {
-      if constexpr (kOverlap == 0) {
-        wait_full(it);
-        issue_s(it);
-      }
-      if constexpr (kOverlap <= 1) issue_dp(it);
-      softmax(it);  // waits for S^T (group it was committed in), then dP^T: no other group is in flight
+      wait_full(it);
+      issue_s(it);
+      wait_do(it);  // a single dO slot may still be loading: S^T runs meanwhile
+      issue_dp(it);
+      softmax(it);  // waits for S^T, then dP^T: no other group is in flight
       store_pds(it);
-      issue_dkdv(it);
+      issue_dkdv(it);  // two groups: dV, dK
       issue_dq(it);
+      wgmma_wait<2>();
+      release_do(it);
       wgmma_wait<1>();
-      release_stage(it);
-      if constexpr (kOverlap > 0) {
-        if (it + 1 < n_iters) wait_full(it + 1);
-        issue_s(it + 1);
-        if constexpr (kOverlap == 2) issue_dp(it + 1);
-      }
-      wgmma_wait<kOverlap>();  // the dQ group is done; S^T (and dP^T) of step it + 1 may still run
+      release_q(it);
+      wgmma_wait<0>();
       fence_regs(dq_reg);
       if constexpr (!(kAblate & 1)) store_dq(it);
     }
-    if constexpr (kOverlap > 0) wgmma_wait<0>();
+    if constexpr (DqBulk) {
+      if (tid == 0) bulk_wait_all();  // the reduces have read the staging buffers (and completed)
+    }
 
     // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
     T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
@@ -499,6 +508,10 @@ struct BwdKernelHd256 {
       for (int s = 0; s < kStages; ++s) {
         mbar_init(bar_full(bars, s), 1 + 32);  // lane 0's expect_tx arrival + 32 lanes after lse / D
         mbar_init(bar_empty(bars, s), 8);      // one arrival per consumer warp
+      }
+      for (int s = 0; s < kDoStages; ++s) {
+        mbar_init(bar_do_full(bars, s), 1);   // lane 0's expect_tx arrival
+        mbar_init(bar_do_empty(bars, s), 8);  // one arrival per consumer warp
       }
       fence_mbar_init();
     }

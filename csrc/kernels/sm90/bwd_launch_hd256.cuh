@@ -5,7 +5,6 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cstdint>
 #include <cuda_runtime.h>
 #include "../params.h"
 #include "../static_switch.h"
@@ -18,26 +17,20 @@ namespace sm90 {
 
 // Defaults (kStages = 2 is the most that fits; Overlap measured in tools/harness/sm90_bwd_harness.cu, see NOTES.md).
 template <bool IsCausal> struct BwdTileHd256 {
-  static constexpr int kStages = 2;
-  static constexpr int kOverlap = 0;
-  static constexpr bool StagedEpilogue = false;
+  static constexpr bool DqBulk = false;
+  static constexpr bool StagedEpilogue = true;
+  static constexpr bool Stagger = true;
 };
 
-template <typename T, int kStages, bool IsCausal, int kOverlap, bool StagedEpilogue, int kAblate = 0>
+template <typename T, bool DqBulk, bool IsCausal, bool StagedEpilogue, bool Stagger, int kAblate = 0>
 void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernelHd256<T, kStages, IsCausal, kOverlap, StagedEpilogue, kAblate>;
+  using Kernel = BwdKernelHd256<T, DqBulk, IsCausal, StagedEpilogue, Stagger, kAblate>;
   BwdTmaArgs args;
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   const dim3 grid_pre(params.seqlen_q_rounded / 64, params.nheads, params.batch);
-  const bool vec_out = reinterpret_cast<uintptr_t>(params.out) % 16 == 0 && params.o_row_stride % 8 == 0 &&
-                       params.o_head_stride % 8 == 0 && params.o_batch_stride % 8 == 0;  // dout: TMA-checked
-  if (vec_out) {
-    bwd_preprocess_hd256_sm90<T><<<grid_pre, 256, 0, stream>>>(params);
-  } else {
-    bwd_preprocess_sm90<T, 256><<<grid_pre, 256, 0, stream>>>(params);
-  }
+  bwd_preprocess_sm90<T, 256><<<grid_pre, 256, 0, stream>>>(params);
   const dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
   auto kernel = bwd_main_hd256_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
@@ -50,7 +43,7 @@ inline void run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       using Tile = BwdTileHd256<IsCausal>;
-      launch_bwd_hd256_sm90<elem_type, Tile::kStages, IsCausal, Tile::kOverlap, Tile::StagedEpilogue>(params, stream);
+      launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger>(params, stream);
     });
   });
 }
