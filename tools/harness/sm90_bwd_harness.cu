@@ -55,7 +55,9 @@ template <bool kDqBulk, bool kStagedEpi, bool kStagger, int kAblate = 0>
 void run_cfg256(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal,
-                [&] { sm90::launch_bwd_hd256_sm90<elem_type, kDqBulk, IsCausal, kStagedEpi, kStagger, kAblate>(p, s); });
+                [&] {
+                  sm90::launch_bwd_hd256_sm90<elem_type, kDqBulk, IsCausal, kStagedEpi, kStagger, kAblate>(p, s);
+                });
   });
 }
 // Timing only: the preprocess and dq-conversion kernels of the d256 backward alone.
@@ -67,6 +69,8 @@ static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
 }
 // Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.
 // d64m128 is the d64 non-causal default and d64m128sD the d64 causal default (BwdTile in bwd_launch.cuh).
+// d256 variants: run_cfg256<DqBulk, StagedEpilogue, Stagger, kAblate> (bwd_launch_hd256.cuh); bench_only rows
+// give wrong results (timing ablations) or time only part of the backward.
 struct Variant { const char* name; int d; LaunchFn fn; bool bench_only = false; };
 static const Variant kVariants[] = {
     {"d64ovl", 64, run_cfg<64, 64, 2, true, true>},

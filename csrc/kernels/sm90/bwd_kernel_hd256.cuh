@@ -7,8 +7,8 @@
 // consumer warpgroups share one key block and split the head-dim COLUMNS of dK, dV, dQ.
 //
 // One CTA per (64-key block, kv head, batch): K, V (64 x 256 each) loaded once by TMA; loop over the query heads
-// of the GQA group and the 64-row query blocks that see the key block; Q, dO (TMA) and lse, D (plain loads) stream
-// through a kStages-slot mbarrier pipeline. kNWarps = 12:
+// of the GQA group and the 64-row query blocks that see the key block; Q (+ lse, D: plain loads) and dO (TMA)
+// stream through mbarrier pipelines (Q 2 slots; dO 2 slots, or 1 with DqBulk). kNWarps = 12:
 //   warpgroup 0  producer: warp 0 issues the TMA loads (lane 0) and copies lse / D to shared memory (all lanes);
 //                setmaxnreg lowers the warpgroup to 24 registers.
 //   warpgroups 1, 2  consumers (240 registers); consumer w per query block:
@@ -18,21 +18,29 @@
 //     P^T_w, dS^T_w (16-bit) -> shared memory (its 32 query columns of the 64 x 64 tiles); 256-thread barrier
 //     dV[:, 128w : 128w + 128] += P^T dO[:, cols w]   SS wgmma, M = 64 keys, N = 128, K-dim = 64 queries
 //     dK[:, 128w : 128w + 128] += dS^T Q[:, cols w]   SS wgmma
-//     dQ[:, 128w : 128w + 128]  = dS K[:, cols w]      SS wgmma (dS^T read MN-major), then red.global.add.v4.f32
-//                                                      straight from registers into dq_accum (no staging buffer:
-//                                                      shared memory is full with two Q / dO stages)
-//   dK, dV (64 + 64 registers) stay in registers for the whole CTA (bitwise reproducible); the epilogue writes
-//   them scaled / as is. P^T / dS^T tiles are double-buffered (step parity) so a consumer may write step i + 1
-//   while the other still reads step i.
-//   kOverlap (tensor-core work during the dQ reduction of step i): 0 none; 1 S^T of step i + 1 is issued before
-//   it (208 accumulator registers live); 2 S^T and dP^T of step i + 1 (224: spills).
+//     dQ[:, 128w : 128w + 128]  = dS K[:, cols w]      SS wgmma (dS^T read MN-major), then into dq_accum:
+//        default: red.global.add.v4.f32 straight from registers (16 per thread);
+//        DqBulk: staged in shared memory in two 16 KiB halves, each one cp.reduce.async.bulk (the staging takes
+//        the second dO slot). Measured no faster (H200, 2026-11-21; NOTES.md).
+//   dK, dV (64 + 64 registers) stay in registers for the whole CTA (fixed accumulation order: bitwise
+//   reproducible). P^T / dS^T tiles are double-buffered (step parity) so a consumer may write step i + 1 while
+//   the other still reads step i. The first k-step of S^T, dP^T and dQ uses ss_z (accumulators write-only), so
+//   those accumulators are dead between steps: peak 192 accumulator registers, no spills.
+//   Stagger: the query blocks are visited starting at n_block mod their count (neighbouring CTAs add into
+//   different dq_accum blocks at a time). StagedEpilogue: dK, dV leave through shared memory with 16-byte
+//   stores (else 4-byte pairs straight from registers).
+//
+// Measured bottleneck (NOTES.md): the dq_accum reduction. Every CTA adds 64 x 256 fp32 (64 KiB) per step of
+// 10.5 MFLOP, twice the traffic per FLOP of the d128 kernel (128-key CTAs); skipping it (timing ablation
+// kAblate & 1) makes the backward ~1.4-1.7x faster. Bigger key blocks per CTA (e.g. a 2-CTA cluster summing dQ in
+// distributed shared memory first) are the next step.
 //
 // dq_accum layout: that of bwd_kernel.cuh with n_dq = 128 (dq_accum_index(row, col, 128)): per (batch, head,
 // 64-row block) 64 x 256 floats; consumer w's part at w * 8192, register group j (n8 block) of thread tid at
 // j * 512 + tid * 4: one 16-byte red per (thread, j), a warp's 32 reds cover 512 contiguous bytes.
 //
-// Shared memory (kStages = 2): K 32 KiB, V 32 KiB, Q 2 x 32 KiB, dO 2 x 32 KiB, P^T 2 x 8 KiB, dS^T 2 x 8 KiB,
-// lse / D 1 KiB, barriers: 225 KiB + 1 KiB alignment slack, of 227 KiB.
+// Shared memory: K 32 KiB, V 32 KiB, Q 2 x 32 KiB, dO 2 x 32 KiB (DqBulk: 32 KiB + dQ staging 2 x 16 KiB),
+// P^T 2 x 8 KiB, dS^T 2 x 8 KiB, lse / D 1 KiB, barriers: 225 KiB + 1 KiB alignment slack, of 227 KiB.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>

@@ -15,7 +15,16 @@
 namespace flash_ext {
 namespace sm90 {
 
-// Defaults (kStages = 2 is the most that fits; Overlap measured in tools/harness/sm90_bwd_harness.cu, see NOTES.md).
+// Defaults. Measured on one H200 (2026-11-21, bf16, batch*seqlen = 16k, hidden 2048, whole backward incl.
+// preprocess and dq conversion, cudaEvent median of 15, tools/harness/sm90_bwd_harness.cu `bench d256`), TFLOP/s at
+// seqlen 1k / 4k / 16k, non-causal | causal:
+//   run 4: default (red, StagedEpilogue, Stagger) 295 / 371 / 385 | 225 / 336 / 390, second pass 292 / 372 / 379 |
+//          216 / 332 / 372; no Stagger 285 / 365 / 381 | 222 / 333 / 384; DqBulk 275 / 359 / 379 | 197 / 289 / 359.
+//   run 3 (no Stagger): red 270 / 362 / 380 | 209 / 325 / 376, with StagedEpilogue 293 / 364 / 377 | 220 / 334 /
+//          386; DqBulk 268 / 350 / 375 | 208 / 324 / 390.
+//   run 2 (red, neither): issuing S^T of step i + 1 before the dQ reduction of step i 251 / 329 / 353 | 195 / 299 /
+//          359 (ptxas C7514, 24 B spill), S^T and dP^T 192 / 230 / 244 | 150 / 212 / 247 (spills) vs 277 / 360 /
+//          386 | 209 / 324 / 392: removed.
 template <bool IsCausal> struct BwdTileHd256 {
   static constexpr bool DqBulk = false;
   static constexpr bool StagedEpilogue = true;
