@@ -224,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
       }
       if (sm90_bwd_supported(params)) {
         if (hd == 64) run_bwd_sm90<64>(params, stream);
-        else run_bwd_sm90<128>(params, stream);
+        else if (hd == 128) run_bwd_sm90<128>(params, stream);
+        else run_bwd_sm90<256>(params, stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return {dq, dk, dv};
       }

@@ -2,9 +2,10 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small] [det]   (no argument: test and bench; small: two small cases, for
-// compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
-// speed against the default). Log: $OUT/sm90_bwd.log.
+// Run: bwd_harness [test] [bench] [small] [det] [d256]   (no argument: test and bench; small: two small cases,
+// for compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
+// speed against the default; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in test / bench /
+// small). Log: $OUT/sm90_bwd.log.
 // Inputs are fresh random normals; out / lse come from a naive fp32 reference forward (written in the element
 // type, like a real forward). References: `ref` = the gradients in fp32 from those inputs; `pt` = the same
 // computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
@@ -23,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include "../../csrc/kernels/sm90/bwd_launch.cuh"
+#include "../../csrc/kernels/sm90/bwd_launch_hd256.cuh"
 
 using namespace flash_ext;
 
@@ -37,6 +39,10 @@ using namespace flash_ext;
 
 template void flash_ext::run_bwd_sm90<64>(const BwdParams&, cudaStream_t);
 template void flash_ext::run_bwd_sm90<128>(const BwdParams&, cudaStream_t);
+template <>
+void flash_ext::run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream) {
+  flash_ext::sm90::run_bwd_sm90_hd256(params, stream);
+}
 
 using LaunchFn = void (*)(const BwdParams&, cudaStream_t);
 template <int D, int M, int S, bool SplitKeys, bool Overlap, int Det = sm90::kDetOff>
@@ -55,9 +61,27 @@ static const struct { const char* name; int d; LaunchFn fn; } kDetVariants[] = {
     {"d128detE", 128, run_cfg<128, 64, 2, false, false, sm90::kDetEager>},
 };
 static bool g_det = false;  // Problem::init sets params.deterministic from it
+template <bool kDqBulk, bool kStagedEpi, bool kStagger, int kAblate = 0>
+void run_cfg256(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal,
+                [&] {
+                  sm90::launch_bwd_hd256_sm90<elem_type, kDqBulk, IsCausal, kStagedEpi, kStagger, kAblate>(p, s);
+                });
+  });
+}
+// Timing only: the preprocess and dq-conversion kernels of the d256 backward alone.
+static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    sm90::bwd_preprocess_sm90<elem_type, 256><<<dim3(p.seqlen_q_rounded / 64, p.nheads, p.batch), 256, 0, s>>>(p);
+    sm90::bwd_convert_dq_sm90<elem_type, 256, 128><<<dim3((p.seqlen_q + 63) / 64, p.nheads, p.batch), 256, 0, s>>>(p);
+  });
+}
 // Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.
 // d64m128 is the d64 non-causal default and d64m128sD the d64 causal default (BwdTile in bwd_launch.cuh).
-struct Variant { const char* name; int d; LaunchFn fn; };
+// d256 variants: run_cfg256<DqBulk, StagedEpilogue, Stagger, kAblate> (bwd_launch_hd256.cuh); bench_only rows
+// give wrong results (timing ablations) or time only part of the backward.
+struct Variant { const char* name; int d; LaunchFn fn; bool bench_only = false; };
 static const Variant kVariants[] = {
     {"d64ovl", 64, run_cfg<64, 64, 2, true, true>},
     {"d64ovl3", 64, run_cfg<64, 64, 3, true, true>},
@@ -67,7 +91,13 @@ static const Variant kVariants[] = {
     {"d64m128sD", 64, run_cfg<64, 128, 2, false, false>},
     {"d128splitK", 128, run_cfg<128, 64, 2, true, false>},
     {"d128st3", 128, run_cfg<128, 64, 3, false, false>},
+    {"d256bulk", 256, run_cfg256<true, true, true>},
+    {"d256nostg", 256, run_cfg256<false, true, false>},
+    {"d256bulkns", 256, run_cfg256<true, true, false>, true},
+    {"d256nodq", 256, run_cfg256<false, true, true, 1>, true},  // ablation: no dq reduction (wrong dq)
+    {"precvt", 256, run_pre_cvt256, true},  // preprocess + convert only
 };
+static bool g_only256 = false;
 
 // ---------------------------------------------------------------- helpers
 struct Layout { int64_t sb, ss, sh, numel; };  // (batch, seqlen, heads, dim), elements
@@ -122,7 +152,7 @@ __global__ void ref_fwd(Dims dm, const T* q, Layout lq, const T* k, Layout lk, c
     for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
     mx = fmaxf(mx, s * dm.scale);
   }
-  float o[128];
+  float o[256];
   for (int d = 0; d < dm.D; ++d) o[d] = 0.f;
   float l = 0.f;
   if (mx != -INFINITY) {
@@ -156,7 +186,7 @@ __global__ void ref_dq(Dims dm, const T* q, Layout lq, const T* k, Layout lk, co
   float Dv = 0.f;
   for (int d = 0; d < dm.D; ++d) Dv += to_f(oi[d]) * to_f(doi[d]);
   if (!kPt) dsum[idx] = Dv;
-  float acc[128];
+  float acc[256];
   for (int d = 0; d < dm.D; ++d) acc[d] = 0.f;
   const float L = lse[idx];
   if (L != -INFINITY) {
@@ -186,7 +216,7 @@ __global__ void ref_dkdv(Dims dm, const T* q, Layout lq, const T* k, Layout lk, 
   const int ratio = dm.H / dm.Hk;
   const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
   const T* vj = v + b * lv.sb + j * lv.ss + hk * lv.sh;
-  float adk[128], adv[128];
+  float adk[256], adv[256];
   for (int d = 0; d < dm.D; ++d) adk[d] = adv[d] = 0.f;
   for (int h = hk * ratio; h < (hk + 1) * ratio; ++h) {
     for (int i = 0; i < dm.Sq; ++i) {
@@ -242,7 +272,7 @@ struct Problem {
 
   void init(int B, int Sq, int Sk, int H, int Hk, int D, bool causal, bool bhsd, int do_pad, uint64_t seed) {
     dm = Dims{B, Sq, Sk, H, Hk, D, causal, 1.f / sqrtf((float)D)};
-    inst = D <= 64 ? 64 : 128;
+    inst = D <= 64 ? 64 : D <= 128 ? 128 : 256;
     lq = make_layout(B, Sq, H, D, bhsd, 0);
     lk = make_layout(B, Sk, Hk, D, bhsd, 0);
     lv = make_layout(B, Sk, Hk, D, false, 0);
@@ -301,7 +331,9 @@ struct Problem {
   }
   void run(cudaStream_t st = 0) {
     if (runner) { runner(params, st); return; }
-    if (inst == 64) run_bwd_sm90<64>(params, st); else run_bwd_sm90<128>(params, st);
+    if (inst == 64) run_bwd_sm90<64>(params, st);
+    else if (inst == 128) run_bwd_sm90<128>(params, st);
+    else run_bwd_sm90<256>(params, st);
   }
   void free_all() {
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(out); cudaFree(dout); cudaFree(dq); cudaFree(dk);
@@ -393,7 +425,16 @@ static void run_tests_d(int Dinst, LaunchFn runner, const char* vname, uint64_t 
     test_one<bf>(1, 1025, 17, 2, 2, D, c, false, 0, ++seed, runner, vname);
     test_one<bf>(3, 256, 256, 4, 2, D, c, false, 0, ++seed, runner, vname);
   }
-  if (Dinst == 128) {
+  if (Dinst == 256) {
+    test_one<bf>(2, 203, 1023, 6, 3, 160, true, false, 0, ++seed, runner, vname);
+    test_one<bf>(2, 1023, 203, 6, 3, 200, false, true, 8, ++seed, runner, vname);
+    test_one<bf>(1, 1025, 113, 4, 4, 200, true, false, 0, ++seed, runner, vname);
+    test_one<bf>(1, 113, 1025, 4, 1, 160, false, false, 0, ++seed, runner, vname);
+    test_one<hf>(2, 1025, 1025, 4, 2, 256, true, false, 0, ++seed, runner, vname);
+    test_one<hf>(1, 1023, 203, 4, 1, 256, false, true, 8, ++seed, runner, vname);
+    test_one<hf>(2, 113, 203, 4, 2, 160, true, false, 0, ++seed, runner, vname);
+    test_one<hf>(1, 17, 1, 2, 2, 200, false, false, 0, ++seed, runner, vname);
+  } else if (Dinst == 128) {
     test_one<bf>(2, 203, 1023, 6, 3, 80, true, false, 0, ++seed, runner, vname);
     test_one<bf>(2, 1023, 203, 6, 3, 80, false, true, 8, ++seed, runner, vname);
     test_one<bf>(1, 1025, 113, 4, 4, 120, true, false, 0, ++seed, runner, vname);
@@ -407,20 +448,28 @@ static void run_tests_d(int Dinst, LaunchFn runner, const char* vname, uint64_t 
 }
 
 static void run_small() {  // for compute-sanitizer
+  test_one<__nv_bfloat16>(2, 113, 203, 4, 2, 200, true, false, 0, 7);
+  test_one<__half>(1, 203, 113, 4, 1, 256, false, true, 8, 8);
+  if (g_only256) return;
   test_one<__nv_bfloat16>(2, 113, 203, 4, 2, 64, true, false, 0, 5);
   test_one<__nv_bfloat16>(1, 203, 239, 4, 2, 120, true, true, 8, 6);
 }
 
 static void run_tests() {
-  run_tests_d(64, nullptr, "default", 1000);
-  run_tests_d(128, nullptr, "default", 2000);
+  if (!g_only256) {
+    run_tests_d(64, nullptr, "default", 1000);
+    run_tests_d(128, nullptr, "default", 2000);
+  }
+  run_tests_d(256, nullptr, "default", 2500);
   uint64_t seed = 3000;
   using bf = __nv_bfloat16;
-  for (const Variant& v : kVariants) run_tests_d(v.d, v.fn, v.name, seed += 100);
+  for (const Variant& v : kVariants)
+    if ((!g_only256 || v.d == 256) && !v.bench_only) run_tests_d(v.d, v.fn, v.name, seed += 100);
   // Repeatability: dk / dv have no atomics and must be bitwise equal run to run.
-  {
+  for (int D : {128, 256}) {
+    if (g_only256 && D != 256) continue;
     Problem<bf> pb;
-    pb.init(4, 1025, 1025, 8, 2, 128, true, false, 0, 77);
+    pb.init(4, 1025, 1025, 8, 2, D, true, false, 0, 77);
     const int64_t nq = (int64_t)4 * 8 * 1025;
     ref_fwd<bf><<<(nq + 127) / 128, 128>>>(pb.dm, pb.q, pb.lq, pb.k, pb.lk, pb.v, pb.lv, pb.out, pb.lo, pb.lse);
     std::vector<char> a(pb.ldk.numel * 2), b(a.size());
@@ -431,7 +480,7 @@ static void run_tests() {
       if (r > 0) diff += memcmp(a.data(), b.data(), a.size()) != 0;
     }
     char line[128];
-    snprintf(line, sizeof(line), "%s repeat dk bitwise over 5 runs: %d differ", diff ? "FAIL" : "PASS", diff);
+    snprintf(line, sizeof(line), "%s repeat d%d dk bitwise over 5 runs: %d differ", diff ? "FAIL" : "PASS", D, diff);
     logline(line);
     if (diff) ++g_fail; else ++g_pass;
     pb.free_all();
@@ -509,6 +558,7 @@ int main(int argc, char** argv) {
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
+    if (!strcmp(argv[i], "d256")) g_only256 = true;
   }
   const char* outdir = getenv("OUT");
   const std::string logpath = std::string(outdir ? outdir : ".") + "/sm90_bwd.log";
@@ -553,14 +603,17 @@ int main(int argc, char** argv) {
     g_det = false;
   }
   if (do_bench) {
-    for (int D : {64, 128})
+    const std::vector<int> dims = g_only256 ? std::vector<int>{256} : std::vector<int>{64, 128, 256};
+    for (int D : dims)
       for (bool c : {false, true})
         for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(D, S, c));
-    for (const Variant& v : kVariants)
+    for (const Variant& v : kVariants) {
+      if (g_only256 && v.d != 256) continue;
       for (bool c : {false, true})
         for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(v.d, S, c, v.fn, v.name));
+    }
     // The defaults again (the spread between the two passes shows the machine's noise).
-    for (int D : {64, 128})
+    for (int D : dims)
       for (bool c : {false, true})
         for (int S : {1024, 4096, 16384}) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, nullptr, "default2"));
   }

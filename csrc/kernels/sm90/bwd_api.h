@@ -8,30 +8,35 @@
 namespace flash_ext {
 
 // Instantiated head dims of the sm90 backward; a head dim h runs on the smallest one >= h.
-constexpr int kSm90BwdHeadDims[] = {64, 128};
+constexpr int kSm90BwdHeadDims[] = {64, 128, 256};
 
 // Runs preprocess (D = rowsum(dO o O), zero dq_accum and, when deterministic, dq_semaphore), the main
 // kernel and the dq conversion on `stream`; never synchronizes or checks errors. Call only where
 // sm90_bwd_supported(params) is true, on a device of compute capability 9.0. params.head_dim_rounded must
 // equal kHeadDim (dq_accum rows are kHeadDim floats).
 template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
+// kHeadDim 256 is a different kernel (bwd_launch_hd256.cuh); its definition is in the generated
+// instantiation file.
+template <> void run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream);
 
 // False where the sm90 backward cannot run: deterministic mode without the dq_semaphore workspace
-// (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned), head_dim above 128 (not instantiated)
-// or not a multiple of 8, TMA unable to describe q, k, v or dout
+// (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned) or with head_dim above 128 (the
+// kHeadDim 256 kernel adds dQ unordered), head_dim above 256 or not a multiple of 8, TMA unable to
+// describe q, k, v or dout
 // (a base pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), or an
 // odd output stride (dq / dk / dv / out are accessed in pairs of elements). The API then falls back to sm80.
 // Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
 inline bool sm90_bwd_supported(const BwdParams& p) {
-  if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0))
+  if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0 ||
+                          p.head_dim > 128))
     return false;
-  if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 128) return false;
+  if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
   if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
   if (p.nheads % p.nheads_k != 0 || p.h_h_k_ratio != p.nheads / p.nheads_k) return false;
   if (p.dq_accum == nullptr || p.dsoftmax_sum == nullptr) return false;
   if (reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0) return false;
   if (p.seqlen_q_rounded != (p.seqlen_q + 127) / 128 * 128) return false;
-  const int inst = p.head_dim <= 64 ? 64 : 128;
+  const int inst = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
   if (p.head_dim_rounded != inst) return false;
   const void* ptrs[4] = {p.q, p.k, p.v, p.dout};
   for (const void* ptr : ptrs) {
