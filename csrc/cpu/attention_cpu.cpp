@@ -7,18 +7,28 @@
 // thread plus the kBlockM x head_dim accumulator.
 //
 // Backward: P is recomputed block by block from lse. Two passes keep every write owned by exactly one
-// task (no atomics, deterministic): pass 1 is parallel over row blocks of Q, computes
-// D = rowsum(dO * O) (as sum_j P_ij dP_ij) and accumulates dQ; pass 2 is parallel over column blocks
-// of K/V and accumulates dK and dV over the query heads of the K/V head's group (GQA/MQA without
-// repeating K/V).
+// task (no atomics, deterministic): pass 1 is parallel over row blocks of Q, computes (in float64
+// mode, see Precision) lse, then D = rowsum(dO * O) (as sum_j P_ij dP_ij) and accumulates dQ; pass 2 is
+// parallel over column blocks of K/V and accumulates dK and dV over the query heads of the K/V head's
+// group (GQA/MQA without repeating K/V).
 //
-// Precision: float32 and float64 inputs are computed in float64, bf16/fp16 inputs in float32
-// (upcast copies, linear in seqlen). Why float64 for float32: the rounding of S = scale * Q K^T in
-// float32 is as large in any float32 attention as in PyTorch's own, so a float32 path cannot be held
-// reliably within 2x of PyTorch's float32 error (DESIGN.md's rule): it missed in ~0.3% of random
-// small cases, measured. The backward rounds the recomputed S to float32 before subtracting the
-// float32 lse (so P reproduces the forward's normalization exactly) and accumulates the gradients in
-// float64: where a row sees a single key, dS = P * (dP - D) then cancels to exactly 0.
+// Precision: float64 inputs are computed in float64, bf16/fp16 inputs in float32 (upcast copies, linear
+// in seqlen). float32 inputs are computed in float32 when the problem is large and in float64 when it is
+// small (kFloat64Macs below); the gradients always accumulate in float64. Why both: DESIGN.md's rule
+// holds our error within 2x of PyTorch's own float32 error, and the rounding of S = scale * Q K^T,
+// the dominant error of any float32 attention, is independent between two implementations. Where the
+// maximum error is taken over few elements (a handful of rows, or rows that see one or two keys) the
+// ratio of two such maxima is a noisy number: a float32 path missed the rule in ~0.3% of random small
+// cases (measured: 6 of 1728 forward cases with seqlens <= 1023, all with fewer than 2^26 multiply-adds).
+// Over many elements both maxima concentrate and float32 lands at 0.1-0.7 of the bound (measured on
+// 1023 x 1023, 512 x 2048, 4096 x 1, 1 x 4096 with fwd + bwd). Small problems cost at most a few
+// milliseconds in float64, so they take it; large ones take float32, whose speed the CPU benchmark
+// measures.
+// The backward recomputes S in the forward's compute type with the same tiles and accumulates the
+// gradients in float64. Where that type is float32 it rounds S as the forward did and subtracts the
+// saved float32 lse, so P reproduces the forward's normalization exactly; where it is float64 the saved
+// float32 lse would cap P at float32 accuracy, so lse is recomputed in float64 first. Either way a row
+// that sees a single key gets P = 1 exactly and dS = P * (dP - D) cancels to exactly 0.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,10 +46,21 @@ namespace {
 constexpr int64_t kBlockM = 128;
 constexpr int64_t kBlockN = 512;
 
-// Compute type of the forward (S, softmax statistics, P V, O) for an input dtype; every gradient
-// accumulates in float64.
-at::ScalarType fwd_type(at::ScalarType t) {
-  return (t == at::kDouble || t == at::kFloat) ? at::kDouble : at::kFloat;
+// float32 inputs with at most this many multiply-adds in S = Q K^T (batch * nheads * seqlen_q * seqlen_k *
+// head_dim; 2^26: about 3 ms of float64 matmul on one core) are computed in float64.
+constexpr int64_t kFloat64Macs = int64_t(1) << 26;
+
+// Compute type of the forward (S, softmax statistics, P V, O) for an input dtype and shape; every
+// gradient accumulates in float64.
+at::ScalarType fwd_type(at::ScalarType t, const AttnShape& s) {
+  if (t == at::kDouble) return at::kDouble;
+  if (t == at::kFloat) {
+    // Overflow-safe product: any factor above the limit decides it.
+    double macs = 1.0;
+    for (int64_t x : {s.batch, s.nheads, s.seqlen_q, s.seqlen_k, s.head_dim}) macs *= static_cast<double>(x);
+    return macs <= static_cast<double>(kFloat64Macs) ? at::kDouble : at::kFloat;
+  }
+  return at::kFloat;
 }
 constexpr at::ScalarType kBwdAccType = at::kDouble;
 
@@ -91,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   }
 
   at::NoGradGuard no_grad;
-  const auto acc = fwd_type(dtype);
+  const auto acc = fwd_type(dtype, s);
   // Copies only where the type changes; strided layouts are read as they are.
   const at::Tensor q = q_in.detach().to(acc), k = k_in.detach().to(acc), v = v_in.detach().to(acc);
   at::Tensor out_acc = acc == dtype ? out : at::empty(out.sizes(), out.options().dtype(acc));
@@ -119,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
         at::Tensor s_ij = front(s_buf, mlen, nlen);
         at::mm_out(s_ij, q_i, k_h.narrow(0, n0, nlen).t());
         if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
-        const at::Tensor m_new = at::maximum(m_i, std::get<0>(s_ij.max(1)));
+        const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
         // Rows that have seen no key yet keep m = -inf; subtract 0 there so exp gives 0, not NaN.
         const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
         const at::Tensor alpha = (m_i - m_safe).exp_();
@@ -160,14 +181,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
 
   at::NoGradGuard no_grad;
   const at::Tensor q = q_in.detach().to(acc), k = k_in.detach().to(acc), v = v_in.detach().to(acc);
-  // S is recomputed in the forward's compute type (float64 too, except for bf16/fp16 inputs).
-  const bool s_is_acc = fwd_type(dtype) == acc;
-  const at::Tensor q_s = s_is_acc ? q : q_in.detach().to(fwd_type(dtype));
-  const at::Tensor k_s = s_is_acc ? k : k_in.detach().to(fwd_type(dtype));
+  // S is recomputed in the forward's compute type (float64, or float32 for bf16/fp16 and large float32).
+  const bool s_is_acc = fwd_type(dtype, s) == acc;
+  const at::Tensor q_s = s_is_acc ? q : q_in.detach().to(fwd_type(dtype, s));
+  const at::Tensor k_s = s_is_acc ? k : k_in.detach().to(fwd_type(dtype, s));
   const at::Tensor dout = dout_in.detach().to(acc);
+  // Where the forward computed in float64, the saved float32 lse is too coarse for the gradients: pass 1
+  // recomputes lse in float64 (one more sweep of S per row block) and P = exp(S - lse) is then exact to
+  // float64, with P = 1 exactly for a row that sees one key. Otherwise S is rounded to float32 and the
+  // saved lse is used, as the forward computed them.
+  const bool exact_lse = s_is_acc;
   // lse = -inf (a row that sees no key) would give exp(s - lse) = inf; +inf gives P = 0 instead.
   const double inf = std::numeric_limits<double>::infinity();
-  const at::Tensor lse = lse_in.detach().to(acc).masked_fill(lse_in == -inf, inf);
+  const at::Tensor lse = exact_lse ? at::empty({s.batch, s.nheads, s.seqlen_q}, q.options())
+                                   : lse_in.detach().to(acc).masked_fill(lse_in == -inf, inf);
   // D = rowsum(dO * O) = sum_j P_ij dP_ij: batch x nheads x seqlen_q, filled by pass 1.
   at::Tensor D = at::empty({s.batch, s.nheads, s.seqlen_q}, q.options());
   const int64_t group = s.nheads / s.nheads_k;
@@ -181,14 +208,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     return Tiles{at::empty({kBlockM, kBlockN}, q_s.options()), at::empty({kBlockM, kBlockN}, q.options()),
                  at::empty({kBlockM, kBlockN}, q.options())};
   };
-  // Recomputes P and dP = dO V^T (mlen x nlen) for rows m0.. of head h and keys n0...
-  auto recompute = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Tiles& t) {
+  // S (mlen x nlen) for rows m0.. of head h and keys n0.., masked, in the score type.
+  auto scores = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Tiles& t) {
     at::Tensor s_ij = front(t.s, mlen, nlen);
     at::mm_out(s_ij, q_s.select(0, b).select(1, h).narrow(0, m0, mlen) * scale,
                k_s.select(0, b).select(1, h / group).narrow(0, n0, nlen).t());
     if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
-    // Rounded to float32 as the forward's lse was: a row with one visible key gets P = 1 exactly.
-    at::Tensor p = front(t.p, mlen, nlen).copy_(s_ij.to(at::kFloat));
+    return s_ij;
+  };
+  // Recomputes P and dP = dO V^T (mlen x nlen) for rows m0.. of head h and keys n0...
+  auto recompute = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Tiles& t) {
+    const at::Tensor s_ij = scores(b, h, m0, mlen, n0, nlen, t);
+    // Exact lse: S as computed. Saved lse: S rounded to float32 as the forward's was, so a row with one
+    // visible key gets P = 1 exactly.
+    at::Tensor p = front(t.p, mlen, nlen);
+    if (exact_lse) p.copy_(s_ij);
+    else p.copy_(s_ij.to(at::kFloat));
     p.sub_(lse.select(0, b).select(0, h).narrow(0, m0, mlen).unsqueeze(1)).exp_();
     at::Tensor dp = front(t.dp, mlen, nlen);
     at::mm_out(dp, dout.select(0, b).select(1, h).narrow(0, m0, mlen),
@@ -209,6 +244,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
       const int64_t mb = task % n_mblocks, h = (task / n_mblocks) % s.nheads, b = task / (n_mblocks * s.nheads);
       const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
       const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
+      if (exact_lse) {  // online max and sum over the row block's keys, as in the forward
+        at::Tensor m_i = at::full({mlen}, -inf, q.options()), l_i = at::zeros({mlen}, q.options());
+        for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+          at::Tensor s_ij = scores(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
+          const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
+          const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
+          l_i.mul_((m_i - m_safe).exp_()).add_(s_ij.sub_(m_safe.unsqueeze(1)).exp_().sum(1));
+          m_i = m_new;
+        }
+        lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(l_i > 0, m_i + l_i.log(), inf));
+      }
       at::Tensor d_i = D.select(0, b).select(0, h).narrow(0, m0, mlen).zero_();
       for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
         auto [p, dp] = recompute(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
