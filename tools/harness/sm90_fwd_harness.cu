@@ -44,11 +44,12 @@ struct Variant {
 };
 template <int D>
 void run_default(const FwdParams& p, cudaStream_t s) { run_fwd_sm90<D>(p, s); }
-template <int D, int N, int S, bool PP, bool DP, int kGridLimit = 0, int kSw = 0, bool kChain = false, int kWG = 2>
+template <int D, int N, int S, bool PP, bool DP, int kGridLimit = 0, int kSw = 0, bool kChain = false, int kWG = 2,
+          bool kCross = false, int kPaired = -1, int kGroup = 0>
 void run_cfg(const FwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
-      sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP, kSw, kChain, kWG>(p, s, kGridLimit);
+      sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP, kSw, kChain, kWG, kCross>(p, s, kGridLimit, kPaired, kGroup);
     });
   });
 }
@@ -65,6 +66,20 @@ static const Variant kVariants[] = {
     {"wg3pp", 64, run_cfg<64, 128, 2, true, false, 0, 0, true, 3>},
     {"wg3pp0", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3>},
     {"wg3p", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3>},
+    // CrossTile (next tile's first S before this tile's epilogue, two Q buffers), 2026-11-21 third series.
+    {"x2", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true>},
+    {"x", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true>},
+    {"xdp0", 128, run_cfg<128, 128, 2, true, false, 0, 0, false, 2, true>},
+    // Causal schedule: paired (tiles m and num_m_blocks - 1 - m back to back on one CTA, the default where
+    // persistent) vs the zig-zag rounds before it; same kernels.
+    {"wg2zz", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, 0>},
+    {"x2zz", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true, 0>},
+    {"zigzag", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, 0>},
+    {"xzz", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true, 0>},
+    {"perspair", 256, run_cfg<256, 80, 2, false, false, kPersist, 0, false, 2, false, 1>},
+    // L2 grouping of the tile order: (head, batch) pairs per group forced to 1 or 8 (default: 32 MiB of K/V).
+    {"g1", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 1>},
+    {"g8", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 8>},
     {"nonpersist", 128, run_cfg<128, 128, 2, true, true, kNoPersist>},
     {"persist", 128, run_cfg<128, 128, 2, true, true, kPersist>},
     {"dp0", 128, run_cfg<128, 128, 2, true, false>},
@@ -352,6 +367,12 @@ static void run_checks(bool quick) {
   cases.push_back({1, 2, 2, 300, 129, 200, true, true, 0});
   cases.push_back({2, 8, 2, 129, 129, 96, false, false, 2});
   cases.push_back({1, 3, 3, 17, 1023, 8, false, true, 0});
+  // Enough tiles (> 132) for the persistent causal schedules: paired with an odd num_m_blocks (7 at kBlockM 128,
+  // 9 for the forced-persistent d256 variant), GQA, sq != sk.
+  cases.push_back({1, 40, 20, 800, 1000, 64, true, true, 0});
+  cases.push_back({1, 40, 20, 800, 1000, 128, true, true, 0});
+  cases.push_back({1, 20, 20, 1100, 1000, 256, true, true, 0});
+  cases.push_back({2, 16, 8, 1024, 1024, 128, true, false, 1});
   for (const Case& c : cases) check_case(c);
 }
 

@@ -76,10 +76,18 @@ constexpr int64_t kL2GroupBytes = 32ll << 20;
 // 402 vs 439 at 16k; d128 356 vs 348 at 1k, 455 vs 548 at 4k, 470 vs 596 at 16k; d256 293 vs 370 at 1k.
 // Non-causal, persistent vs not: d64 391 vs 344 at 1k; d128 504-535 vs 462 at 1k; equal at 16k.
 // grid_limit < 0 forces persistent, > 0 caps the CTAs (comparisons).
+// paired (causal, persistent only): -1 (default) or 1 runs the paired schedule (see FwdTmaArgs), 0 the zig-zag
+// rounds. 2026-11-21, same process, median of 5 rounds, 1k causal: d128 387 vs 349 TFLOP/s (zig-zag), d64 274 vs
+// 275 (noise). A model with per-tile cost = key blocks + 1 gives 83% balance for zig-zag, 97% for pairs.
+// group_hb > 0 overrides the L2 grouping (comparisons; 1 and 8 were within noise of the default at d128).
+// CrossTile (next tile's first S before this tile's epilogue) is an option, not a default: d128 1k +2-3% in
+// two runs (474 vs 459), noise-level; d128 causal 4k / 16k -3..4% with DoubleP; d64 (2 or 3 warpgroups) no gain.
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP,
-          int kSwExpMask = 0, bool ChainTiles = false, int kNumWG = 2>
-void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0) {
-  using Kernel = FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP, kSwExpMask, ChainTiles, kNumWG>;
+          int kSwExpMask = 0, bool ChainTiles = false, int kNumWG = 2, bool CrossTile = false>
+void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0, int paired = -1,
+                     int group_hb = 0) {
+  using Kernel =
+      FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP, kSwExpMask, ChainTiles, kNumWG, CrossTile>;
   FwdTmaArgs args;
   args.params = params;
   if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return;  // sm90_fwd_supported said no
@@ -89,11 +97,15 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   // Query heads h_h_k_ratio apart share one K/V head: a group of G pairs reads G / ratio heads' K and V.
   const int64_t kv_bytes = static_cast<int64_t>(params.seqlen_k) * kHeadDim * 2 * 2;
   int64_t group = kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1);
+  if (group_hb > 0) group = group_hb;
   args.group_hb = static_cast<int>(group < 1 ? 1 : group > args.num_hb ? args.num_hb : group);
   const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
-  const bool persistent = !IsCausal || (Kernel::SeparateO && args.num_m_blocks <= 8);
+  const bool persistent = !IsCausal || ((Kernel::SeparateO || CrossTile) && args.num_m_blocks <= 8);
   const int limit = grid_limit > 0 ? grid_limit : grid_limit < 0 ? num_sm : persistent ? num_sm : args.num_tiles;
-  const int ctas = args.num_tiles < limit ? args.num_tiles : limit;
+  args.paired = IsCausal && limit < args.num_tiles && paired != 0 ? 1 : 0;
+  if (args.paired) args.num_tiles = 2 * ((args.num_m_blocks + 1) / 2) * args.num_hb;
+  const int units = args.paired ? args.num_tiles / 2 : args.num_tiles;  // what one CTA takes per round
+  const int ctas = units < limit ? units : limit;
   auto kernel = fwd_kernel_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<ctas, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
