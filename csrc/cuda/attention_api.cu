@@ -216,6 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const int hd = round_head_dim(params.head_dim, kSm90BwdHeadDims, std::size(kSm90BwdHeadDims));
     if (hd > 0) {  // head dims above the largest sm90 backward instantiation run on sm80
       auto ws = workspace(hd);
+      // lse * log2 e per query row (+inf where P = 0), written by the sm90 preprocess kernel.
+      at::Tensor lse_log2 = at::empty({s.batch, s.nheads, params.seqlen_q_rounded}, q.options().dtype(at::kFloat));
+      params.lse_log2 = lse_log2.data_ptr<float>();
       // Deterministic mode: one int32 counter per 64 query rows orders the dQ adds (zeroed by the kernels).
       at::Tensor dq_semaphore;
       if (deterministic) {
@@ -236,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 #endif
   const int hd = round_head_dim(params.head_dim, kSm80HeadDims, std::size(kSm80HeadDims));
   auto ws = workspace(hd);
-  params.dq_semaphore = nullptr;  // sm80 does not use it
+  params.dq_semaphore = nullptr;  // sm80 uses neither
+  params.lse_log2 = nullptr;
   HEADDIM_SWITCH(hd, [&] { run_bwd_sm80<kHeadDim>(params, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};

@@ -52,6 +52,10 @@ struct BwdParams : public FwdParams {
   // sm90 deterministic backward only (nullptr otherwise): one int32 counter per 64 query rows,
   // batch x nheads x (seqlen_q_rounded / 64), uninitialized: the sm90 preprocess kernel zeroes it.
   int* dq_semaphore;
+  // sm90 backward only (nullptr otherwise): batch x nheads x seqlen_q_rounded, lse * log2(e), +inf for rows past
+  // seqlen_q and rows that see no key (so P = 0 there); uninitialized: the sm90 preprocess kernel writes it, the
+  // main kernel's producer copies it to shared memory with one bulk copy per step.
+  float* lse_log2;
 };
 
 }  // namespace flash_ext

@@ -11,7 +11,7 @@
 // computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
 // Pass when, for dq, dk, dv each: max|ours - ref| <= 2 max|pt - ref| + atol, atol = 2 max|(ref + 0.3 - 0.3) - ref|
 // in the element type, and no NaN / inf. Outputs poisoned (0xFF: NaN) before each call; dq_accum and
-// dsoftmax_sum poisoned too (the API hands them over uninitialized).
+// dsoftmax_sum, lse_log2 poisoned too (the API hands them over uninitialized).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -265,7 +265,7 @@ struct Problem {
   int inst;
   Layout lq, lk, lv, lo, ldo, ldq, ldk, ldv;
   T *q, *k, *v, *out, *dout, *dq, *dk, *dv;
-  float *lse, *dq_accum, *dsum_ws;
+  float *lse, *dq_accum, *dsum_ws, *lse2_ws;
   int* dq_sem;
   BwdParams params;
   LaunchFn runner = nullptr;
@@ -293,6 +293,7 @@ struct Problem {
     const int sqr = (Sq + 127) / 128 * 128;
     CK(cudaMalloc(&dq_accum, (int64_t)B * H * sqr * inst * sizeof(float)));
     CK(cudaMalloc(&dsum_ws, (int64_t)B * H * sqr * sizeof(float)));
+    CK(cudaMalloc(&lse2_ws, (int64_t)B * H * sqr * sizeof(float)));
     CK(cudaMalloc(&dq_sem, (int64_t)B * H * (sqr / 64) * sizeof(int)));
     fill_randn<T><<<1024, 256>>>(q, lq.numel, seed * 7 + 1);
     fill_randn<T><<<1024, 256>>>(k, lk.numel, seed * 7 + 2);
@@ -314,7 +315,8 @@ struct Problem {
     p.head_dim = D; p.h_h_k_ratio = H / Hk;
     p.scale_softmax = dm.scale; p.scale_softmax_log2 = dm.scale * 1.4426950408889634f;
     p.is_bf16 = std::is_same<T, __nv_bfloat16>::value; p.is_causal = causal;
-    p.dq_accum = dq_accum; p.dsoftmax_sum = dsum_ws; p.seqlen_q_rounded = sqr; p.head_dim_rounded = inst;
+    p.dq_accum = dq_accum; p.dsoftmax_sum = dsum_ws; p.lse_log2 = lse2_ws;
+    p.seqlen_q_rounded = sqr; p.head_dim_rounded = inst;
     p.deterministic = g_det;
     p.dq_semaphore = g_det ? dq_sem : nullptr;
     int dev; CK(cudaGetDevice(&dev));
@@ -327,6 +329,7 @@ struct Problem {
     const int64_t sqr = params.seqlen_q_rounded;
     CK(cudaMemset(dq_accum, 0xFF, (int64_t)dm.B * dm.H * sqr * inst * sizeof(float)));
     CK(cudaMemset(dsum_ws, 0xFF, (int64_t)dm.B * dm.H * sqr * sizeof(float)));
+    CK(cudaMemset(lse2_ws, 0xFF, (int64_t)dm.B * dm.H * sqr * sizeof(float)));
     CK(cudaMemset(dq_sem, 0xFF, (int64_t)dm.B * dm.H * (sqr / 64) * sizeof(int)));  // -1: the kernels zero it
   }
   void run(cudaStream_t st = 0) {
@@ -337,7 +340,7 @@ struct Problem {
   }
   void free_all() {
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(out); cudaFree(dout); cudaFree(dq); cudaFree(dk);
-    cudaFree(dv); cudaFree(lse); cudaFree(dq_accum); cudaFree(dsum_ws); cudaFree(dq_sem);
+    cudaFree(dv); cudaFree(lse); cudaFree(dq_accum); cudaFree(dsum_ws); cudaFree(lse2_ws); cudaFree(dq_sem);
   }
 };
 

@@ -33,8 +33,10 @@ inline bool sm90_bwd_supported(const BwdParams& p) {
   if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
   if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
   if (p.nheads % p.nheads_k != 0 || p.h_h_k_ratio != p.nheads / p.nheads_k) return false;
-  if (p.dq_accum == nullptr || p.dsoftmax_sum == nullptr) return false;
-  if (reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0) return false;
+  if (p.dq_accum == nullptr || p.dsoftmax_sum == nullptr || p.lse_log2 == nullptr) return false;
+  if (reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0 || reinterpret_cast<uintptr_t>(p.dsoftmax_sum) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(p.lse_log2) % 16 != 0)
+    return false;
   if (p.seqlen_q_rounded != (p.seqlen_q + 127) / 128 * 128) return false;
   const int inst = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
   if (p.head_dim_rounded != inst) return false;

@@ -1,12 +1,13 @@
 // Hopper (sm_90a) FlashAttention backward: three kernels.
 //   1. bwd_preprocess_sm90: D = rowsum(dO * O) per query row (0 for rows >= seqlen_q, up to seqlen_q_rounded)
-//      into dsoftmax_sum, and zero the dq_accum rows of the same block.
+//      into dsoftmax_sum, lse * log2 e into lse_log2 (+inf for rows >= seqlen_q and rows that see no key, so
+//      P = 0 there without a test), and zero the dq_accum rows of the same block.
 //   2. bwd_main_sm90 (BwdKernel): one CTA per (n_block, kv head, batch), kBlockN = 128 keys resident in shared
 //      memory (K and V, loaded once by TMA). It loops over the query heads of the GQA group and the query
-//      blocks (kBlockM = 64 or 128 rows) that see the key block; Q, dO (TMA) and lse, D (plain loads) stream through a
-//      kStages-slot mbarrier pipeline. kNWarps = 12:
-//        warpgroup 0  producer: warp 0 issues the TMA loads (lane 0) and copies lse / D into shared memory
-//                     (all lanes); setmaxnreg lowers the warpgroup to 24 registers.
+//      blocks (kBlockM = 64 or 128 rows) that see the key block; Q, dO (TMA tensor loads) and the lse_log2 / D
+//      rows (1-D bulk copies) stream through a kStages-slot mbarrier pipeline. kNWarps = 12:
+//        warpgroup 0  producer: lane 0 of warp 0 issues the loads; setmaxnreg lowers the warpgroup to 24
+//                     registers.
 //        warpgroups 1, 2  consumers (240 registers): consumer w owns keys [64w, 64w + 64) of the block. Per query
 //                     block, with the products transposed so the key dimension is the wgmma M dimension:
 //                       S^T  (64 x kBlockM) = K_w Q^T           (SS wgmma)
@@ -94,7 +95,11 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
     }
 #pragma unroll
     for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
-    if (lane == 0) p.dsoftmax_sum[row_base + r] = sum;
+    if (lane == 0) {
+      p.dsoftmax_sum[row_base + r] = sum;
+      float l = row < p.seqlen_q ? p.lse[(static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q + row] : INFINITY;
+      p.lse_log2[row_base + r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+    }
   }
 }
 
@@ -179,6 +184,7 @@ struct BwdKernel {
   static constexpr int kOffLse = kOffDq + 2 * kDqPartBytes;           // kStages x kBlockM floats (lse * log2 e)
   static constexpr int kOffD = kOffLse + kStages * kBlockM * 4;       // kStages x kBlockM floats
   static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
+  static_assert(kOffLse % 16 == 0 && kOffD % 16 == 0, "bulk copy destinations are 16-byte aligned");
   static constexpr int kNumBars = 1 + 2 * kStages;
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
@@ -233,12 +239,11 @@ struct BwdKernel {
       int hh, m_block;
       step_coords(args, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
-      const int64_t lse_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q;
       const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
       const int stage = it % kStages, phase = (it / kStages) & 1;
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
-        mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes);
+        mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes + 2 * kBlockM * 4);
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffQ + stage * kQBytes + c * kQChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
@@ -246,18 +251,11 @@ struct BwdKernel {
           tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
                       c * 64, m_block * kBlockM, head, batch);
         }
+        // lse_log2 and D rows of the step (rows up to seqlen_q_rounded exist: written by the preprocess).
+        const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
+        bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
+        bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
       }
-      // lse (scaled by log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D.
-#pragma unroll
-      for (int r = lane; r < kBlockM; r += 32) {
-        const int row = m_block * kBlockM + r;
-        float l = row < p.seqlen_q ? p.lse[lse_base + row] : INFINITY;
-        l = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
-        const float dsum = p.dsoftmax_sum[d_base + row];
-        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffLse + (stage * kBlockM + r) * 4), "f"(l) : "memory");
-        asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffD + (stage * kBlockM + r) * 4), "f"(dsum) : "memory");
-      }
-      mbar_arrive(bar_full(bars, stage));
     }
   }
 
@@ -628,7 +626,7 @@ struct BwdKernel {
     if (threadIdx.x == 0) {
       mbar_init(bar_kv(bars), 1);
       for (int s = 0; s < kStages; ++s) {
-        mbar_init(bar_full(bars, s), 1 + 32);  // lane 0's expect_tx arrival + 32 lanes after lse / D
+        mbar_init(bar_full(bars, s), 1);       // lane 0's expect_tx arrival (Q, dO, lse_log2, D bytes)
         mbar_init(bar_empty(bars, s), 8);      // one arrival per consumer warp
       }
       fence_mbar_init();

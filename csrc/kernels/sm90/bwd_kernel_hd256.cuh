@@ -7,10 +7,9 @@
 // consumer warpgroups share one key block and split the head-dim COLUMNS of dK, dV, dQ.
 //
 // One CTA per (64-key block, kv head, batch): K, V (64 x 256 each) loaded once by TMA; loop over the query heads
-// of the GQA group and the 64-row query blocks that see the key block; Q (+ lse, D: plain loads) and dO (TMA)
-// stream through mbarrier pipelines (Q 2 slots; dO 2 slots, or 1 with DqBulk). kNWarps = 12:
-//   warpgroup 0  producer: warp 0 issues the TMA loads (lane 0) and copies lse / D to shared memory (all lanes);
-//                setmaxnreg lowers the warpgroup to 24 registers.
+// of the GQA group and the 64-row query blocks that see the key block; Q (+ the lse_log2 / D rows: 1-D bulk
+// copies) and dO (TMA) stream through mbarrier pipelines (Q 2 slots; dO 2 slots, or 1 with DqBulk). kNWarps = 12:
+//   warpgroup 0  producer: lane 0 of warp 0 issues the loads; setmaxnreg lowers the warpgroup to 24 registers.
 //   warpgroups 1, 2  consumers (240 registers); consumer w per query block:
 //     S^T_w  (64 keys x 32 queries) = K Q_w^T    SS wgmma, N = 32 (queries [32w, 32w + 32)), K-dim = 256
 //     dP^T_w (64 x 32)              = V dO_w^T   SS wgmma
@@ -105,6 +104,7 @@ struct BwdKernelHd256 {
   static constexpr int kOffLse = kOffDq + (DqBulk ? 2 * kDqHalfBytes : 0);  // kStages x kBlockM floats (lse log2 e)
   static constexpr int kOffD = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
+  static_assert(kOffLse % 16 == 0 && kOffD % 16 == 0, "bulk copy destinations are 16-byte aligned");
   static constexpr int kNumBars = 1 + 2 * kStages + 2 * kDoStages;
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
@@ -142,7 +142,6 @@ struct BwdKernelHd256 {
     int it = 0;
     for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
       const int head = head_k * p.h_h_k_ratio + hh;
-      const int64_t lse_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q;
       const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
       const int n_m = args.num_m_blocks - m_block_min;
       const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;
@@ -154,24 +153,18 @@ struct BwdKernelHd256 {
         if (lane == 0 && skip) {
           mbar_arrive(bar_full(bars, stage));
         } else if (lane == 0) {
-          mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes);
+          mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes + 2 * kBlockM * 4);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             tma_load_4d(smem + kOffQ + stage * kQBytes + c * kChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
                         m_block * kBlockM, head, batch);
           }
+          // lse_log2 (lse * log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D
+          // rows of the step, written by the preprocess kernel up to seqlen_q_rounded.
+          const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
+          bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
+          bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
         }
-        // lse (scaled by log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D.
-#pragma unroll
-        for (int r = lane; r < kBlockM; r += 32) {
-          const int row = m_block * kBlockM + r;
-          float l = row < p.seqlen_q ? p.lse[lse_base + row] : INFINITY;
-          l = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
-          const float dsum = p.dsoftmax_sum[d_base + row];
-          asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffLse + (stage * kBlockM + r) * 4), "f"(l) : "memory");
-          asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(smem + kOffD + (stage * kBlockM + r) * 4), "f"(dsum) : "memory");
-        }
-        mbar_arrive(bar_full(bars, stage));
         // dO: its slot frees after the dV products of the step kDoStages back (a single slot: mid-step).
         const int dstage = it % kDoStages, dphase = (it / kDoStages) & 1;
         mbar_wait(bar_do_empty(bars, dstage), dphase ^ 1);
@@ -514,7 +507,7 @@ struct BwdKernelHd256 {
     if (threadIdx.x == 0) {
       mbar_init(bar_kv(bars), 1);
       for (int s = 0; s < kStages; ++s) {
-        mbar_init(bar_full(bars, s), 1 + 32);  // lane 0's expect_tx arrival + 32 lanes after lse / D
+        mbar_init(bar_full(bars, s), 1);       // lane 0's expect_tx arrival (Q, lse_log2, D bytes)
         mbar_init(bar_empty(bars, s), 8);      // one arrival per consumer warp
       }
       for (int s = 0; s < kDoStages; ++s) {

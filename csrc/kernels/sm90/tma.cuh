@@ -76,6 +76,14 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst_gmem, uint32_t sr
                "r"(src_smem), "r"(bytes)
                : "memory");
 }
+// 1-D bulk copy of `bytes` from global to shared memory, counted on the mbarrier's transaction bytes (both
+// addresses 16-byte aligned, bytes a multiple of 16). Added for the backward's per-step lse / D rows.
+__device__ __forceinline__ void bulk_load(uint32_t dst_smem, const void* src_gmem, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   dst_smem),
+               "l"(src_gmem), "r"(bytes), "r"(bar)
+               : "memory");
+}
 // Wait until the committed bulk operations have completed (their global writes done, not only their reads).
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
