@@ -141,6 +141,27 @@ struct FwdKernel {
 
   // ------------------------------------------------------------------------------------------ consumer
   // S (64 x kBlockN) = Q (this warpgroup's 64 rows) K^T, kHeadDim/16 wgmma k-steps.
+  // O * inv[h] (16-bit) into SW128 staging rows r0 + 8h of the tile at o_smem (r0 % 8 == g; o_smem, the row
+  // offsets and the chunk offsets have bits 4..6 clear), so piece p of (row r0 + 8h, chunk c) is at
+  // (row_base ^ (p << 4)) + 1024 h + c * kQChunkBytes: one XOR per piece, the rest an immediate offset.
+  __device__ static __forceinline__ void stage_o(const float (&o_reg)[kHeadDim / 2], const float (&inv)[2],
+                                                 uint32_t o_smem, int r0, int g, int t) {
+    const uint32_t row_base = o_smem + r0 * 128 + (g << 4) + 4 * t;
+#pragma unroll
+    for (int piece = 0; piece < 8; ++piece) {
+      const uint32_t base = row_base ^ (piece << 4);
+#pragma unroll
+      for (int chunk = 0; chunk < kChunks; ++chunk) {
+        const int j = chunk * 8 + piece;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t val = pack2<T>(o_reg[4 * j + 2 * h] * inv[h], o_reg[4 * j + 2 * h + 1] * inv[h]);
+          const uint32_t addr = base + h * 1024 + chunk * kQChunkBytes;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
+        }
+      }
+    }
+  }
   __device__ static __forceinline__ void issue_qk(float (&s_reg)[kBlockN / 2], uint32_t q_smem, uint32_t k_smem) {
     const uint64_t desc_q = make_desc_sw128(q_smem, 16, 1024);
     const uint64_t desc_k = make_desc_sw128(k_smem, 16, 1024);
@@ -462,27 +483,11 @@ struct FwdKernel {
         }
       }
     } else {
-      // Same addresses, fewer live registers (ptxas keeps precomputed addresses live across the main loop, and
-      // with 160 registers they spilled): r0 % 8 == g, and o_smem, the row offsets and the chunk offsets have
-      // bits 4..6 clear, so piece p of (row r0 + 8h, chunk c) is at (row_base ^ (p << 4)) + 1024 h + c *
-      // kQChunkBytes: one XOR per piece, the rest an immediate offset. (Kept to 3 warpgroups so the 2-warpgroup
+      // Same addresses, fewer live registers (stage_o; ptxas keeps precomputed addresses live across the main
+      // loop, and with 160 registers they spilled). (Kept to 3 warpgroups so the 2-warpgroup
       // kernels stay SASS-identical to the measured ones: with this form d128 / d256 1k read 7-11% slower once,
       // but identical code read 9% slower in a later run, so that was probably noise.)
-      const uint32_t row_base = o_smem + r0 * 128 + (g << 4) + 4 * t;
-#pragma unroll
-      for (int piece = 0; piece < 8; ++piece) {
-        const uint32_t base = row_base ^ (piece << 4);
-#pragma unroll
-        for (int chunk = 0; chunk < kChunks; ++chunk) {
-          const int j = chunk * 8 + piece;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t val = pack2<T>(o_reg[4 * j + 2 * h] * inv[h], o_reg[4 * j + 2 * h + 1] * inv[h]);
-            const uint32_t addr = base + h * 1024 + chunk * kQChunkBytes;
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
-          }
-        }
-      }
+      stage_o(o_reg, inv, o_smem, r0, g, t);
     }
     fence_proxy_async_smem();
     named_bar_sync(kBarEpi + cw, 128);
@@ -702,23 +707,8 @@ struct FwdKernel {
             inv[h] = sum > 0.f ? 1.f / sum : 0.f;
             lse[h] = sum > 0.f ? m[h] * p.scale_softmax + logf(sum) : -INFINITY;
           }
-          // SW128 layout, one XOR per 16-byte piece (see the 3-warpgroup form in consumer_tile).
-          const int r0 = warp_in_wg * 16 + g;
-          const uint32_t row_base = q_smem + r0 * 128 + (g << 4) + 4 * t;
-#pragma unroll
-          for (int piece = 0; piece < 8; ++piece) {
-            const uint32_t base = row_base ^ (piece << 4);
-#pragma unroll
-            for (int chunk = 0; chunk < kChunks; ++chunk) {
-              const int j = chunk * 8 + piece;
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const uint32_t val = pack2<T>(o_reg[4 * j + 2 * h] * inv[h], o_reg[4 * j + 2 * h + 1] * inv[h]);
-                const uint32_t addr = base + h * 1024 + chunk * kQChunkBytes;
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(val) : "memory");
-              }
-            }
-          }
+          // SW128 layout, one XOR per 16-byte piece.
+          stage_o(o_reg, inv, q_smem, warp_in_wg * 16 + g, g, t);
           fence_proxy_async_smem();
           named_bar_sync(kBarEpi + cw, 128);
           if (t == 0) {
