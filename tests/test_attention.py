@@ -26,7 +26,9 @@ CUDA_HEAD_DIMS = [32, 40, 64, 80, 96, 128, 160, 192, 224, 256]
 
 def _cases():
     cases = []
-    # CPU: float32 and bfloat16 over the whole grid, float16 on a slice; layouts rotate per case.
+    # CPU: float32 and bfloat16 over the whole grid, float16 on a slice; layouts rotate per case. float32 cases
+    # above 2^26 multiply-adds (batch * nheads * seqlen_q * seqlen_k * head_dim: 22 of them) run the CPU
+    # kernels' float32 path, the other 122 their float64 path (csrc/cpu/attention_cpu.cpp, Precision).
     for i, (dtype, causal, (sq, sk), d) in enumerate(
             itertools.product([torch.float32, torch.bfloat16], [False, True], CPU_SEQLENS, CPU_HEAD_DIMS)):
         cases.append(pytest.param("cpu", dtype, causal, sq, sk, d, LAYOUTS[i % len(LAYOUTS)],
