@@ -93,6 +93,8 @@ def main():
     commit = os.environ.get("FLASH_EXT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     if not re.fullmatch(r"[0-9a-f]{40}", commit or ""):
+        if os.environ.get("FLASH_EXT_COMMIT"):  # a short hash cannot be checked on a tree without history
+            raise SystemExit(f"FLASH_EXT_COMMIT must be a full 40-hex commit hash, got {commit!r}")
         commit = "unknown"
     gpu = torch.cuda.get_device_name()
     seqlens = [1024, 4096, 16384] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
