@@ -27,8 +27,10 @@ template <> void run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream)
 // odd output stride (dq / dk / dv / out are accessed in pairs of elements). The API then falls back to sm80.
 // Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
 inline bool sm90_bwd_supported(const BwdParams& p) {
-  if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0 ||
-                          p.head_dim > 128))
+  if (p.deterministic && p.head_dim > 128) return false;
+  // Head dims <= 128: the counters are needed in both modes (the fused dq conversion counts the key blocks).
+  if ((p.deterministic || p.head_dim <= 128) &&
+      (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0))
     return false;
   if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
   if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;

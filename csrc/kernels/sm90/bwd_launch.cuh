@@ -32,12 +32,14 @@ template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = !IsCausal;
   static constexpr bool Overlap = false;
+  static constexpr int DqMode = kDqWriterCvt;
 };
 template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr int kBlockM = 64;
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = false;
   static constexpr bool Overlap = false;
+  static constexpr int DqMode = kDqWriterCvt;
 };
 
 // Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred): the dQ reduce-adds of each query
@@ -62,12 +64,13 @@ inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, i
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap,
-          int DetMode = kDetOff>
+          int DetMode = kDetOff, int DqMode = kDqConsumer>
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode>;
-  // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported
-  // checks that the API allocated them.
-  if (DetMode != kDetOff && params.dq_semaphore == nullptr) return;
+  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode>;
+  // Deterministic kernels and the fused conversion need the counters (zeroed by the preprocess kernel below);
+  // sm90_bwd_supported checks that the API allocated them when deterministic, run_bwd_sm90 picks the fused
+  // conversion only when they exist.
+  if ((DetMode != kDetOff || DqMode == kDqWriterCvt) && params.dq_semaphore == nullptr) return;
   BwdTmaArgs args;
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
@@ -80,6 +83,7 @@ void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   auto kernel = bwd_main_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
+  if (DqMode == kDqWriterCvt) return;  // the main kernel converted dq
   const dim3 grid_cvt((params.seqlen_q + 63) / 64, params.nheads, params.batch);
   bwd_convert_dq_sm90<T, kHeadDim, Kernel::kNDq><<<grid_cvt, 256, 0, stream>>>(params);
 }
@@ -93,11 +97,11 @@ void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
       if (params.deterministic) {
         using Tile = sm90::BwdTileDet<kHeadDim, IsCausal>;
         sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                              Tile::Overlap, sm90::kDetDeferred>(params, stream);
+                              Tile::Overlap, sm90::kDetDeferred, Tile::DqMode>(params, stream);
       } else {
         using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
         sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                              Tile::Overlap>(params, stream);
+                              Tile::Overlap, sm90::kDetOff, Tile::DqMode>(params, stream);
       }
     });
   });

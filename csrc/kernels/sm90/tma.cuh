@@ -76,6 +76,14 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst_gmem, uint32_t sr
                "r"(src_smem), "r"(bytes)
                : "memory");
 }
+// Bulk (non-tensor) copy of `bytes` from global to shared memory, completing `bytes` of transaction on `bar`.
+// Both addresses 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void bulk_load_g2s(uint32_t dst_smem, const float* src_gmem, uint32_t bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst_smem),
+      "l"(reinterpret_cast<uint64_t>(src_gmem)), "r"(bytes), "r"(bar)
+      : "memory");
+}
 // Wait until the committed bulk operations have completed (their global writes done, not only their reads).
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
@@ -93,6 +101,13 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
 __device__ __forceinline__ void red_release_gpu_add(int* ptr, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
 }
+// Returns the old value; acquire and release (the fused dq conversion: the last incrementer reads the block).
+__device__ __forceinline__ int atom_add_acq_rel_gpu(int* ptr, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
+}
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 // Spin (one thread) until *ptr >= target, backing off with __nanosleep (16 ns doubling to 128 ns).
 __device__ __forceinline__ void wait_counter_geq(const int* ptr, int target) {
   unsigned ns = 16;
