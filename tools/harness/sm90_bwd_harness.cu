@@ -2,10 +2,11 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small] [det] [d256]   (no argument: test and bench; small: two small cases,
+// Run: bwd_harness [test] [bench] [small] [det] [d256] [dqw] [dqwb]   (no argument: test and bench; small: two small cases,
 // for compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
 // speed against the default; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in test / bench /
-// small). Log: $OUT/sm90_bwd.log.
+// small; dqw / dqwb: the dQ modes of kDqwVariants, tests / interleaved bench; build with -DHARNESS_DQW_ONLY
+// to leave out the tile and deterministic variants, about 3x faster to compile). Log: $OUT/sm90_bwd.log.
 // Inputs are fresh random normals; out / lse come from a naive fp32 reference forward (written in the element
 // type, like a real forward). References: `ref` = the gradients in fp32 from those inputs; `pt` = the same
 // computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
@@ -586,9 +587,10 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 }
 
 int main(int argc, char** argv) {
-  bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false;
+  bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
   for (int i = 1; i < argc; ++i) {
-    if (!strcmp(argv[i], "dqw")) do_dqw = true;
+    if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
+    if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
     if (!strcmp(argv[i], "det")) do_det = true;
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
@@ -605,8 +607,8 @@ int main(int argc, char** argv) {
   if (do_test) run_tests();
   std::vector<BenchRow> rows;
   if (do_dqw) {
-    // Defaults (both modes) over the full lists, the non-default dQ modes over the full lists, dq bitwise
-    // repeatability in deterministic mode, then an interleaved bench (two passes, the second in reverse order).
+    // Defaults (both modes) and the writer-only modes over the full lists, dq bitwise repeatability in
+    // deterministic mode (dqw); an interleaved bench of all modes, two passes, the second in reverse order (dqwb).
     uint64_t seed = 9000;
     for (int D : {64, 128}) run_tests_d(D, nullptr, "default", seed += 100);
     g_det = true;
@@ -623,6 +625,8 @@ int main(int argc, char** argv) {
       if (v.det) repeat_dq(4, 1025, 8, 2, v.d, v.d == 128, 6, v.fn, v.name);
     g_det = false;
     repeat_dq(4, 1025, 8, 2, 128, true, 4, nullptr, "default");
+  }
+  if (do_dqwb) {
     for (int pass = 0; pass < 2; ++pass)
       for (int D : {64, 128})
         for (bool c : {false, true})
