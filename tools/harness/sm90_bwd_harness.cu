@@ -608,7 +608,7 @@ int main(int argc, char** argv) {
   std::vector<BenchRow> rows;
   if (do_dqw) {
     // Defaults (both modes) and the writer-only modes over the full lists, dq bitwise repeatability in
-    // deterministic mode (dqw); an interleaved bench of all modes, two passes, the second in reverse order (dqwb).
+    // deterministic mode (dqw); an interleaved bench of all modes, DQW_PASSES passes (default 1), odd ones in reverse order (dqwb).
     uint64_t seed = 9000;
     for (int D : {64, 128}) run_tests_d(D, nullptr, "default", seed += 100);
     g_det = true;
@@ -627,7 +627,8 @@ int main(int argc, char** argv) {
     repeat_dq(4, 1025, 8, 2, 128, true, 4, nullptr, "default");
   }
   if (do_dqwb) {
-    for (int pass = 0; pass < 2; ++pass)
+    const int passes = getenv("DQW_PASSES") ? atoi(getenv("DQW_PASSES")) : 1;
+    for (int pass = 0; pass < passes; ++pass)
       for (int D : {64, 128})
         for (bool c : {false, true})
           for (int S : {1024, 4096, 16384}) {
