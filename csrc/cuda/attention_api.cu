@@ -216,11 +216,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const int hd = round_head_dim(params.head_dim, kSm90BwdHeadDims, std::size(kSm90BwdHeadDims));
     if (hd > 0) {  // head dims above the largest sm90 backward instantiation run on sm80
       auto ws = workspace(hd);
-      // One int32 counter per 64 query rows (zeroed by the kernels): deterministic mode orders the dQ adds by
-      // them; head dims <= 128 use them in both modes (the main kernel converts a dQ block once its last key
-      // block has added into it).
+      // Deterministic mode: one int32 counter per 64 query rows orders the dQ adds (zeroed by the kernels).
       at::Tensor dq_semaphore;
-      if (deterministic || hd <= 128) {
+      if (deterministic) {
         dq_semaphore = at::empty({s.batch, s.nheads, params.seqlen_q_rounded / 64}, q.options().dtype(at::kInt));
         params.dq_semaphore = dq_semaphore.data_ptr<int>();
       }

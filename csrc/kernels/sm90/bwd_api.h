@@ -11,7 +11,7 @@ namespace flash_ext {
 constexpr int kSm90BwdHeadDims[] = {64, 128, 256};
 
 // Runs preprocess (D = rowsum(dO o O), zero dq_accum and dq_semaphore when given), the main kernel and
-// the dq conversion (head dims <= 128: fused into the main kernel, see BwdTile::DqMode) on `stream`; never synchronizes or checks errors. Call only where
+// the dq conversion on `stream`; never synchronizes or checks errors. Call only where
 // sm90_bwd_supported(params) is true, on a device of compute capability 9.0. params.head_dim_rounded must
 // equal kHeadDim (dq_accum rows are kHeadDim floats).
 template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
@@ -19,19 +19,16 @@ template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t 
 // instantiation file.
 template <> void run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream);
 
-// False where the sm90 backward cannot run: head_dim <= 128 (either mode) or deterministic mode without the
-// dq_semaphore workspace (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned; head dims <= 128
-// count finished key blocks in it for the fused dq conversion), deterministic with head_dim above 128 (the
+// False where the sm90 backward cannot run: deterministic mode without the dq_semaphore workspace
+// (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned) or with head_dim above 128 (the
 // kHeadDim 256 kernel adds dQ unordered), head_dim above 256 or not a multiple of 8, TMA unable to
 // describe q, k, v or dout
 // (a base pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), or an
 // odd output stride (dq / dk / dv / out are accessed in pairs of elements). The API then falls back to sm80.
 // Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
 inline bool sm90_bwd_supported(const BwdParams& p) {
-  if (p.deterministic && p.head_dim > 128) return false;
-  // Head dims <= 128: the counters are needed in both modes (the fused dq conversion counts the key blocks).
-  if ((p.deterministic || p.head_dim <= 128) &&
-      (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0))
+  if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0 ||
+                          p.head_dim > 128))
     return false;
   if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
   if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;

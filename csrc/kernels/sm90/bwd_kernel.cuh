@@ -6,8 +6,10 @@
 //      blocks (kBlockM = 64 or 128 rows) that see the key block; Q, dO (TMA) and lse, D (plain loads) stream through a
 //      kStages-slot mbarrier pipeline. kNWarps = 12:
 //        warpgroup 0  producer: warp 0 issues the TMA loads (lane 0) and copies lse / D into shared memory
-//                     (all lanes); setmaxnreg lowers the warpgroup to 24 registers.
-//        warpgroups 1, 2  consumers (240 registers): consumer w owns keys [64w, 64w + 64) of the block. Per query
+//                     (all lanes); setmaxnreg lowers the warpgroup to 24 registers (40 with the dQ writer).
+//                     DqMode != kDqConsumer: warp 1 is the dQ writer (dq_writer: issues the dQ reduce-adds,
+//                     the deterministic counter wait / release, and with kDqWriterCvt the fused conversion).
+//        warpgroups 1, 2  consumers (240 registers, 232 with the dQ writer): consumer w owns keys [64w, 64w + 64) of the block. Per query
 //                     block, with the products transposed so the key dimension is the wgmma M dimension:
 //                       S^T  (64 x kBlockM) = K_w Q^T           (SS wgmma)
 //                       dP^T (64 x kBlockM) = V_w dO^T          (SS wgmma)
@@ -15,17 +17,23 @@
 //                       dV_w += P^T dO,  dK_w += dS^T Q          (RS wgmma: P^T, dS^T straight from registers)
 //                       dQ (kBlockM x d) += dS K                 (SS wgmma, dS^T read MN-major from shared memory)
 //                     dK, dV stay in registers for the whole CTA; dQ goes through shared memory and a bulk
-//                     reduce-add (cp.reduce.async.bulk .add.f32) into dq_accum.
+//                     reduce-add (cp.reduce.async.bulk .add.f32) into dq_accum, issued by the consumer's tid 0
+//                     (kDqConsumer) or by the writer warp (bar_dq_full / bar_dq_empty hand-off; two staging
+//                     buffers per consumer where shared memory allows: d128, d64 is one).
 //      dQ split (DqSplitKeys): false: both consumers' dS^T go to shared memory, a 256-thread barrier, and
 //      consumer w computes columns [w d/2, w d/2 + d/2) over all kBlockN keys (N = d/2); true: consumer w
 //      computes all d columns over its own 64 keys only (no cross-warpgroup barrier, twice the reduce traffic).
 //      Overlap: S^T / dP^T of step i + 1 are issued before dQ of step i is written out, so the tensor cores work
 //      while the warpgroup stages dQ (needs the registers of both: not for d128).
 //   3. bwd_convert_dq_sm90: dq = dq_accum * scale -> element type (un-permuting the accumulation layout).
+//      Skipped with kDqWriterCvt: the writer of the last contributing key block converts the block (counted in
+//      dq_semaphore), measured 13-31% slower than the separate kernel (2026-11-21), so no default uses it.
+// Defaults (bwd_launch.cuh): consumers issue the reduces in the default mode (the writer warp measured within
+// noise there); the deterministic mode uses the writer warp (kDqWriter: +14..46% over the consumer-side wait).
 // Deterministic mode (DetMode != kDetOff, params.deterministic): the reduce-adds into each dq_accum block are
 // ordered by key block through an int32 counter per (batch, head, query block) in params.dq_semaphore (zeroed by
 // the preprocess kernel), and the query blocks are visited in descending order so the CTAs run in lockstep:
-// see step_coords and det_flush.
+// see step_coords and det_flush (consumer-side: two increments per CTA) or dq_writer (one per CTA).
 //
 // dq_accum layout (workspace, private to these kernels): per (batch, head, m_block) a contiguous block of
 // kBlockM x kHeadDim floats, in the consumers' register order so that the shared-memory staging is

@@ -32,22 +32,35 @@ template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = !IsCausal;
   static constexpr bool Overlap = false;
-  static constexpr int DqMode = kDqWriterCvt;
+  static constexpr int DqMode = kDqConsumer;
 };
 template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr int kBlockM = 64;
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = false;
   static constexpr bool Overlap = false;
-  static constexpr int DqMode = kDqWriterCvt;
+  static constexpr int DqMode = kDqConsumer;
 };
 
-// Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred): the dQ reduce-adds of each query
-// block are ordered by key block through per-block counters (see det_flush in bwd_kernel.cuh). It uses the
+// Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred, DqMode kDqWriter): the dQ
+// reduce-adds of each query block are ordered by key block through per-block counters, waited on and released
+// by the dQ-writer warp (see dq_writer and det_flush in bwd_kernel.cuh). It uses the
 // dQ split by columns (the two consumers add disjoint columns, so only the key-block order is serialized), so
 // d64 non-causal switches from split by keys to kBlockM 128 split by columns; the other tiles are unchanged.
+//
+// dQ mode (DqMode, see bwd_kernel.cuh), measured 2026-11-21 (harness `dqw` / `dqwb`, one process, interleaved per
+// shape; TFLOP/s at 1k / 4k / 16k, non-causal then causal):
+//   default mode: consumers issue the reduces (kept) d64 318 / 446 / 455, 222 / 362 / 439; d128 353 / 490 / 510,
+//     248 / 423 / 510. Writer warp (kDqWriter) d64 323 / 433 / 466, 223 / 369 / 444; d128 366 / 492 / 511,
+//     253 / 424 / 511: -3..+4%, within noise, so not the default. Writer + fused conversion (kDqWriterCvt)
+//     d64 265 / 344 / 371, 172 / 300 / 375; d128 290 / 397 / 445, 182 / 295 / 366: 13-31% SLOWER.
+//   deterministic: the writer warp is the default (kDqWriter): d64 277 / 363 / 452, 185 / 277 / 369; d128
+//     338 / 466 / 510, 228 / 372 / 498, against consumer-side deferred (before) d64 222 / 283 / 328, 158 / 232 /
+//     324; d128 250 / 321 / 351, 177 / 270 / 341 (+14..+46%); fused (kDqWriterCvt) d64 237 / 329 / 421, 155 /
+//     260 / 360; d128 271 / 389 / 448, 190 / 343 / 485 (slower than kDqWriter everywhere).
 template <int kHeadDim, bool IsCausal> struct BwdTileDet : BwdTile<kHeadDim, IsCausal> {
   static constexpr bool DqSplitKeys = false;
+  static constexpr int DqMode = kDqWriter;
 };
 
 inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, int block_n) {
@@ -68,8 +81,8 @@ template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, boo
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode>;
   // Deterministic kernels and the fused conversion need the counters (zeroed by the preprocess kernel below);
-  // sm90_bwd_supported checks that the API allocated them when deterministic, run_bwd_sm90 picks the fused
-  // conversion only when they exist.
+  // sm90_bwd_supported checks that the API allocated them when deterministic (the fused conversion is no
+  // default: only the harness runs it, with the counters).
   if ((DetMode != kDetOff || DqMode == kDqWriterCvt) && params.dq_semaphore == nullptr) return;
   BwdTmaArgs args;
   args.params = params;
