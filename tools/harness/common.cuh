@@ -58,3 +58,41 @@ __global__ void fill_randn(T* p, int64_t n, uint64_t seed, float scale = 1.f) {
 // Problem sizes of the backward harnesses; causal is aligned bottom-right.
 struct Dims { int B, Sq, Sk, H, Hk, D; bool causal; float scale; };
 __device__ __forceinline__ bool visible(const Dims& d, int i, int j) { return !d.causal || j <= i + d.Sk - d.Sq; }
+
+// Reference forward in fp32 for the backward harnesses: one thread per (b, h, i); writes out (element type,
+// strided) and lse (-inf for a row that sees no key).
+template <typename T>
+__global__ void ref_fwd(Dims dm, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
+                        Layout lo, float* lse) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)dm.B * dm.H * dm.Sq) return;
+  const int i = idx % dm.Sq, h = (idx / dm.Sq) % dm.H, b = idx / ((int64_t)dm.Sq * dm.H);
+  const int hk = h / (dm.H / dm.Hk);
+  const T* qi = q + b * lq.sb + i * lq.ss + h * lq.sh;
+  float mx = -INFINITY;
+  for (int j = 0; j < dm.Sk; ++j) {
+    if (!visible(dm, i, j)) continue;
+    const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
+    float s = 0.f;
+    for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
+    mx = fmaxf(mx, s * dm.scale);
+  }
+  float o[256];
+  for (int d = 0; d < dm.D; ++d) o[d] = 0.f;
+  float l = 0.f;
+  if (mx != -INFINITY) {
+    for (int j = 0; j < dm.Sk; ++j) {
+      if (!visible(dm, i, j)) continue;
+      const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
+      const T* vj = v + b * lv.sb + j * lv.ss + hk * lv.sh;
+      float s = 0.f;
+      for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
+      const float p = expf(s * dm.scale - mx);
+      l += p;
+      for (int d = 0; d < dm.D; ++d) o[d] += p * to_f(vj[d]);
+    }
+  }
+  T* oi = out + b * lo.sb + i * lo.ss + h * lo.sh;
+  for (int d = 0; d < dm.D; ++d) oi[d] = from_f<T>(l > 0.f ? o[d] / l : 0.f);
+  lse[idx] = l > 0.f ? mx + logf(l) : -INFINITY;
+}

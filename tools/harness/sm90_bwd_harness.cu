@@ -95,44 +95,6 @@ static bool g_only256 = false;
 // ---------------------------------------------------------------- helpers
 template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f<T>(from_f<T>(x)); }
 
-
-
-template <typename T>
-__global__ void ref_fwd(Dims dm, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, T* out,
-                        Layout lo, float* lse) {
-  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (idx >= (int64_t)dm.B * dm.H * dm.Sq) return;
-  const int i = idx % dm.Sq, h = (idx / dm.Sq) % dm.H, b = idx / ((int64_t)dm.Sq * dm.H);
-  const int hk = h / (dm.H / dm.Hk);
-  const T* qi = q + b * lq.sb + i * lq.ss + h * lq.sh;
-  float mx = -INFINITY;
-  for (int j = 0; j < dm.Sk; ++j) {
-    if (!visible(dm, i, j)) continue;
-    const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
-    float s = 0.f;
-    for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
-    mx = fmaxf(mx, s * dm.scale);
-  }
-  float o[256];
-  for (int d = 0; d < dm.D; ++d) o[d] = 0.f;
-  float l = 0.f;
-  if (mx != -INFINITY) {
-    for (int j = 0; j < dm.Sk; ++j) {
-      if (!visible(dm, i, j)) continue;
-      const T* kj = k + b * lk.sb + j * lk.ss + hk * lk.sh;
-      const T* vj = v + b * lv.sb + j * lv.ss + hk * lv.sh;
-      float s = 0.f;
-      for (int d = 0; d < dm.D; ++d) s += to_f(qi[d]) * to_f(kj[d]);
-      const float p = expf(s * dm.scale - mx);
-      l += p;
-      for (int d = 0; d < dm.D; ++d) o[d] += p * to_f(vj[d]);
-    }
-  }
-  T* oi = out + b * lo.sb + i * lo.ss + h * lo.sh;
-  for (int d = 0; d < dm.D; ++d) oi[d] = from_f<T>(l > 0.f ? o[d] / l : 0.f);
-  lse[idx] = l > 0.f ? mx + logf(l) : -INFINITY;
-}
-
 // dq (compact fp32, b x h x i x d) and D; kPt: S, P, dP, dS rounded to T (a 16-bit computation).
 template <typename T, bool kPt>
 __global__ void ref_dq(Dims dm, const T* q, Layout lq, const T* k, Layout lk, const T* v, Layout lv, const T* out,
