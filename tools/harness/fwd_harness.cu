@@ -21,36 +21,12 @@
 #include <vector>
 
 #include "../../csrc/kernels/sm80/fwd_launch.cuh"
+#include "common.cuh"
 
 using namespace flash_ext;
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #x); \
-      exit(1);                                                                                 \
-    }                                                                                          \
-  } while (0)
 
 // ------------------------------------------------------------------------------------------------
-// Random normal fill (hash + Box-Muller), fresh seed per call.
-__device__ __forceinline__ uint64_t splitmix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-template <typename T>
-__global__ void fill_randn(T* p, int64_t n, uint64_t seed, float scale) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const uint64_t h = splitmix(seed ^ splitmix(uint64_t(i)));
-    const float u1 = (float((h >> 40) & 0xFFFFFF) + 1.f) / 16777217.f;
-    const float u2 = float(h & 0xFFFFFF) / 16777216.f;
-    const float z = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
-    p[i] = T(z * scale);
-  }
-}
 
 template <typename T> __device__ __forceinline__ float round_t(float x) { return float(T(x)); }
 

@@ -19,17 +19,10 @@
 #include <vector>
 
 #include "../../csrc/kernels/sm90/fwd_launch.cuh"
+#include "common.cuh"
 
 using namespace flash_ext;
 
-#define CK(x)                                                                                    \
-  do {                                                                                           \
-    cudaError_t e_ = (x);                                                                        \
-    if (e_ != cudaSuccess) {                                                                     \
-      fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #x); \
-      exit(1);                                                                                   \
-    }                                                                                            \
-  } while (0)
 
 template void flash_ext::run_fwd_sm90<64>(const FwdParams&, cudaStream_t);
 template void flash_ext::run_fwd_sm90<128>(const FwdParams&, cudaStream_t);
@@ -89,22 +82,6 @@ static const Variant kVariants[] = {
 };
 
 // ------------------------------------------------------------------------------------------ helpers
-__device__ __forceinline__ uint64_t splitmix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-template <typename T>
-__global__ void fill_randn(T* ptr, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const uint64_t r = splitmix(seed * 0x100000001B3ull + i);
-    const float u1 = ((r >> 40) + 1) * (1.0f / 16777217.0f);
-    const float u2 = ((r & 0xFFFFFF)) * (1.0f / 16777216.0f);
-    const float z = sqrtf(-2.f * logf(u1)) * cospif(2.f * u2);
-    ptr[i] = static_cast<T>(z);
-  }
-}
 template <typename T>
 __device__ __forceinline__ float round_t(float x) { return static_cast<float>(static_cast<T>(x)); }
 

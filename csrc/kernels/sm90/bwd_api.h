@@ -40,23 +40,6 @@ inline bool sm90_bwd_supported(const BwdParams& p) {
   if (p.seqlen_q_rounded != (p.seqlen_q + 127) / 128 * 128) return false;
   const int inst = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
   if (p.head_dim_rounded != inst) return false;
-  const void* ptrs[4] = {p.q, p.k, p.v, p.dout};
-  for (const void* ptr : ptrs) {
-    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  }
-  auto ok_stride = [](int64_t stride, int size) { return size == 1 || (stride > 0 && stride % 8 == 0); };
-  if (!ok_stride(p.q_row_stride, p.seqlen_q) || !ok_stride(p.q_head_stride, p.nheads) ||
-      !ok_stride(p.q_batch_stride, p.batch))
-    return false;
-  if (!ok_stride(p.do_row_stride, p.seqlen_q) || !ok_stride(p.do_head_stride, p.nheads) ||
-      !ok_stride(p.do_batch_stride, p.batch))
-    return false;
-  if (!ok_stride(p.k_row_stride, p.seqlen_k) || !ok_stride(p.k_head_stride, p.nheads_k) ||
-      !ok_stride(p.k_batch_stride, p.batch))
-    return false;
-  if (!ok_stride(p.v_row_stride, p.seqlen_k) || !ok_stride(p.v_head_stride, p.nheads_k) ||
-      !ok_stride(p.v_batch_stride, p.batch))
-    return false;
   // out, dq, dk, dv: read / written as 4-byte pairs.
   const int64_t pair_strides[] = {p.o_batch_stride,  p.o_row_stride,  p.o_head_stride,  p.dq_batch_stride,
                                   p.dq_row_stride,   p.dq_head_stride, p.dk_batch_stride, p.dk_row_stride,
@@ -68,15 +51,14 @@ inline bool sm90_bwd_supported(const BwdParams& p) {
   for (const void* ptr : pair_ptrs) {
     if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return false;
   }
-  CUtensorMap map;
-  return sm90::encode_tensor_map_4d(&map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                                    p.q_head_stride, p.q_batch_stride, 64) &&
-         sm90::encode_tensor_map_4d(&map, p.dout, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
-                                    p.do_row_stride, p.do_head_stride, p.do_batch_stride, 64) &&
-         sm90::encode_tensor_map_4d(&map, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                    p.k_row_stride, p.k_head_stride, p.k_batch_stride, 128) &&
-         sm90::encode_tensor_map_4d(&map, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                    p.v_row_stride, p.v_head_stride, p.v_batch_stride, 128);
+  return sm90::tma_operand_ok(p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                              p.q_head_stride, p.q_batch_stride, 64) &&
+         sm90::tma_operand_ok(p.dout, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.do_row_stride,
+                              p.do_head_stride, p.do_batch_stride, 64) &&
+         sm90::tma_operand_ok(p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
+                              p.k_head_stride, p.k_batch_stride, 128) &&
+         sm90::tma_operand_ok(p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
+                              p.v_head_stride, p.v_batch_stride, 128);
 }
 
 }  // namespace flash_ext

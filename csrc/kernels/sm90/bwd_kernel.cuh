@@ -73,6 +73,34 @@ __host__ __device__ __forceinline__ int dq_accum_index(int row, int col, int n_d
   return wp * (64 * n_dq) + (i / 4) * 512 + tid * 4 + (i % 4);
 }
 
+// dK (times scale_softmax) and dV of this thread's key rows key0 and key0 + 8, kNCols accumulator columns starting
+// at col0 (wgmma accumulator order: register 4j + 2h + e is column col0 + 8j + 2t + e of row key0 + 8h), written
+// straight from registers to global as 4-byte pairs; rows >= seqlen_k and columns >= head_dim are skipped.
+template <typename T, int kNCols>
+__device__ __forceinline__ void store_dkdv_pairs(const BwdParams& p, const float (&dk_reg)[kNCols / 2],
+                                                 const float (&dv_reg)[kNCols / 2], int key0, int col0, int t,
+                                                 int batch, int head_k) {
+  T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
+  T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
+  const float scale = p.scale_softmax;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int key = key0 + 8 * h;
+    if (key >= p.seqlen_k) continue;
+    const int64_t ok = batch * p.dk_batch_stride + key * p.dk_row_stride + head_k * p.dk_head_stride;
+    const int64_t ov = batch * p.dv_batch_stride + key * p.dv_row_stride + head_k * p.dv_head_stride;
+#pragma unroll
+    for (int j = 0; j < kNCols / 8; ++j) {
+      const int c = col0 + 8 * j + 2 * t;
+      if (c < p.head_dim) {
+        *reinterpret_cast<uint32_t*>(dk_ptr + ok + c) =
+            pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale);
+        *reinterpret_cast<uint32_t*>(dv_ptr + ov + c) = pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------ preprocess
 // grid (seqlen_q_rounded / 64, nheads, batch), 256 threads: 8 warps x 8 rows.
 template <typename T, int kHeadDim>
@@ -810,25 +838,7 @@ struct BwdKernel {
     if (!DqWriter && tid == 0) bulk_wait_all();
 
     // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
-    T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
-    T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
-    const float scale = p.scale_softmax;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int key = key0 + 8 * h;
-      if (key >= p.seqlen_k) continue;
-      const int64_t ok = batch * p.dk_batch_stride + key * p.dk_row_stride + head_k * p.dk_head_stride;
-      const int64_t ov = batch * p.dv_batch_stride + key * p.dv_row_stride + head_k * p.dv_head_stride;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        const int c = 8 * j + 2 * t;
-        if (c < p.head_dim) {
-          *reinterpret_cast<uint32_t*>(dk_ptr + ok + c) =
-              pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale);
-          *reinterpret_cast<uint32_t*>(dv_ptr + ov + c) = pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]);
-        }
-      }
-    }
+    store_dkdv_pairs<T, kHeadDim>(p, dk_reg, dv_reg, key0, 0, t, batch, head_k);
   }
 
   __device__ static __forceinline__ void run(const BwdTmaArgs& args) {

@@ -480,22 +480,7 @@ struct BwdKernelHd256 {
         return;
       }
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int key = key0 + 8 * h;
-      if (key >= p.seqlen_k) continue;
-      const int64_t ok = batch * p.dk_batch_stride + key * p.dk_row_stride + head_k * p.dk_head_stride;
-      const int64_t ov = batch * p.dv_batch_stride + key * p.dv_row_stride + head_k * p.dv_head_stride;
-#pragma unroll
-      for (int j = 0; j < kNDq / 8; ++j) {
-        const int c = cw * kNDq + 8 * j + 2 * t;
-        if (c < p.head_dim) {
-          *reinterpret_cast<uint32_t*>(dk_ptr + ok + c) =
-              pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale);
-          *reinterpret_cast<uint32_t*>(dv_ptr + ov + c) = pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]);
-        }
-      }
-    }
+    store_dkdv_pairs<T, kNDq>(p, dk_reg, dv_reg, key0, cw * kNDq, t, batch, head_k);
   }
 
   __device__ static __forceinline__ void run(const BwdTmaArgs& args) {

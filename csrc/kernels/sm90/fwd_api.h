@@ -22,36 +22,15 @@ inline bool sm90_fwd_supported(const FwdParams& p) {
   if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
   if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
   if (p.nheads % p.nheads_k != 0 || p.h_h_k_ratio != p.nheads / p.nheads_k) return false;
-  const void* ptrs[4] = {p.q, p.k, p.v, p.out};
-  for (const void* ptr : ptrs) {
-    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
-  }
-  // Byte strides must be multiples of 16 (elements: multiples of 8) for every dim of size > 1.
-  auto ok_stride = [](int64_t stride, int size) { return size == 1 || (stride > 0 && stride % 8 == 0); };
-  if (!ok_stride(p.q_row_stride, p.seqlen_q) || !ok_stride(p.q_head_stride, p.nheads) ||
-      !ok_stride(p.q_batch_stride, p.batch))
-    return false;
-  if (!ok_stride(p.k_row_stride, p.seqlen_k) || !ok_stride(p.k_head_stride, p.nheads_k) ||
-      !ok_stride(p.k_batch_stride, p.batch))
-    return false;
-  if (!ok_stride(p.v_row_stride, p.seqlen_k) || !ok_stride(p.v_head_stride, p.nheads_k) ||
-      !ok_stride(p.v_batch_stride, p.batch))
-    return false;
-  if (!ok_stride(p.o_row_stride, p.seqlen_q) || !ok_stride(p.o_head_stride, p.nheads) ||
-      !ok_stride(p.o_batch_stride, p.batch))
-    return false;
-  // Let the driver check the rest (extents, strides below 2^40). The box rows do not matter here.
-  CUtensorMap map;
-  return sm90::encode_tensor_map_4d(&map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                                    p.q_head_stride, p.q_batch_stride, 128) &&
-         sm90::encode_tensor_map_4d(&map, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                    p.k_row_stride, p.k_head_stride, p.k_batch_stride, 128) &&
-         sm90::encode_tensor_map_4d(&map, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                    p.v_row_stride, p.v_head_stride, p.v_batch_stride, 128) &&
-         sm90::encode_tensor_map_4d(&map, p.out, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
-                                    p.o_row_stride, p.o_head_stride, p.o_batch_stride, 64);
+  // Each operand: aligned base, strides TMA can describe, a map the driver accepts (the box rows do not matter).
+  return sm90::tma_operand_ok(p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
+                              p.q_head_stride, p.q_batch_stride, 128) &&
+         sm90::tma_operand_ok(p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
+                              p.k_head_stride, p.k_batch_stride, 128) &&
+         sm90::tma_operand_ok(p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
+                              p.v_head_stride, p.v_batch_stride, 128) &&
+         sm90::tma_operand_ok(p.out, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.o_row_stride,
+                              p.o_head_stride, p.o_batch_stride, 64);
 }
-
-
 
 }  // namespace flash_ext
