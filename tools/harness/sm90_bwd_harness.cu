@@ -2,10 +2,11 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small] [det] [d256]   (no argument: test and bench; small: two small cases,
+// Run: bwd_harness [test] [bench] [small] [det] [d256] [dqw] [dqwb]   (no argument: test and bench; small: two small cases,
 // for compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
 // speed against the default; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in test / bench /
-// small). Log: $OUT/sm90_bwd.log.
+// small; dqw / dqwb: the dQ modes of kDqwVariants, tests / interleaved bench; build with -DHARNESS_DQW_ONLY
+// to leave out the tile and deterministic variants, about 3x faster to compile). Log: $OUT/sm90_bwd.log.
 // Inputs are fresh random normals; out / lse come from a naive fp32 reference forward (written in the element
 // type, like a real forward). References: `ref` = the gradients in fp32 from those inputs; `pt` = the same
 // computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
@@ -18,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -49,9 +51,40 @@ void run_cfg(const BwdParams& p, cudaStream_t s) {
 // deterministic = true: deferred flush, split by columns), the eager flush, and d64 split by keys (consumer 1
 // ordered after consumer 0 of its own CTA).
 static const struct { const char* name; int d; LaunchFn fn; } kDetVariants[] = {
+#ifndef HARNESS_DQW_ONLY
     {"d64detE", 64, run_cfg<64, 128, 2, false, false, sm90::kDetEager>},
     {"d64detK", 64, run_cfg<64, 128, 2, true, false, sm90::kDetDeferred>},
+#endif
     {"d128detE", 128, run_cfg<128, 64, 2, false, false, sm90::kDetEager>},
+};
+// dQ modes of the default tiles (BwdTile / BwdTileDet; Det: kDetOff or kDetDeferred): consumers issue the
+// reduce-adds (kDqConsumer, the old path), the writer warp with the separate conversion kernel (kDqWriter), or
+// the writer warp with the conversion fused (kDqWriterCvt). Harness mode `dqw`: tests, repeatability and an
+// interleaved bench of the three (both modes).
+template <int D, int Det, int DqMode>
+void run_tile(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
+      using Tile = std::conditional_t<Det != sm90::kDetOff, sm90::BwdTileDet<D, IsCausal>, sm90::BwdTile<D, IsCausal>>;
+      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap, Det,
+                            DqMode>(p, s);
+    });
+  });
+}
+struct DqwVariant { const char* name; int d; bool det; LaunchFn fn; };
+static const DqwVariant kDqwVariants[] = {
+    {"old", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqConsumer>},
+    {"wr", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqWriter>},
+    {"cvt", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqWriterCvt>},
+    {"detold", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqConsumer>},
+    {"detwr", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqWriter>},
+    {"detcvt", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqWriterCvt>},
+    {"old", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqConsumer>},
+    {"wr", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqWriter>},
+    {"cvt", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqWriterCvt>},
+    {"detold", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqConsumer>},
+    {"detwr", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqWriter>},
+    {"detcvt", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqWriterCvt>},
 };
 static bool g_det = false;  // Problem::init sets params.deterministic from it
 template <bool kDqBulk, bool kStagedEpi, bool kStagger, int kAblate = 0>
@@ -76,6 +109,7 @@ static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
 // give wrong results (timing ablations) or time only part of the backward.
 struct Variant { const char* name; int d; LaunchFn fn; bool bench_only = false; };
 static const Variant kVariants[] = {
+#ifndef HARNESS_DQW_ONLY
     {"d64ovl", 64, run_cfg<64, 64, 2, true, true>},
     {"d64ovl3", 64, run_cfg<64, 64, 3, true, true>},
     {"d64st3", 64, run_cfg<64, 64, 3, true, false>},
@@ -88,6 +122,7 @@ static const Variant kVariants[] = {
     {"d256nostg", 256, run_cfg256<false, true, false>},
     {"d256bulkns", 256, run_cfg256<true, true, false>, true},
     {"d256nodq", 256, run_cfg256<false, true, true, 1>, true},  // ablation: no dq reduction (wrong dq)
+#endif
     {"precvt", 256, run_pre_cvt256, true},  // preprocess + convert only
 };
 static bool g_only256 = false;
@@ -241,7 +276,7 @@ struct Problem {
     p.dq_accum = dq_accum; p.dsoftmax_sum = dsum_ws; p.lse_log2 = lse2_ws;
     p.seqlen_q_rounded = sqr; p.head_dim_rounded = inst;
     p.deterministic = g_det;
-    p.dq_semaphore = g_det ? dq_sem : nullptr;
+    p.dq_semaphore = dq_sem;  // head dims <= 128 need it in both modes (fused dq conversion); d256 ignores it
     int dev; CK(cudaGetDevice(&dev));
     CK(cudaDeviceGetAttribute(&p.num_sm, cudaDevAttrMultiProcessorCount, dev));
   }
@@ -478,8 +513,10 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 }
 
 int main(int argc, char** argv) {
-  bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false;
+  bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
   for (int i = 1; i < argc; ++i) {
+    if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
+    if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
     if (!strcmp(argv[i], "det")) do_det = true;
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
@@ -495,6 +532,42 @@ int main(int argc, char** argv) {
   if (do_small) run_small();
   if (do_test) run_tests();
   std::vector<BenchRow> rows;
+  if (do_dqw) {
+    // Defaults (both modes) and the writer-only modes over the full lists, dq bitwise repeatability in
+    // deterministic mode (dqw); an interleaved bench of all modes, DQW_PASSES passes (default 1), odd ones in reverse order (dqwb).
+    uint64_t seed = 9000;
+    for (int D : {64, 128}) run_tests_d(D, nullptr, "default", seed += 100);
+    g_det = true;
+    for (int D : {64, 128}) run_tests_d(D, nullptr, "det", seed += 100);
+    g_det = false;
+    for (const auto& v : kDqwVariants) {
+      g_det = v.det;
+      if (!strcmp(v.name, "wr") || !strcmp(v.name, "detwr")) run_tests_d(v.d, v.fn, v.name, seed += 100);
+    }
+    g_det = true;
+    for (int D : {64, 128})
+      for (bool c : {false, true}) repeat_dq(4, 1025, 8, 2, D, c, 10, nullptr, "det");
+    for (const auto& v : kDqwVariants)
+      if (v.det) repeat_dq(4, 1025, 8, 2, v.d, v.d == 128, 6, v.fn, v.name);
+    g_det = false;
+    repeat_dq(4, 1025, 8, 2, 128, true, 4, nullptr, "default");
+  }
+  if (do_dqwb) {
+    const int passes = getenv("DQW_PASSES") ? atoi(getenv("DQW_PASSES")) : 1;
+    for (int pass = 0; pass < passes; ++pass)
+      for (int D : {64, 128})
+        for (bool c : {false, true})
+          for (int S : {1024, 4096, 16384}) {
+            const int n = sizeof(kDqwVariants) / sizeof(kDqwVariants[0]);
+            for (int k = 0; k < n; ++k) {
+              const auto& v = kDqwVariants[pass == 0 ? k : n - 1 - k];
+              if (v.d != D) continue;
+              g_det = v.det;
+              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
+            }
+            g_det = false;
+          }
+  }
   if (do_det) {
     // Tests: the deterministic defaults over the full list of their head dim.
     g_det = true;

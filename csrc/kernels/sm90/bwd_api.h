@@ -10,8 +10,8 @@ namespace flash_ext {
 // Instantiated head dims of the sm90 backward; a head dim h runs on the smallest one >= h.
 constexpr int kSm90BwdHeadDims[] = {64, 128, 256};
 
-// Runs preprocess (D = rowsum(dO o O), zero dq_accum and, when deterministic, dq_semaphore), the main
-// kernel and the dq conversion on `stream`; never synchronizes or checks errors. Call only where
+// Runs preprocess (D = rowsum(dO o O), zero dq_accum and dq_semaphore when given), the main kernel and
+// the dq conversion on `stream`; never synchronizes or checks errors. Call only where
 // sm90_bwd_supported(params) is true, on a device of compute capability 9.0. params.head_dim_rounded must
 // equal kHeadDim (dq_accum rows are kHeadDim floats).
 template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);

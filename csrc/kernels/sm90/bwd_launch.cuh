@@ -32,20 +32,35 @@ template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = !IsCausal;
   static constexpr bool Overlap = false;
+  static constexpr int DqMode = kDqConsumer;
 };
 template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr int kBlockM = 64;
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = false;
   static constexpr bool Overlap = false;
+  static constexpr int DqMode = kDqConsumer;
 };
 
-// Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred): the dQ reduce-adds of each query
-// block are ordered by key block through per-block counters (see det_flush in bwd_kernel.cuh). It uses the
+// Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred, DqMode kDqWriter): the dQ
+// reduce-adds of each query block are ordered by key block through per-block counters, waited on and released
+// by the dQ-writer warp (see dq_writer and det_flush in bwd_kernel.cuh). It uses the
 // dQ split by columns (the two consumers add disjoint columns, so only the key-block order is serialized), so
 // d64 non-causal switches from split by keys to kBlockM 128 split by columns; the other tiles are unchanged.
+//
+// dQ mode (DqMode, see bwd_kernel.cuh), measured 2026-11-21 (harness `dqw` / `dqwb`, one process, interleaved per
+// shape; TFLOP/s at 1k / 4k / 16k, non-causal then causal):
+//   default mode: consumers issue the reduces (kept) d64 318 / 446 / 455, 222 / 362 / 439; d128 353 / 490 / 510,
+//     248 / 423 / 510. Writer warp (kDqWriter) d64 323 / 433 / 466, 223 / 369 / 444; d128 366 / 492 / 511,
+//     253 / 424 / 511: -3..+4%, within noise, so not the default. Writer + fused conversion (kDqWriterCvt)
+//     d64 265 / 344 / 371, 172 / 300 / 375; d128 290 / 397 / 445, 182 / 295 / 366: 13-31% SLOWER.
+//   deterministic: the writer warp is the default (kDqWriter): d64 277 / 363 / 452, 185 / 277 / 369; d128
+//     338 / 466 / 510, 228 / 372 / 498, against consumer-side deferred (before) d64 222 / 283 / 328, 158 / 232 /
+//     324; d128 250 / 321 / 351, 177 / 270 / 341 (+14..+46%); fused (kDqWriterCvt) d64 237 / 329 / 421, 155 /
+//     260 / 360; d128 271 / 389 / 448, 190 / 343 / 485 (slower than kDqWriter everywhere).
 template <int kHeadDim, bool IsCausal> struct BwdTileDet : BwdTile<kHeadDim, IsCausal> {
   static constexpr bool DqSplitKeys = false;
+  static constexpr int DqMode = kDqWriter;
 };
 
 inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, int block_n) {
@@ -62,12 +77,13 @@ inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, i
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap,
-          int DetMode = kDetOff>
+          int DetMode = kDetOff, int DqMode = kDqConsumer>
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode>;
-  // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported
-  // checks that the API allocated them.
-  if (DetMode != kDetOff && params.dq_semaphore == nullptr) return;
+  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode>;
+  // Deterministic kernels and the fused conversion need the counters (zeroed by the preprocess kernel below);
+  // sm90_bwd_supported checks that the API allocated them when deterministic (the fused conversion is no
+  // default: only the harness runs it, with the counters).
+  if ((DetMode != kDetOff || DqMode == kDqWriterCvt) && params.dq_semaphore == nullptr) return;
   BwdTmaArgs args;
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
@@ -80,6 +96,7 @@ void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   auto kernel = bwd_main_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
+  if (DqMode == kDqWriterCvt) return;  // the main kernel converted dq
   const dim3 grid_cvt((params.seqlen_q + 63) / 64, params.nheads, params.batch);
   bwd_convert_dq_sm90<T, kHeadDim, Kernel::kNDq><<<grid_cvt, 256, 0, stream>>>(params);
 }
@@ -93,11 +110,11 @@ void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
       if (params.deterministic) {
         using Tile = sm90::BwdTileDet<kHeadDim, IsCausal>;
         sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                              Tile::Overlap, sm90::kDetDeferred>(params, stream);
+                              Tile::Overlap, sm90::kDetDeferred, Tile::DqMode>(params, stream);
       } else {
         using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
         sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                              Tile::Overlap>(params, stream);
+                              Tile::Overlap, sm90::kDetOff, Tile::DqMode>(params, stream);
       }
     });
   });

@@ -101,6 +101,13 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
 __device__ __forceinline__ void red_release_gpu_add(int* ptr, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
 }
+// Returns the old value; acquire and release (the fused dq conversion: the last incrementer reads the block).
+__device__ __forceinline__ int atom_add_acq_rel_gpu(int* ptr, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(ptr), "r"(v) : "memory");
+  return old;
+}
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 // Spin (one thread) until *ptr >= target, backing off with __nanosleep (16 ns doubling to 128 ns).
 __device__ __forceinline__ void wait_counter_geq(const int* ptr, int target) {
   unsigned ns = 16;
