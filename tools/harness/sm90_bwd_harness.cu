@@ -99,8 +99,8 @@ void run_cfg256(const BwdParams& p, cudaStream_t s) {
 // Timing only: the preprocess and dq-conversion kernels of the d256 backward alone.
 static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
-    sm90::bwd_preprocess_sm90<elem_type, 256><<<dim3(p.seqlen_q_rounded / 64, p.nheads, p.batch), 256, 0, s>>>(p);
-    sm90::bwd_convert_dq_sm90<elem_type, 256, 128><<<dim3((p.seqlen_q + 63) / 64, p.nheads, p.batch), 256, 0, s>>>(p);
+    sm90::launch_bwd_preprocess<elem_type, 256>(p, s);
+    sm90::launch_bwd_convert_dq<elem_type, 256, 128>(p, s);
   });
 }
 // Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.

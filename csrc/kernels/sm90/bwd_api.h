@@ -23,8 +23,10 @@ template <> void run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream)
 // (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned) or with head_dim above 128 (the
 // kHeadDim 256 kernel adds dQ unordered), head_dim above 256 or not a multiple of 8, TMA unable to
 // describe q, k, v or dout
-// (a base pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), or an
-// odd output stride (dq / dk / dv / out are accessed in pairs of elements). The API then falls back to sm80.
+// (a base pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), out or
+// dq not 16-byte aligned with strides multiples of 8 elements (the preprocess and dq conversion kernels move
+// 16- and 8-byte vectors), or an odd dk / dv stride (written in pairs of elements). The API then falls back to
+// sm80 (its attention_backward passes out aligned that way and allocates dq contiguous).
 // Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
 inline bool sm90_bwd_supported(const BwdParams& p) {
   if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0 ||
@@ -40,17 +42,19 @@ inline bool sm90_bwd_supported(const BwdParams& p) {
   if (p.seqlen_q_rounded != (p.seqlen_q + 127) / 128 * 128) return false;
   const int inst = p.head_dim <= 64 ? 64 : p.head_dim <= 128 ? 128 : 256;
   if (p.head_dim_rounded != inst) return false;
-  // out, dq, dk, dv: read / written as 4-byte pairs.
-  const int64_t pair_strides[] = {p.o_batch_stride,  p.o_row_stride,  p.o_head_stride,  p.dq_batch_stride,
-                                  p.dq_row_stride,   p.dq_head_stride, p.dk_batch_stride, p.dk_row_stride,
-                                  p.dk_head_stride,  p.dv_batch_stride, p.dv_row_stride,  p.dv_head_stride};
+  // out, dq: read / written as 16- / 8-byte vectors; dk, dv: written as 4-byte pairs.
+  const int64_t vec_strides[] = {p.o_batch_stride,  p.o_row_stride,  p.o_head_stride,
+                                 p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride};
+  for (int64_t s : vec_strides) {
+    if (s % 8 != 0) return false;
+  }
+  if (reinterpret_cast<uintptr_t>(p.out) % 16 != 0 || reinterpret_cast<uintptr_t>(p.dq) % 16 != 0) return false;
+  const int64_t pair_strides[] = {p.dk_batch_stride, p.dk_row_stride,  p.dk_head_stride,
+                                  p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride};
   for (int64_t s : pair_strides) {
     if (s % 2 != 0) return false;
   }
-  const void* pair_ptrs[4] = {p.out, p.dq, p.dk, p.dv};
-  for (const void* ptr : pair_ptrs) {
-    if (reinterpret_cast<uintptr_t>(ptr) % 4 != 0) return false;
-  }
+  if (reinterpret_cast<uintptr_t>(p.dk) % 4 != 0 || reinterpret_cast<uintptr_t>(p.dv) % 4 != 0) return false;
   return sm90::tma_operand_ok(p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
                               p.q_head_stride, p.q_batch_stride, 64) &&
          sm90::tma_operand_ok(p.dout, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.do_row_stride,

@@ -26,6 +26,13 @@ namespace sm90 {
 //   330 / 450 / 478; an earlier run 377 / 509 / 525), causal 243 / 422 / 450 (242 / 406 / 492); 3 stages
 //   313 / 445 / 486, causal 235 / 409 / 494 (noise-level, more shared memory); split by keys 312 / 409 / 437,
 //   causal 213 / 368 / 421. Overlap spills with d128 (S^T, dP^T and dQ live together with dK, dV).
+// Persistent (one CTA per SM looping over the tiles; the next tile's K / V load during this tile's dK / dV
+// stores), 2026-11-21, torch.profiler time of the main kernel, bf16, same build with / without, non-causal:
+//   d64 1k / 2k / 4k / 16k 883 / 1551 / 2915 / 11709 -> 847 / 1523 / 2912 / 11669 us; d128 794 / 1390 / 2829 /
+//   11463 -> 774 / 1377 / 2734 / 11514 us (1-5% at 1k-4k, noise at 16k; a second run: d64 1k 881 -> 839, 4k 2949
+//   -> 2831, d128 1k 760 -> 749, 4k 2772 -> 2697). Causal with the static round-robin order is much slower (d128
+//   16k 5361 -> 8211 us: CTA c gets key blocks c, c + 132, ... and causal tiles shrink with the key block, so the
+//   work per CTA differs up to ~3x): causal keeps one CTA per tile (the hardware balances them).
 template <int kHeadDim, bool IsCausal> struct BwdTile;
 template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr int kBlockM = 128;
@@ -33,6 +40,7 @@ template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr bool DqSplitKeys = !IsCausal;
   static constexpr bool Overlap = false;
   static constexpr int DqMode = kDqConsumer;
+  static constexpr bool Persistent = !IsCausal;
 };
 template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr int kBlockM = 64;
@@ -40,6 +48,7 @@ template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr bool DqSplitKeys = false;
   static constexpr bool Overlap = false;
   static constexpr int DqMode = kDqConsumer;
+  static constexpr bool Persistent = !IsCausal;
 };
 
 // Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred, DqMode kDqWriter): the dQ
@@ -60,6 +69,7 @@ template <bool IsCausal> struct BwdTile<128, IsCausal> {
 //     260 / 360; d128 271 / 389 / 448, 190 / 343 / 485 (slower than kDqWriter everywhere).
 template <int kHeadDim, bool IsCausal> struct BwdTileDet : BwdTile<kHeadDim, IsCausal> {
   static constexpr bool DqSplitKeys = false;
+  static constexpr bool Persistent = false;  // (the counter order relies on the grid order: see det_flush)
   static constexpr int DqMode = kDqWriter;
 };
 
@@ -77,9 +87,9 @@ inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, i
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap,
-          int DetMode = kDetOff, int DqMode = kDqConsumer>
+          int DetMode = kDetOff, int DqMode = kDqConsumer, bool Persistent = false>
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode>;
+  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode, Persistent>;
   // Deterministic kernels and the fused conversion need the counters (zeroed by the preprocess kernel below);
   // sm90_bwd_supported checks that the API allocated them when deterministic (the fused conversion is no
   // default: only the harness runs it, with the counters).
@@ -88,17 +98,20 @@ void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
-  const dim3 grid_pre(params.seqlen_q_rounded / 64, params.nheads, params.batch);
-  bwd_preprocess_sm90<T, kHeadDim><<<grid_pre, 256, 0, stream>>>(params);
+  launch_bwd_preprocess<T, kHeadDim>(params, stream);
   // x = key block is the fastest grid dimension: the deterministic mode relies on CTAs of lower x of the same
   // (kv head, batch) being launched no later than higher ones (see det_flush).
-  const dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
+  dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
+  if constexpr (Persistent) {
+    const int64_t tiles = static_cast<int64_t>(grid_main.x) * grid_main.y * grid_main.z;
+    const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
+    grid_main = dim3(static_cast<unsigned>(tiles < num_sm ? tiles : num_sm), 1, 1);
+  }
   auto kernel = bwd_main_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
   if (DqMode == kDqWriterCvt) return;  // the main kernel converted dq
-  const dim3 grid_cvt((params.seqlen_q + 63) / 64, params.nheads, params.batch);
-  bwd_convert_dq_sm90<T, kHeadDim, Kernel::kNDq><<<grid_cvt, 256, 0, stream>>>(params);
+  launch_bwd_convert_dq<T, kHeadDim, Kernel::kNDq>(params, stream);
 }
 
 }  // namespace sm90
@@ -114,7 +127,7 @@ void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
       } else {
         using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
         sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                              Tile::Overlap, sm90::kDetOff, Tile::DqMode>(params, stream);
+                              Tile::Overlap, sm90::kDetOff, Tile::DqMode, Tile::Persistent>(params, stream);
       }
     });
   });

@@ -38,14 +38,12 @@ void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
-  const dim3 grid_pre(params.seqlen_q_rounded / 64, params.nheads, params.batch);
-  bwd_preprocess_sm90<T, 256><<<grid_pre, 256, 0, stream>>>(params);
+  launch_bwd_preprocess<T, 256>(params, stream);
   const dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
   auto kernel = bwd_main_hd256_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
-  const dim3 grid_cvt((params.seqlen_q + 63) / 64, params.nheads, params.batch);
-  bwd_convert_dq_sm90<T, 256, Kernel::kNDq><<<grid_cvt, 256, 0, stream>>>(params);
+  launch_bwd_convert_dq<T, 256, Kernel::kNDq>(params, stream);
 }
 
 inline void run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
