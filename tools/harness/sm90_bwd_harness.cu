@@ -58,9 +58,8 @@ static const struct { const char* name; int d; LaunchFn fn; } kDetVariants[] = {
     {"d128detE", 128, run_cfg<128, 64, 2, false, false, sm90::kDetEager>},
 };
 // dQ modes of the default tiles (BwdTile / BwdTileDet; Det: kDetOff or kDetDeferred): consumers issue the
-// reduce-adds (kDqConsumer, the old path), the writer warp with the separate conversion kernel (kDqWriter), or
-// the writer warp with the conversion fused (kDqWriterCvt). Harness mode `dqw`: tests, repeatability and an
-// interleaved bench of the three (both modes).
+// reduce-adds (kDqConsumer, the old path) or the writer warp (kDqWriter). Harness mode `dqw`: tests,
+// repeatability and an interleaved bench of the two (both modes).
 template <int D, int Det, int DqMode>
 void run_tile(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
@@ -75,16 +74,12 @@ struct DqwVariant { const char* name; int d; bool det; LaunchFn fn; };
 static const DqwVariant kDqwVariants[] = {
     {"old", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqConsumer>},
     {"wr", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqWriter>},
-    {"cvt", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqWriterCvt>},
     {"detold", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqConsumer>},
     {"detwr", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqWriter>},
-    {"detcvt", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqWriterCvt>},
     {"old", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqConsumer>},
     {"wr", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqWriter>},
-    {"cvt", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqWriterCvt>},
     {"detold", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqConsumer>},
     {"detwr", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqWriter>},
-    {"detcvt", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqWriterCvt>},
 };
 static bool g_det = false;  // Problem::init sets params.deterministic from it
 template <bool kDqBulk, bool kStagedEpi, bool kStagger, int kAblate = 0>

@@ -8,8 +8,7 @@
 //      rows (1-D bulk copies) stream through a kStages-slot mbarrier pipeline. kNWarps = 12:
 //        warpgroup 0  producer: lane 0 of warp 0 issues the loads; setmaxnreg lowers the warpgroup to 24
 //                     registers (40 with the dQ writer). DqMode != kDqConsumer: warp 1 is the dQ writer
-//                     (dq_writer: issues the dQ reduce-adds, the deterministic counter wait / release, and with
-//                     kDqWriterCvt the fused conversion).
+//                     (dq_writer: issues the dQ reduce-adds and the deterministic counter wait / release).
 //        warpgroups 1, 2  consumers (240 registers, 232 with the dQ writer): consumer w owns keys [64w, 64w + 64)
 //                     of the block. Per query
 //                     block, with the products transposed so the key dimension is the wgmma M dimension:
@@ -28,8 +27,8 @@
 //      Overlap: S^T / dP^T of step i + 1 are issued before dQ of step i is written out, so the tensor cores work
 //      while the warpgroup stages dQ (needs the registers of both: not for d128).
 //   3. bwd_convert_dq_sm90: dq = dq_accum * scale -> element type (un-permuting the accumulation layout).
-//      Skipped with kDqWriterCvt: the writer of the last contributing key block converts the block (counted in
-//      dq_semaphore), measured 13-31% slower than the separate kernel (2026-11-21), so no default uses it.
+//      (Converting each block in the main kernel, by the writer of its last contributing key block, measured
+//      13-31% slower, 2026-11-21: removed; see NOTES.md.)
 // Defaults (bwd_launch.cuh): consumers issue the reduces in the default mode (the writer warp measured within
 // noise there); the deterministic mode uses the writer warp (kDqWriter: +14..46% over the consumer-side wait).
 // Deterministic mode (DetMode != kDetOff, params.deterministic): the reduce-adds into each dq_accum block are
@@ -236,10 +235,8 @@ inline void launch_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
 constexpr int kDetOff = 0, kDetEager = 1, kDetDeferred = 2;
 // Who issues the dQ reduce-adds (BwdKernel's DqMode): the consumers themselves (tid 0 of each consumer
 // warpgroup, plus the counter wait / release in deterministic mode: DetMode picks eager or deferred), or the
-// dQ-writer warp (warp 1 of the producer warpgroup; DetMode then only says deterministic or not), with the dq
-// conversion in the separate kernel (kDqWriter) or fused: the writer of the last contributing key block of a
-// query block converts it (kDqWriterCvt; needs params.dq_semaphore in both modes).
-constexpr int kDqConsumer = 0, kDqWriter = 1, kDqWriterCvt = 2;
+// dQ-writer warp (warp 1 of the producer warpgroup; DetMode then only says deterministic or not).
+constexpr int kDqConsumer = 0, kDqWriter = 1;
 
 template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool Overlap_,
           int DetMode_ = kDetOff, int DqMode_ = kDqConsumer, bool Persistent_ = false>
@@ -258,8 +255,7 @@ struct BwdKernel {
   static_assert(DetMode == kDetOff || DetMode == kDetEager || DetMode == kDetDeferred, "DetMode");
   static constexpr int DqMode = DqMode_;
   static constexpr bool DqWriter = DqMode != kDqConsumer;  // warp 1 issues the dQ reduce-adds
-  static constexpr bool FusedCvt = DqMode == kDqWriterCvt;  // ... and converts the finished query blocks
-  static_assert(DqMode == kDqConsumer || DqMode == kDqWriter || DqMode == kDqWriterCvt, "DqMode");
+  static_assert(DqMode == kDqConsumer || DqMode == kDqWriter, "DqMode");
   static_assert(!(Deterministic && Overlap), "deterministic mode is implemented for the non-overlapped loop");
   // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles (tile blockIdx.x + k gridDim.x, key
   // blocks fastest); the pipeline position runs on across tiles, and the next tile's K / V (and first Q / dO)
@@ -270,7 +266,8 @@ struct BwdKernel {
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   // Register budget: the kernel starts at 168 per thread (384 x 168 = 64512); 24*128 + 240*256 = 64512, and
-  // with the writer warp (it converts dQ blocks: loads in flight) 40*128 + 232*256 = 64512.
+  // with the writer warp 40*128 + 232*256 = 64512 (the split its measurements used; it was sized for a fused
+  // conversion in the writer, since removed).
   static constexpr int kProducerRegs = DqWriter ? 40 : 24;
   static constexpr int kConsumerRegs = DqWriter ? 232 : 240;
   static_assert(kHeadDim % 64 == 0, "SW128 chunks are 64 columns wide");
@@ -304,7 +301,7 @@ struct BwdKernel {
   static constexpr int kOffD = kOffLse + kStages * kBlockM * 4;       // kStages x kBlockM floats
   static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
   static_assert(kOffLse % 16 == 0 && kOffD % 16 == 0, "bulk copy destinations are 16-byte aligned");
-  static constexpr int kNumBars = 1 + 2 * kStages + (DqWriter ? 4 * kDqBufs + 1 : 0) + (Persistent ? 1 : 0);
+  static constexpr int kNumBars = 1 + 2 * kStages + (DqWriter ? 4 * kDqBufs : 0) + (Persistent ? 1 : 0);
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
   // Named barriers (0 is __syncthreads): 1 dS of both consumers written; 2, 3 dS of consumer w (split keys);
@@ -324,10 +321,6 @@ struct BwdKernel {
   __device__ static __forceinline__ uint32_t bar_dq_empty(uint32_t b, int cw, int buf) {
     return b + 8 * (1 + 2 * kStages + 2 * kDqBufs + cw * kDqBufs + buf);
   }
-  // Fused conversion: the writer's bulk load of a finished dq_accum block into its staging buffers.
-  __device__ static __forceinline__ uint32_t bar_cvt(uint32_t b) { return b + 8 * (1 + 2 * kStages + 4 * kDqBufs); }
-  // Both consumers' buffers buf are contiguous: 2 kDqPartBytes >= one kBlockM x kHeadDim float block.
-  static_assert(2 * kDqPartBytes >= kBlockM * kHeadDim * 4, "conversion staging");
   __device__ static __forceinline__ uint32_t dq_stage_smem(uint32_t smem, int cw, int buf) {
     return smem + kOffDq + (buf * 2 + cw) * kDqPartBytes;
   }
@@ -349,6 +342,12 @@ struct BwdKernel {
       hh = it / n_m;
       m_block = m_block_min + it % n_m;
     }
+  }
+
+  // Pipeline steps of a key block whose first visible query block is m_block_min: every (head of the GQA group,
+  // query block >= m_block_min). Producer, writer, consumers and the persistent tile loop all count with this.
+  __device__ static __forceinline__ int num_steps(const BwdTmaArgs& args, int m_block_min) {
+    return (args.num_m_blocks - m_block_min) * args.params.h_h_k_ratio;
   }
 
   // ------------------------------------------------------------------------------------------ producer
@@ -374,7 +373,7 @@ struct BwdKernel {
                     batch);
       }
     }
-    const int n_iters = (args.num_m_blocks - m_block_min) * p.h_h_k_ratio;
+    const int n_iters = num_steps(args, m_block_min);
     for (int it = 0; it < n_iters; ++it) {
       int hh, m_block;
       step_coords(args, m_block_min, it, hh, m_block);
@@ -400,43 +399,23 @@ struct BwdKernel {
   }
 
   // ------------------------------------------------------------------------------------------ dQ writer
-  // Writer mode (DqMode != kDqConsumer), warp 1 of the producer warpgroup. Per step, lane 0: (deterministic:
-  // wait until the step's counter reaches n_block, i.e. every lower key block's adds are complete), wait for
-  // each consumer's staged dQ part (bar_dq_full), issue its bulk reduce-add, wait until the reduces have READ
-  // the staging buffer and hand it back (bar_dq_empty). Then (deterministic or fused conversion) wait for the
-  // reduces to COMPLETE, proxy fence, and increment the counter (release; fused: acq_rel atom, so the writer
-  // sees the count): one increment per CTA per (head, query block), so the writer that brings the count to
-  // the number of contributing key blocks, Mask::n_block_max(m_block) (a prefix of key blocks, see det_flush),
-  // holds the last adds and converts the block (all 32 lanes: convert_block).
-  // The counters are per (batch, head, kBlockM-row block) (entries m_block of the 64-row array, as in the
-  // consumer deterministic mode). Query blocks with no contributor (causal, seqlen_q > seqlen_k: rows that see
-  // no key, below m_block_min(0)) get dq = 0 from CTA 0's writer (fused only; dq_accum of those stays 0 too).
-  // Deadlock freedom (deterministic): the writer of CTA n waits only for CTAs of lower blockIdx.x of the same
-  // (head_k, batch) (launched no later, see det_flush), the consumers only for their own writer (bar_dq_empty)
-  // and producer, and the producer only for its consumers.
+  // Writer mode (DqMode == kDqWriter), warp 1 of the producer warpgroup. Per step, lane 0: (deterministic: wait
+  // until the step's counter reaches n_block, i.e. every lower key block's adds are complete), wait for each
+  // consumer's staged dQ part (bar_dq_full), issue its bulk reduce-add, wait until the reduces have READ the
+  // staging buffer and hand it back (bar_dq_empty). Deterministic: then wait for the reduces to COMPLETE, proxy
+  // fence, and release-increment the counter: one increment per CTA per (head, query block). The counters are
+  // per (batch, head, kBlockM-row block) (entries m_block of the 64-row array, as in the consumer deterministic
+  // mode). Deadlock freedom: the writer of CTA n waits only for CTAs of lower blockIdx.x of the same (head_k,
+  // batch) (launched no later, see det_flush), the consumers only for their own writer (bar_dq_empty) and
+  // producer, and the producer only for its consumers.
   __device__ static void dq_writer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
                                    int batch) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
     Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_iters = (args.num_m_blocks - m_block_min) * p.h_h_k_ratio;
-    if constexpr (FusedCvt) {
-      if (n_block == 0 && m_block_min > 0) {
-        T* dq = static_cast<T*>(p.dq);
-        const int rows = min(m_block_min * kBlockM, p.seqlen_q);
-        for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
-          const int head = head_k * p.h_h_k_ratio + hh;
-          for (int r = 0; r < rows; ++r) {
-            for (int c = 2 * lane; c < p.head_dim; c += 64) {
-              *reinterpret_cast<uint32_t*>(dq + batch * p.dq_batch_stride + r * p.dq_row_stride +
-                                           head * p.dq_head_stride + c) = 0u;
-            }
-          }
-        }
-      }
-    }
-    uint32_t n_cvt = 0;  // conversions done (bar_cvt phase)
+    const int n_iters = num_steps(args, m_block_min);
+    if (lane != 0) return;
     for (int it = 0; it < n_iters; ++it) {
       int hh, m_block;
       step_coords(args, m_block_min, it, hh, m_block);
@@ -445,110 +424,43 @@ struct BwdKernel {
       const uint32_t par = (it / kDqBufs) & 1;
       const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
       int* sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) +
-                 m_block;  // only dereferenced when deterministic or fused (then not null)
-      // Deterministic: the counter order is fixed, so the last contributor knows it beforehand.
-      const bool det_last = Deterministic && FusedCvt && n_block + 1 == mask.template n_block_max<kBlockM, kBlockN>(m_block);
-      if (lane == 0) {
-        if constexpr (Deterministic) {
-          wait_counter_geq(sem, n_block);
-          fence_proxy_async_global();
-        }
-#pragma unroll
-        for (int cw = 0; cw < 2; ++cw) {
-          const uint32_t dq_s = dq_stage_smem(smem, cw, buf);
-          mbar_wait(bar_dq_full(bars, cw, buf), par);
-          if constexpr (DqSplitKeys) {
-            bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
-          } else {
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-              bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
-                                  kDqTileBytes);
-            }
-          }
-          tma_store_commit();
-          if constexpr (Deterministic && DqSplitKeys) {
-            // Split by keys both parts add into the same elements: consumer 1's after consumer 0's.
-            if (cw == 0) {
-              bulk_wait_all();
-              fence_proxy_async_global();
-            }
-          }
-        }
-        // The staging buffers are free once read, unless this writer may load a finished block into them
-        // (fused: known beforehand only when deterministic).
-        if (!FusedCvt || (Deterministic && !det_last)) {
-          tma_store_wait_read();
-          mbar_arrive(bar_dq_empty(bars, 0, buf));
-          mbar_arrive(bar_dq_empty(bars, 1, buf));
-        }
+                 m_block;  // only dereferenced when deterministic (then not null)
+      if constexpr (Deterministic) {
+        wait_counter_geq(sem, n_block);
+        fence_proxy_async_global();
       }
-      if constexpr (Deterministic || FusedCvt) {
-        int last = 0;
-        if (lane == 0) {
-          bulk_wait_all();  // complete (global writes done), so the buffer has been read too
-          fence_proxy_async_global();
-          if constexpr (FusedCvt && !Deterministic) {
-            last = atom_add_acq_rel_gpu(sem, 1) + 1 == mask.template n_block_max<kBlockM, kBlockN>(m_block);
-          } else {
-            red_release_gpu_add(sem, 1);  // (the last contributor's increment has no waiter)
-            last = det_last;
-          }
-          if (last) {
-            // The finished block (L2-hot) -> this step's staging buffers (both consumers'), by one bulk copy.
-            fence_proxy_async_global();  // after the acquire, before the async-proxy read
-            mbar_arrive_expect_tx(bar_cvt(bars), kBlockM * kHeadDim * 4);
-            bulk_load(dq_stage_smem(smem, 0, buf), p.dq_accum + row * kHeadDim, kBlockM * kHeadDim * 4,
-                          bar_cvt(bars));
-          } else if (FusedCvt && !Deterministic) {
-            mbar_arrive(bar_dq_empty(bars, 0, buf));
-            mbar_arrive(bar_dq_empty(bars, 1, buf));
+#pragma unroll
+      for (int cw = 0; cw < 2; ++cw) {
+        const uint32_t dq_s = dq_stage_smem(smem, cw, buf);
+        mbar_wait(bar_dq_full(bars, cw, buf), par);
+        if constexpr (DqSplitKeys) {
+          bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
+                                kDqTileBytes);
           }
         }
-        if constexpr (FusedCvt) {
-          last = __shfl_sync(0xffffffffu, last, 0);
-          if (last) {
-            mbar_wait(bar_cvt(bars), n_cvt & 1);
-            ++n_cvt;
-            convert_block(p, dq_stage_smem(smem, 0, buf), batch, head, m_block, lane);
-            __syncwarp();  // every lane's reads of the buffers are done
-            if (lane == 0) {
-              mbar_arrive(bar_dq_empty(bars, 0, buf));
-              mbar_arrive(bar_dq_empty(bars, 1, buf));
-            }
+        tma_store_commit();
+        if constexpr (Deterministic && DqSplitKeys) {
+          // Split by keys both parts add into the same elements: consumer 1's after consumer 0's.
+          if (cw == 0) {
+            bulk_wait_all();
+            fence_proxy_async_global();
           }
         }
       }
+      tma_store_wait_read();
+      mbar_arrive(bar_dq_empty(bars, 0, buf));
+      mbar_arrive(bar_dq_empty(bars, 1, buf));
+      if constexpr (Deterministic) {
+        bulk_wait_all();  // complete: the global writes are done
+        fence_proxy_async_global();
+        red_release_gpu_add(sem, 1);  // (the last contributor's increment has no waiter)
+      }
     }
-    if (lane == 0) bulk_wait_all();
-  }
-
-  // dq rows [m_block kBlockM, +kBlockM) (< seqlen_q, cols < head_dim) = the dq_accum block (copied to shared
-  // memory at buf_s) * scale, one warp. The same index map as bwd_convert_dq_sm90 (one float4 = columns c, c + 1
-  // of rows r, r + 8): lane l reads float4 32 u + l, conflict-free.
-  __device__ static __forceinline__ void convert_block(const BwdParams& p, uint32_t buf_s, int batch, int head,
-                                                       int m_block, int lane) {
-    T* dq = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride;
-    constexpr int kVecs = kMTiles * 64 * kHeadDim / 4;
-    const float scale = p.scale_softmax;
-#pragma unroll 4
-    for (int v = lane; v < kVecs; v += 32) {
-      float4 a;
-      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=f"(a.x), "=f"(a.y), "=f"(a.z), "=f"(a.w)
-                   : "r"(buf_s + 16 * v));
-      const int mt = v / (16 * kHeadDim), idx = 4 * (v - mt * 16 * kHeadDim);
-      const int wp = idx / (64 * kNDq), rem = idx - wp * (64 * kNDq);
-      const int j = rem / 512, tid = (rem % 512) / 4;
-      const int ln = tid % 32;
-      const int r = m_block * kBlockM + 64 * mt + 16 * (tid / 32) + ln / 4;
-      const int c = wp * kNDq + 8 * j + 2 * (ln % 4);
-      if (c >= p.head_dim) continue;
-      if (r < p.seqlen_q)
-        *reinterpret_cast<uint32_t*>(dq + r * p.dq_row_stride + c) = pack2<T>(a.x * scale, a.y * scale);
-      if (r + 8 < p.seqlen_q)
-        *reinterpret_cast<uint32_t*>(dq + (r + 8) * p.dq_row_stride + c) = pack2<T>(a.z * scale, a.w * scale);
-    }
+    bulk_wait_all();
   }
 
   // ------------------------------------------------------------------------------------------ consumer
@@ -560,8 +472,7 @@ struct BwdKernel {
     const int g = lane / 4, t = lane % 4;
     Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_m = args.num_m_blocks - m_block_min;  // query blocks per head
-    const int n_iters = n_m * p.h_h_k_ratio;          // pipeline steps: (head of the group, query block)
+    const int n_iters = num_steps(args, m_block_min);
     const float scale_log2 = p.scale_softmax_log2;
     // This thread's key rows (global): key0 and key0 + 8.
     const int key0 = n_block * kBlockN + cw * 64 + warp_in_wg * 16 + g;
@@ -939,7 +850,6 @@ struct BwdKernel {
           mbar_init(bar_dq_empty(bars, 0, b), 1);  // the writer, after the reduce has read the buffer
           mbar_init(bar_dq_empty(bars, 1, b), 1);
         }
-        mbar_init(bar_cvt(bars), 1);
       }
       fence_mbar_init();
     }
@@ -956,7 +866,7 @@ struct BwdKernel {
         for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++tile_iter) {
           const int nb = tile % n_blocks, rest = tile / n_blocks;
           body(nb, rest % p.nheads_k, rest / p.nheads_k, g0, tile_iter);
-          g0 += (args.num_m_blocks - mask.template m_block_min<kBlockM, kBlockN>(nb)) * p.h_h_k_ratio;
+          g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
         }
       };
       if (warp < 4) {

@@ -61,11 +61,12 @@ template <bool IsCausal> struct BwdTile<128, IsCausal> {
 // shape; TFLOP/s at 1k / 4k / 16k, non-causal then causal):
 //   default mode: consumers issue the reduces (kept) d64 318 / 446 / 455, 222 / 362 / 439; d128 353 / 490 / 510,
 //     248 / 423 / 510. Writer warp (kDqWriter) d64 323 / 433 / 466, 223 / 369 / 444; d128 366 / 492 / 511,
-//     253 / 424 / 511: -3..+4%, within noise, so not the default. Writer + fused conversion (kDqWriterCvt)
-//     d64 265 / 344 / 371, 172 / 300 / 375; d128 290 / 397 / 445, 182 / 295 / 366: 13-31% SLOWER.
+//     253 / 424 / 511: -3..+4%, within noise, so not the default. Writer + fused conversion (the writer of the
+//     last contributing key block converted the block; since removed) d64 265 / 344 / 371, 172 / 300 / 375;
+//     d128 290 / 397 / 445, 182 / 295 / 366: 13-31% SLOWER.
 //   deterministic: the writer warp is the default (kDqWriter): d64 277 / 363 / 452, 185 / 277 / 369; d128
 //     338 / 466 / 510, 228 / 372 / 498, against consumer-side deferred (before) d64 222 / 283 / 328, 158 / 232 /
-//     324; d128 250 / 321 / 351, 177 / 270 / 341 (+14..+46%); fused (kDqWriterCvt) d64 237 / 329 / 421, 155 /
+//     324; d128 250 / 321 / 351, 177 / 270 / 341 (+14..+46%); fused conversion d64 237 / 329 / 421, 155 /
 //     260 / 360; d128 271 / 389 / 448, 190 / 343 / 485 (slower than kDqWriter everywhere).
 template <int kHeadDim, bool IsCausal> struct BwdTileDet : BwdTile<kHeadDim, IsCausal> {
   static constexpr bool DqSplitKeys = false;
@@ -90,10 +91,9 @@ template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, boo
           int DetMode = kDetOff, int DqMode = kDqConsumer, bool Persistent = false>
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode, Persistent>;
-  // Deterministic kernels and the fused conversion need the counters (zeroed by the preprocess kernel below);
-  // sm90_bwd_supported checks that the API allocated them when deterministic (the fused conversion is no
-  // default: only the harness runs it, with the counters).
-  if ((DetMode != kDetOff || DqMode == kDqWriterCvt) && params.dq_semaphore == nullptr) return;
+  // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported checks
+  // that the API allocated them.
+  if (DetMode != kDetOff && params.dq_semaphore == nullptr) return;
   BwdTmaArgs args;
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
@@ -110,7 +110,6 @@ void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   auto kernel = bwd_main_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
-  if (DqMode == kDqWriterCvt) return;  // the main kernel converted dq
   launch_bwd_convert_dq<T, kHeadDim, Kernel::kNDq>(params, stream);
 }
 
