@@ -3,7 +3,7 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_fwd_harness.cu -o .devbin/sm90/fwd_harness
-// Run: fwd_harness [check|bench|quick|all]   (default all)
+// Run: fwd_harness [check|bench|quick|all|dobench [variant names]]   (default all)
 // Correctness: every case is compared with a naive GPU reference in fp32 (`ref`) and with the same
 // computation rounded like a plain 16-bit PyTorch run (`pt`: S, P and O rounded to the input dtype).
 // Pass when max|ours - ref| <= 2 max|pt - ref| + atol, atol = 2 max|(ref + 0.3 - 0.3) - ref| in the
@@ -70,9 +70,14 @@ static const Variant kVariants[] = {
     {"zigzag", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, 0>},
     {"xzz", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true, 0>},
     {"perspair", 256, run_cfg<256, 80, 2, false, false, kPersist, 0, false, 2, false, 1>},
-    // L2 grouping of the tile order: (head, batch) pairs per group forced to 1 or 8 (default: 32 MiB of K/V).
+    // L2 grouping of the tile order: (head, batch) pairs per group forced to 1, 2, 4 or 8 (default: 1 when not
+    // causal, else 32 MiB of K/V); g1 at d64 / d256 (d64: the non-causal default's flags, so causal rows differ).
     {"g1", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 1>},
     {"g8", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 8>},
+    {"g2", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 2>},
+    {"g4", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 4>},
+    {"g1nc", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3, false, -1, 1>},  // = default when not causal
+    {"g1", 256, run_cfg<256, 80, 2, false, false, 0, 0, false, 2, false, -1, 1>},
     {"nonpersist", 128, run_cfg<128, 128, 2, true, true, kNoPersist>},
     {"persist", 128, run_cfg<128, 128, 2, true, true, kPersist>},
     {"dp0", 128, run_cfg<128, 128, 2, true, false>},
@@ -411,6 +416,68 @@ static void run_bench() {
   cudaEventDestroy(e1);
 }
 
+// Like the Python bench's triton do_bench: calls queued back to back, each after a 256 MiB memset that
+// evicts L2, events around the call only, about 100 ms per variant; also the same without the memset.
+// Variants interleaved over 3 rounds; median of the round medians.
+static void run_dobench(const char* only) {
+  constexpr int kRounds = 3;
+  const size_t flush_bytes = 256u << 20;
+  void* flush;
+  CK(cudaMalloc(&flush, flush_bytes));
+  fprintf(g_log, "\n%-4s %-6s %-6s %-8s %9s %9s %9s\n", "hdim", "causal", "seqlen", "variant", "flushed", "queued",
+          "TFLOP/s");
+  const int dims[] = {64, 128, 256};
+  const int seqs[] = {1024, 2048, 4096, 16384};
+  std::vector<cudaEvent_t> e0(400), e1(400);
+  for (auto& e : e0) CK(cudaEventCreate(&e));
+  for (auto& e : e1) CK(cudaEventCreate(&e));
+  auto timed = [&](const Variant* v, const FwdParams& p, int n, bool flushed) {
+    for (int i = 0; i < n; ++i) {
+      if (flushed) CK(cudaMemsetAsync(flush, 0, flush_bytes, 0));
+      CK(cudaEventRecord(e0[i]));
+      v->fn(p, 0);
+      CK(cudaEventRecord(e1[i]));
+    }
+    CK(cudaDeviceSynchronize());
+    CK(cudaGetLastError());
+    std::vector<float> ts(n);
+    for (int i = 0; i < n; ++i) CK(cudaEventElapsedTime(&ts[i], e0[i], e1[i]));
+    std::sort(ts.begin(), ts.end());
+    return (double)ts[n / 2];
+  };
+  for (int D : dims)
+    for (int causal = 0; causal < 2; ++causal)
+      for (int S : seqs) {
+        Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, (bool)causal, true, 0};
+        Buffers B = make_buffers(c);
+        CK(cudaDeviceSynchronize());
+        const double flops = 4.0 * c.b * c.h * (double)S * S * D / (causal ? 2 : 1);
+        std::vector<const Variant*> vars;
+        for (const Variant& var : kVariants)
+          if (var.head_dim == D && (!only || strstr(only, var.name))) vars.push_back(&var);
+        std::vector<std::vector<double>> medf(vars.size()), medq(vars.size());
+        for (int round = 0; round < kRounds; ++round)
+          for (size_t vi = 0; vi < vars.size(); ++vi) {
+            const double est = timed(vars[vi], B.p, 5, true);
+            const int n = std::max(10, std::min(400, (int)(100.0 / std::max(est, 1e-3))));
+            medf[vi].push_back(timed(vars[vi], B.p, n, true));
+            medq[vi].push_back(timed(vars[vi], B.p, n, false));
+          }
+        for (size_t vi = 0; vi < vars.size(); ++vi) {
+          std::sort(medf[vi].begin(), medf[vi].end());
+          std::sort(medq[vi].begin(), medq[vi].end());
+          const double f = medf[vi][kRounds / 2], q = medq[vi][kRounds / 2];
+          fprintf(g_log, "%-4d %-6s %-6d %-8s %9.3f %9.3f %9.1f\n", D, causal ? "yes" : "no", S, vars[vi]->name, f,
+                  q, flops / f * 1e-9);
+        }
+        fflush(g_log);
+        free_buffers(B);
+      }
+  for (auto& e : e0) cudaEventDestroy(e);
+  for (auto& e : e1) cudaEventDestroy(e);
+  cudaFree(flush);
+}
+
 int main(int argc, char** argv) {
   std::string mode = argc > 1 ? argv[1] : "all";
   g_seed = (uint64_t)std::chrono::steady_clock::now().time_since_epoch().count();
@@ -421,5 +488,6 @@ int main(int argc, char** argv) {
   if (mode == "quick") run_checks(true);
   if (mode == "check" || mode == "all" || mode == "quick") printf("checks: %d pass, %d fail\n", g_pass, g_fail);
   if (mode == "bench" || mode == "all") run_bench();
+  if (mode == "dobench") run_dobench(argc > 2 ? argv[2] : nullptr);
   return g_fail ? 1 : 0;
 }

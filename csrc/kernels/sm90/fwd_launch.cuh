@@ -65,8 +65,16 @@ inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, i
   return ok;
 }
 
-// K/V bytes that the tiles running at once should share through L2 (H200: 60 MB of L2).
-// A guess (about half of L2), not measured against other values.
+// Tile order and L2. Non-causal: one (head, batch) pair per group, i.e. all query blocks of a head before the next
+// head, so the CTAs running at once cover few heads and read each K / V block at about the same time (L2 hits).
+// Causal (one CTA per tile, or paired): groups of (head, batch) pairs whose K / V total kL2GroupBytes, query
+// blocks longest first across the group, which balances the unequal tiles better.
+// H200, bf16, 16k tokens x 2048 hidden, the benchmark's timing (back-to-back calls, L2 flushed before each; harness
+// `dobench`, 2026-11-21 fourth session), TFLOP/s at 1k / 2k / 4k / 16k, 32 MiB groups (before) -> 1 pair:
+//   d128 non-causal 459 / 506 / 547 / 582 -> 516 / 548 / 583 / 606 (2, 4 and 8 pairs: within ~3% of 1);
+//   d256 non-causal 526 / 601 / 635 / 682 -> 559 / 607 / 647 / 683; d64 non-causal 380 / 428 / 442 / 478 -> 386 /
+//   440 / 450 / 481. Causal with 1 pair: d128 1k (persistent) 385 -> 401, 2k-16k within noise; d256 2k / 4k
+//   516 / 596 -> 479 / 548 (worse): causal keeps the groups.
 constexpr int64_t kL2GroupBytes = 32ll << 20;
 
 // grid_limit: 0 picks the default: persistent (one CTA per SM, static zig-zag over tiles) when not causal,
@@ -79,7 +87,7 @@ constexpr int64_t kL2GroupBytes = 32ll << 20;
 // paired (causal, persistent only): -1 (default) or 1 runs the paired schedule (see FwdTmaArgs), 0 the zig-zag
 // rounds. 2026-11-21, same process, median of 5 rounds, 1k causal: d128 387 vs 349 TFLOP/s (zig-zag), d64 274 vs
 // 275 (noise). A model with per-tile cost = key blocks + 1 gives 83% balance for zig-zag, 97% for pairs.
-// group_hb > 0 overrides the L2 grouping (comparisons; 1 and 8 were within noise of the default at d128).
+// group_hb > 0 overrides the L2 grouping (comparisons).
 // CrossTile (next tile's first S before this tile's epilogue) is an option, not a default: d128 1k +2-3% in
 // two runs (474 vs 459), noise-level; d128 causal 4k / 16k -3..4% with DoubleP; d64 (2 or 3 warpgroups) no gain.
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP,
@@ -96,7 +104,7 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   args.num_tiles = args.num_m_blocks * args.num_hb;
   // Query heads h_h_k_ratio apart share one K/V head: a group of G pairs reads G / ratio heads' K and V.
   const int64_t kv_bytes = static_cast<int64_t>(params.seqlen_k) * kHeadDim * 2 * 2;
-  int64_t group = kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1);
+  int64_t group = IsCausal ? kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1) : 1;
   if (group_hb > 0) group = group_hb;
   args.group_hb = static_cast<int>(group < 1 ? 1 : group > args.num_hb ? args.num_hb : group);
   const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
