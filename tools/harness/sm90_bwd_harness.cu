@@ -70,6 +70,24 @@ void run_tile(const BwdParams& p, cudaStream_t s) {
     });
   });
 }
+// The default tiles with dK / dV written as 4-byte pairs from registers (the epilogue before the TMA stores).
+// Harness mode `epi`: tests of both epilogues, then an interleaved bench of the two.
+template <int D>
+void run_pairs(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
+      if (p.deterministic) {
+        using Tile = sm90::BwdTileDet<D, IsCausal>;
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap,
+                              sm90::kDetDeferred, Tile::DqMode>(p, s, false);
+      } else {
+        using Tile = sm90::BwdTile<D, IsCausal>;
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap,
+                              sm90::kDetOff, Tile::DqMode, Tile::Persistent>(p, s, false);
+      }
+    });
+  });
+}
 struct DqwVariant { const char* name; int d; bool det; LaunchFn fn; };
 static const DqwVariant kDqwVariants[] = {
     {"old", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqConsumer>},
@@ -380,6 +398,8 @@ static void run_tests_d(int Dinst, LaunchFn runner, const char* vname, uint64_t 
     test_one<bf>(1, 1, 1025, 2, 1, D, c, false, 0, ++seed, runner, vname);
     test_one<bf>(1, 1025, 17, 2, 2, D, c, false, 0, ++seed, runner, vname);
     test_one<bf>(3, 256, 256, 4, 2, D, c, false, 0, ++seed, runner, vname);
+    // More tiles than SMs (288): the persistent loop's later tiles (K / V reload, dK / dV staging reuse).
+    if (Dinst != 256) test_one<bf>(4, 1025, 1025, 16, 8, D, c, false, 0, ++seed, runner, vname);
   }
   if (Dinst == 256) {
     test_one<bf>(2, 203, 1023, 6, 3, 160, true, false, 0, ++seed, runner, vname);
@@ -509,10 +529,12 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 
 int main(int argc, char** argv) {
   bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
+  bool do_epi = false;
   for (int i = 1; i < argc; ++i) {
     if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
     if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
     if (!strcmp(argv[i], "det")) do_det = true;
+    if (!strcmp(argv[i], "epi")) do_epi = true;    // dK / dV epilogue: TMA stores vs pairs
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
@@ -546,6 +568,27 @@ int main(int argc, char** argv) {
       if (v.det) repeat_dq(4, 1025, 8, 2, v.d, v.d == 128, 6, v.fn, v.name);
     g_det = false;
     repeat_dq(4, 1025, 8, 2, 128, true, 4, nullptr, "default");
+  }
+  if (do_epi) {
+    uint64_t seed = 11000;
+    for (int det = 0; det < 2; ++det) {
+      g_det = det;
+      run_tests_d(64, nullptr, det ? "det" : "default", seed += 100);
+      run_tests_d(128, nullptr, det ? "det" : "default", seed += 100);
+      run_tests_d(64, run_pairs<64>, det ? "detpairs" : "pairs", seed += 100);
+      run_tests_d(128, run_pairs<128>, det ? "detpairs" : "pairs", seed += 100);
+    }
+    g_det = false;
+    for (int pass = 0; pass < 2; ++pass)
+      for (int D : {64, 128})
+        for (bool c : {false, true})
+          for (int S : {1024, 2048, 4096, 16384}) {
+            for (int k = 0; k < 2; ++k) {
+              const bool tma = (k == 0) == (pass == 0);
+              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, tma ? nullptr : (D == 64 ? run_pairs<64> : run_pairs<128>),
+                                                      tma ? "tma" : "pairs"));
+            }
+          }
   }
   if (do_dqwb) {
     const int passes = getenv("DQW_PASSES") ? atoi(getenv("DQW_PASSES")) : 1;

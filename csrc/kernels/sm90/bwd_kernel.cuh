@@ -17,7 +17,8 @@
 //                       P^T = exp2(S^T * scale_log2 - lse_log2), dS^T = P^T o (dP^T - D)    (registers)
 //                       dV_w += P^T dO,  dK_w += dS^T Q          (RS wgmma: P^T, dS^T straight from registers)
 //                       dQ (kBlockM x d) += dS K                 (SS wgmma, dS^T read MN-major from shared memory)
-//                     dK, dV stay in registers for the whole CTA; dQ goes through shared memory and a bulk
+//                     dK, dV stay in registers for the whole tile, then leave through shared memory and TMA
+//                     stores (4-byte pair stores where TMA cannot describe dk / dv); dQ goes through shared memory and a bulk
 //                     reduce-add (cp.reduce.async.bulk .add.f32) into dq_accum, issued by the consumer's tid 0
 //                     (kDqConsumer) or by the writer warp (bar_dq_full / bar_dq_empty hand-off; two staging
 //                     buffers per consumer where shared memory allows: d128, d64 is one).
@@ -56,8 +57,11 @@ struct BwdTmaArgs {
   CUtensorMap do_map;  // over dout: (head_dim, seqlen_q, nheads, batch), box 64 x kBlockM
   CUtensorMap k_map;   // over k: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
   CUtensorMap v_map;   // over v: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
+  CUtensorMap dk_map;  // over dk: (head_dim, seqlen_k, nheads_k, batch), box 64 x 64 (one consumer's keys)
+  CUtensorMap dv_map;  // over dv, the same
   BwdParams params;
   int num_m_blocks;  // ceil(seqlen_q / kBlockM)
+  int dkdv_tma;      // 1: dK / dV leave through shared memory and TMA stores (dk_map / dv_map valid), 0: pairs
 };
 
 // Index of dQ element (row, col) of one 64-row x kHeadDim block inside its dq_accum block (a kBlockM = 128 step
@@ -304,6 +308,10 @@ struct BwdKernel {
   static constexpr int kNumBars = 1 + 2 * kStages + (DqWriter ? 4 * kDqBufs : 0) + (Persistent ? 1 : 0);
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+  // TMA epilogue (args.dkdv_tma): consumer w stages its dK rows, then its dV rows (64 keys each, kChunks SW128
+  // boxes of 64 x 64) at kOffDs + w kKVBytes, over the dS buffers and the dQ staging (free after the tile's last
+  // step; see the epilogue in consumer).
+  static_assert(kDsBufs * kDsBytes + kDqBufs * 2 * kDqPartBytes >= 2 * kKVBytes, "dK / dV staging");
   // Named barriers (0 is __syncthreads): 1 dS of both consumers written; 2, 3 dS of consumer w (split keys);
   // 4, 5 dQ staging of consumer w.
   static constexpr int kBarDs = 1, kBarDsOwn = 2, kBarDq = 4;
@@ -578,6 +586,14 @@ struct BwdKernel {
     // barrier that makes it visible to the dQ wgmma (both consumers' halves, or this consumer's own).
     auto store_ds = [&](int it) {
       const uint32_t ds_s = smem + kOffDs + ((g0 + it) % kDsBufs) * kDsBytes;
+      if constexpr (Persistent) {
+        // The previous tile's dK / dV TMA stores (issued by tid 0 of either consumer) read the same shared
+        // memory: both must have read it before the first dS of this tile is written.
+        if (it == 0 && tile_iter > 0 && args.dkdv_tma) {
+          if (tid == 0) tma_store_wait_read();
+          named_bar_sync(kBarDs, 256);
+        }
+      }
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {
 #pragma unroll
@@ -822,12 +838,62 @@ struct BwdKernel {
       // Every wgmma of this tile (the only readers of K / V) is complete (grads_done waited for them).
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_kv_empty(bars));
-    } else {
-      if (!DqWriter && tid == 0) bulk_wait_all();
     }
 
-    // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
-    store_dkdv_pairs<T, kHeadDim>(p, dk_reg, dv_reg, key0, 0, t, batch, head_k);
+    // ---- epilogue: dV, dK (scaled) to global; rows < seqlen_k, cols < head_dim.
+    if (args.dkdv_tma) {
+      // Through shared memory (SW128, the layout of the maps' 64 x 64 boxes) and TMA stores issued by tid 0, which
+      // leave in the background (the persistent loop goes on to the next tile; see store_ds). The staging area
+      // (dS buffers, dQ staging) is free once both consumers' wgmmas are complete (each waited for its own in
+      // grads_done; the dQ wgmmas read both halves of dS: the barrier) and the last dQ reduce-adds have read
+      // their staging (consumer mode: tid 0's own bulk groups; writer mode: the buffers' empty barriers, waited
+      // as for the next kDqBufs steps).
+      if constexpr (DqWriter) {
+#pragma unroll
+        for (int b = 0; b < kDqBufs; ++b) {
+          const int st = n_iters + b;
+          mbar_wait(bar_dq_empty(bars, cw, st % kDqBufs), ((st / kDqBufs) & 1) ^ 1);
+        }
+      } else {
+        if (tid == 0) tma_store_wait_read();
+      }
+      named_bar_sync(kBarDs, 256);
+      const uint32_t st_k = smem + kOffDs + cw * kKVBytes, st_v = st_k + kKVBytes / 2;
+      const float scale = p.scale_softmax;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = warp_in_wg * 16 + g + 8 * h;  // key row inside this consumer's 64 (row % 8 == g)
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          // Columns 8j + 2t, + 1: chunk j / 8, 16-byte piece j % 8 (swizzled with row % 8), byte 4t inside it.
+          const uint32_t off = (j / 8) * (64 * 128) + row * 128 + (((j % 8) ^ g) << 4) + 4 * t;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_k + off),
+                       "r"(pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale))
+                       : "memory");
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_v + off),
+                       "r"(pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]))
+                       : "memory");
+        }
+      }
+      fence_proxy_async_smem();
+      named_bar_sync(kBarDq + cw, 128);
+      if (tid == 0) {
+        const int key_row = n_block * kBlockN + cw * 64;
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, key_row, head_k, batch);
+          tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, key_row, head_k, batch);
+        }
+        tma_store_commit();
+      }
+    } else {
+      store_dkdv_pairs<T, kHeadDim>(p, dk_reg, dv_reg, key0, 0, t, batch, head_k);
+    }
+    // Not persistent: the CTA exits after this; the bulk operations of tid 0 (dQ reduce-adds in consumer mode,
+    // the dK / dV stores) must have read their shared-memory sources first (the persistent loop waits at its end).
+    if constexpr (!Persistent) {
+      if (tid == 0) bulk_wait_all();
+    }
   }
 
   __device__ static __forceinline__ void run(const BwdTmaArgs& args) {

@@ -33,6 +33,14 @@ namespace sm90 {
 //   -> 2831, d128 1k 760 -> 749, 4k 2772 -> 2697). Causal with the static round-robin order is much slower (d128
 //   16k 5361 -> 8211 us: CTA c gets key blocks c, c + 132, ... and causal tiles shrink with the key block, so the
 //   work per CTA differs up to ~3x): causal keeps one CTA per tile (the hardware balances them).
+// dK / dV epilogue through shared memory and TMA stores (args.dkdv_tma, the default where TMA can describe dk / dv)
+// vs 4-byte pair stores from registers, 2026-11-21 fourth session, harness `epi` (two passes, ABBA; whole backward,
+// cudaEvent medians), TFLOP/s TMA / pairs at 1k / 2k / 4k / 16k, pass 1 then pass 2:
+//   d128 non-causal 396 / 454 / 484 / 504 vs 367 / 440 / 472 / 497; 393 / 453 / 478 / 496 vs 363 / 436 / 466 / 495
+//   d128 causal     278 / 373 / 445 / 535 vs 266 / 361 / 433 / 464; 284 / 376 / 413 / 489 vs 264 / 359 / 428 / 478
+//   d64 non-causal  379 / 440 / 431 / 455 vs 353 / 399 / 433 / 455; 344 / 399 / 422 / 444 vs 333 / 392 / 414 / 451
+//   d64 causal      241 / 322 / 392 / 375 vs 228 / 318 / 378 / 426; 245 / 330 / 384 / 434 vs 228 / 313 / 384 / 420
+// (+3..8% at 1k-2k; at 16k within the runs' noise, which the causal 16k rows show.)
 template <int kHeadDim, bool IsCausal> struct BwdTile;
 template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr int kBlockM = 128;
@@ -87,9 +95,21 @@ inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, i
   return ok;
 }
 
+// dK / dV through TMA stores (args.dkdv_tma) where TMA can describe both (16-byte aligned bases and strides, which
+// the API's contiguous dk / dv have); otherwise the kernel writes them as 4-byte pairs. Box: 64 columns x 64 keys.
+inline void encode_dkdv_maps(BwdTmaArgs& args, const BwdParams& p) {
+  args.dkdv_tma =
+      tma_layout_ok(p.dk, p.seqlen_k, p.nheads_k, p.batch, p.dk_row_stride, p.dk_head_stride, p.dk_batch_stride) &&
+      tma_layout_ok(p.dv, p.seqlen_k, p.nheads_k, p.batch, p.dv_row_stride, p.dv_head_stride, p.dv_batch_stride) &&
+      encode_tensor_map_4d(&args.dk_map, p.dk, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                           p.dk_row_stride, p.dk_head_stride, p.dk_batch_stride, 64) &&
+      encode_tensor_map_4d(&args.dv_map, p.dv, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
+                           p.dv_row_stride, p.dv_head_stride, p.dv_batch_stride, 64);
+}
+
 template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap,
           int DetMode = kDetOff, int DqMode = kDqConsumer, bool Persistent = false>
-void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool allow_dkdv_tma = true) {
   using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode, Persistent>;
   // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported checks
   // that the API allocated them.
@@ -98,6 +118,8 @@ void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
+  encode_dkdv_maps(args, params);
+  if (!allow_dkdv_tma) args.dkdv_tma = 0;  // (comparisons: the 4-byte pair stores)
   launch_bwd_preprocess<T, kHeadDim>(params, stream);
   // x = key block is the fastest grid dimension: the deterministic mode relies on CTAs of lower x of the same
   // (kv head, batch) being launched no later than higher ones (see det_flush).

@@ -38,6 +38,7 @@ void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
+  args.dkdv_tma = 0;  // (this kernel stages dK / dV itself: StagedEpilogue)
   launch_bwd_preprocess<T, 256>(params, stream);
   const dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
   auto kernel = bwd_main_hd256_sm90<Kernel>;

@@ -56,11 +56,16 @@ inline bool encode_tensor_map_4d(CUtensorMap* map, const void* base, bool is_bf1
 // Whether TMA can load / store the operand: base 16-byte aligned, the stride of every dim of size > 1 a
 // positive multiple of 8 elements (16 bytes), and the driver accepting the map (extents, strides below 2^40).
 // Host only, cheap (one cuTensorMapEncodeTiled call).
-inline bool tma_operand_ok(const void* base, bool is_bf16, int head_dim, int seqlen, int heads, int batch,
-                           int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+// The first two conditions alone (no driver call): tma_layout_ok.
+inline bool tma_layout_ok(const void* base, int seqlen, int heads, int batch, int64_t row_stride,
+                          int64_t head_stride, int64_t batch_stride) {
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
   auto ok = [](int64_t stride, int size) { return size == 1 || (stride > 0 && stride % 8 == 0); };
-  if (!ok(row_stride, seqlen) || !ok(head_stride, heads) || !ok(batch_stride, batch)) return false;
+  return ok(row_stride, seqlen) && ok(head_stride, heads) && ok(batch_stride, batch);
+}
+inline bool tma_operand_ok(const void* base, bool is_bf16, int head_dim, int seqlen, int heads, int batch,
+                           int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
+  if (!tma_layout_ok(base, seqlen, heads, batch, row_stride, head_stride, batch_stride)) return false;
   CUtensorMap map;
   return encode_tensor_map_4d(&map, base, is_bf16, head_dim, seqlen, heads, batch, row_stride, head_stride,
                               batch_stride, box_rows);
