@@ -76,6 +76,7 @@ static const Variant kVariants[] = {
     {"g8", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 8>},
     {"g2", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 2>},
     {"g4", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 4>},
+    {"g1s", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, -1, 1>},  // = the short causal default
     {"g1nc", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3, false, -1, 1>},  // = default when not causal
     {"g1", 256, run_cfg<256, 80, 2, false, false, 0, 0, false, 2, false, -1, 1>},
     {"nonpersist", 128, run_cfg<128, 128, 2, true, true, kNoPersist>},

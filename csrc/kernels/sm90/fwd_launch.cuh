@@ -65,16 +65,18 @@ inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, i
   return ok;
 }
 
-// Tile order and L2. Non-causal: one (head, batch) pair per group, i.e. all query blocks of a head before the next
-// head, so the CTAs running at once cover few heads and read each K / V block at about the same time (L2 hits).
-// Causal (one CTA per tile, or paired): groups of (head, batch) pairs whose K / V total kL2GroupBytes, query
-// blocks longest first across the group, which balances the unequal tiles better.
+// Tile order and L2. Persistent grids (non-causal; causal with short tiles, paired): one (head, batch) pair per
+// group, i.e. all query blocks of a head before the next head, so the CTAs running at once cover few heads and read
+// each K / V block at about the same time (L2 hits). Causal with one CTA per tile: groups of (head, batch) pairs
+// whose K / V total kL2GroupBytes, query blocks longest first across the group, which balances the unequal tiles
+// better.
 // H200, bf16, 16k tokens x 2048 hidden, the benchmark's timing (back-to-back calls, L2 flushed before each; harness
 // `dobench`, 2026-11-21 fourth session), TFLOP/s at 1k / 2k / 4k / 16k, 32 MiB groups (before) -> 1 pair:
 //   d128 non-causal 459 / 506 / 547 / 582 -> 516 / 548 / 583 / 606 (2, 4 and 8 pairs: within ~3% of 1);
 //   d256 non-causal 526 / 601 / 635 / 682 -> 559 / 607 / 647 / 683; d64 non-causal 380 / 428 / 442 / 478 -> 386 /
-//   440 / 450 / 481. Causal with 1 pair: d128 1k (persistent) 385 -> 401, 2k-16k within noise; d256 2k / 4k
-//   516 / 596 -> 479 / 548 (worse): causal keeps the groups.
+//   440 / 450 / 481. Causal with 1 pair: d128 1k (persistent, paired) 385 -> 401 and, in a second run, 400 -> 418;
+//   d64 1k (persistent, paired, 2 warpgroups) 284 -> 287; one CTA per tile: d128 2k-16k within noise or worse (2nd
+//   run 471 / 546 -> 458 / 519 at 2k / 4k), d256 2k / 4k 516 / 596 -> 479 / 548: those keep the groups.
 constexpr int64_t kL2GroupBytes = 32ll << 20;
 
 // grid_limit: 0 picks the default: persistent (one CTA per SM, static zig-zag over tiles) when not causal,
@@ -104,12 +106,12 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   args.num_tiles = args.num_m_blocks * args.num_hb;
   // Query heads h_h_k_ratio apart share one K/V head: a group of G pairs reads G / ratio heads' K and V.
   const int64_t kv_bytes = static_cast<int64_t>(params.seqlen_k) * kHeadDim * 2 * 2;
-  int64_t group = IsCausal ? kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1) : 1;
-  if (group_hb > 0) group = group_hb;
-  args.group_hb = static_cast<int>(group < 1 ? 1 : group > args.num_hb ? args.num_hb : group);
   const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
   const bool persistent = !IsCausal || ((Kernel::SeparateO || CrossTile) && args.num_m_blocks <= 8);
   const int limit = grid_limit > 0 ? grid_limit : grid_limit < 0 ? num_sm : persistent ? num_sm : args.num_tiles;
+  int64_t group = limit < args.num_tiles ? 1 : kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1);
+  if (group_hb > 0) group = group_hb;
+  args.group_hb = static_cast<int>(group < 1 ? 1 : group > args.num_hb ? args.num_hb : group);
   args.paired = IsCausal && limit < args.num_tiles && paired != 0 ? 1 : 0;
   if (args.paired) args.num_tiles = 2 * ((args.num_m_blocks + 1) / 2) * args.num_hb;
   const int units = args.paired ? args.num_tiles / 2 : args.num_tiles;  // what one CTA takes per round
