@@ -79,6 +79,8 @@ static const Variant kVariants[] = {
     {"g1s", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, -1, 1>},  // = the short causal default
     {"g1nc", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3, false, -1, 1>},  // = default when not causal
     {"g1", 256, run_cfg<256, 80, 2, false, false, 0, 0, false, 2, false, -1, 1>},
+    {"n144", 128, run_cfg<128, 144, 2, true, true>},  // kBlockN 144 (FA3 uses 176 for d128 non-causal)
+    {"n144dp0", 128, run_cfg<128, 144, 2, true, false>},
     {"nonpersist", 128, run_cfg<128, 128, 2, true, true, kNoPersist>},
     {"persist", 128, run_cfg<128, 128, 2, true, true, kPersist>},
     {"dp0", 128, run_cfg<128, 128, 2, true, false>},
@@ -356,6 +358,9 @@ static void run_checks(bool quick) {
   cases.push_back({1, 40, 20, 800, 1000, 128, true, true, 0});
   cases.push_back({1, 20, 20, 1100, 1000, 256, true, true, 0});
   cases.push_back({2, 16, 8, 1024, 1024, 128, true, false, 1});
+  // seqlen_k >= 4096: the d128 non-causal long-key tile (kBlockN 144, FwdTileLong), with a key tail.
+  cases.push_back({1, 2, 1, 300, 4500, 128, false, true, 0});
+  cases.push_back({1, 2, 2, 129, 4097, 96, false, false, 1});
   for (const Case& c : cases) check_case(c);
 }
 

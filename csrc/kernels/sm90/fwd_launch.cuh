@@ -52,6 +52,20 @@ template <> struct FwdTileShort<64, true> {
   static constexpr bool PingPong = true, DoubleP = true, ChainTiles = false;
 };
 
+// Where FwdTile differs for long keys (seqlen_k >= kLongSeqlenK): d128 non-causal takes 144 keys per block (fewer
+// block iterations, each with more work per softmax; 0 spills). Harness dobench, 2026-11-21 fourth session, d128
+// non-causal, kBlockN 144 vs 128 (TFLOP/s): 1k 495 vs 538, 2k 567 vs 577, 4k 609 vs 599, 16k 632 vs 611 (the
+// variant without the second P buffer: 500 / 568 / 606 / 630); causal 144 was slower at 1k-4k (380 / 451 / 526 vs
+// 412 / 469 / 539) and equal at 16k: causal keeps 128.
+constexpr int kLongSeqlenK = 4096;
+template <int kHeadDim, bool IsCausal> struct FwdTileLong : FwdTile<kHeadDim, IsCausal> {
+  static constexpr bool kDiffers = false;
+};
+template <> struct FwdTileLong<128, false> : FwdTile<128, false> {
+  static constexpr bool kDiffers = true;
+  static constexpr int kBlockN = 144;
+};
+
 inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, int block_n) {
   bool ok = true;
   ok = ok && encode_tensor_map_4d(&args.q_map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
@@ -129,7 +143,11 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       using Tile = sm90::FwdTile<kHeadDim, IsCausal>;
       using Short = sm90::FwdTileShort<kHeadDim, IsCausal>;
-      if (Short::kDiffers && params.seqlen_q <= sm90::kShortSeqlenQ) {
+      using Long = sm90::FwdTileLong<kHeadDim, IsCausal>;
+      if (Long::kDiffers && params.seqlen_k >= sm90::kLongSeqlenK) {
+        sm90::launch_fwd_sm90<elem_type, kHeadDim, Long::kBlockN, Long::kStages, IsCausal, Long::PingPong,
+                              Long::DoubleP, 0, Long::ChainTiles, Long::kNumWG>(params, stream);
+      } else if (Short::kDiffers && params.seqlen_q <= sm90::kShortSeqlenQ) {
         sm90::launch_fwd_sm90<elem_type, kHeadDim, Short::kBlockN, Short::kStages, IsCausal, Short::PingPong,
                               Short::DoubleP, 0, Short::ChainTiles, Short::kNumWG>(params, stream);
       } else {
