@@ -15,6 +15,8 @@ CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dete
     (1, 77, 113, 2, 2, 80, True, True),
     (1, 130, 130, 2, 1, 256, True, False),
     (1, 1, 33, 1, 1, 32, False, True),
+    (2, 129, 1100, 16, 8, 64, False, False),  # 144 key-block tiles: the sm90 persistent backward's later tiles
+    (1, 65, 4100, 1, 1, 128, False, False),  # seqlen_k >= 4096: the sm90 d128 forward's 144-key blocks
 ]
 
 
