@@ -217,8 +217,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     if (hd > 0) {  // head dims above the largest sm90 backward instantiation run on sm80
       auto ws = workspace(hd);
       // lse * log2 e per query row (+inf where P = 0), written by the sm90 preprocess kernel.
-      at::Tensor lse_log2 = at::empty({s.batch, s.nheads, params.seqlen_q_rounded}, q.options().dtype(at::kFloat));
+      // 4 floats more: their first is the tile counter of the persistent causal kernel (zeroed by the kernels).
+      const int64_t lse_rows = static_cast<int64_t>(s.batch) * s.nheads * params.seqlen_q_rounded;
+      at::Tensor lse_log2 = at::empty({lse_rows + 4}, q.options().dtype(at::kFloat));
       params.lse_log2 = lse_log2.data_ptr<float>();
+      params.tile_counter = reinterpret_cast<int*>(params.lse_log2 + lse_rows);
       // Deterministic mode: one int32 counter per 64 query rows orders the dQ adds (zeroed by the kernels).
       at::Tensor dq_semaphore;
       if (deterministic) {
@@ -239,8 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 #endif
   const int hd = round_head_dim(params.head_dim, kSm80HeadDims, std::size(kSm80HeadDims));
   auto ws = workspace(hd);
-  params.dq_semaphore = nullptr;  // sm80 uses neither
+  params.dq_semaphore = nullptr;  // sm80 uses none of them
   params.lse_log2 = nullptr;
+  params.tile_counter = nullptr;
   HEADDIM_SWITCH(hd, [&] { run_bwd_sm80<kHeadDim>(params, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};

@@ -56,6 +56,9 @@ struct BwdParams : public FwdParams {
   // seqlen_q and rows that see no key (so P = 0 there); uninitialized: the sm90 preprocess kernel writes it, the
   // main kernel's producer copies it to shared memory with one bulk copy per step.
   float* lse_log2;
+  // sm90 backward only (nullptr otherwise): one int32, the tile counter of the persistent causal kernel's dynamic
+  // schedule; uninitialized: the sm90 preprocess kernel zeroes it (the API places it after lse_log2's rows).
+  int* tile_counter;
 };
 
 }  // namespace flash_ext

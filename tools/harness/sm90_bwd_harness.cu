@@ -88,6 +88,18 @@ void run_pairs(const BwdParams& p, cudaStream_t s) {
     });
   });
 }
+// The default tiles with one CTA per tile (the causal default before the dynamic persistent schedule). Harness
+// mode `pers`: tests of the defaults, then an interleaved bench of the two (causal).
+template <int D>
+void run_np(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
+      using Tile = sm90::BwdTile<D, IsCausal>;
+      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap,
+                            sm90::kDetOff, Tile::DqMode, false>(p, s);
+    });
+  });
+}
 struct DqwVariant { const char* name; int d; bool det; LaunchFn fn; };
 static const DqwVariant kDqwVariants[] = {
     {"old", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqConsumer>},
@@ -264,7 +276,7 @@ struct Problem {
     const int sqr = (Sq + 127) / 128 * 128;
     CK(cudaMalloc(&dq_accum, (int64_t)B * H * sqr * inst * sizeof(float)));
     CK(cudaMalloc(&dsum_ws, (int64_t)B * H * sqr * sizeof(float)));
-    CK(cudaMalloc(&lse2_ws, (int64_t)B * H * sqr * sizeof(float)));
+    CK(cudaMalloc(&lse2_ws, ((int64_t)B * H * sqr + 4) * sizeof(float)));  // + the tile counter (as the API)
     CK(cudaMalloc(&dq_sem, (int64_t)B * H * (sqr / 64) * sizeof(int)));
     fill_randn<T><<<1024, 256>>>(q, lq.numel, seed * 7 + 1);
     fill_randn<T><<<1024, 256>>>(k, lk.numel, seed * 7 + 2);
@@ -287,6 +299,7 @@ struct Problem {
     p.scale_softmax = dm.scale; p.scale_softmax_log2 = dm.scale * 1.4426950408889634f;
     p.is_bf16 = std::is_same<T, __nv_bfloat16>::value; p.is_causal = causal;
     p.dq_accum = dq_accum; p.dsoftmax_sum = dsum_ws; p.lse_log2 = lse2_ws;
+    p.tile_counter = reinterpret_cast<int*>(lse2_ws + (int64_t)B * H * sqr);
     p.seqlen_q_rounded = sqr; p.head_dim_rounded = inst;
     p.deterministic = g_det;
     p.dq_semaphore = dq_sem;  // head dims <= 128 need it in both modes (fused dq conversion); d256 ignores it
@@ -300,7 +313,7 @@ struct Problem {
     const int64_t sqr = params.seqlen_q_rounded;
     CK(cudaMemset(dq_accum, 0xFF, (int64_t)dm.B * dm.H * sqr * inst * sizeof(float)));
     CK(cudaMemset(dsum_ws, 0xFF, (int64_t)dm.B * dm.H * sqr * sizeof(float)));
-    CK(cudaMemset(lse2_ws, 0xFF, (int64_t)dm.B * dm.H * sqr * sizeof(float)));
+    CK(cudaMemset(lse2_ws, 0xFF, ((int64_t)dm.B * dm.H * sqr + 4) * sizeof(float)));  // counter -1: zeroed by the kernels
     CK(cudaMemset(dq_sem, 0xFF, (int64_t)dm.B * dm.H * (sqr / 64) * sizeof(int)));  // -1: the kernels zero it
   }
   void run(cudaStream_t st = 0) {
@@ -529,12 +542,13 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 
 int main(int argc, char** argv) {
   bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
-  bool do_epi = false;
+  bool do_epi = false, do_pers = false;
   for (int i = 1; i < argc; ++i) {
     if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
     if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
     if (!strcmp(argv[i], "det")) do_det = true;
     if (!strcmp(argv[i], "epi")) do_epi = true;    // dK / dV epilogue: TMA stores vs pairs
+    if (!strcmp(argv[i], "pers")) do_pers = true;  // causal: dynamic persistent vs one CTA per tile
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
@@ -588,6 +602,22 @@ int main(int argc, char** argv) {
               rows.push_back(bench_one<__nv_bfloat16>(D, S, c, tma ? nullptr : (D == 64 ? run_pairs<64> : run_pairs<128>),
                                                       tma ? "tma" : "pairs"));
             }
+          }
+  }
+  if (do_pers) {
+    uint64_t seed = 12000;
+    run_tests_d(64, nullptr, "default", seed += 100);
+    run_tests_d(128, nullptr, "default", seed += 100);
+    // dk bitwise over repeated runs with the dynamic schedule (a tile's dK / dV do not depend on the CTA).
+    repeat_dq(4, 1025, 8, 2, 128, true, 4, nullptr, "default");
+    repeat_dq(4, 1025, 8, 2, 64, true, 4, nullptr, "default");
+    for (int pass = 0; pass < 2; ++pass)
+      for (int D : {64, 128})
+        for (int S : {1024, 2048, 4096, 16384})
+          for (int k = 0; k < 2; ++k) {
+            const bool pers = (k == 0) == (pass == 0);
+            rows.push_back(bench_one<__nv_bfloat16>(D, S, true, pers ? nullptr : (D == 64 ? run_np<64> : run_np<128>),
+                                                    pers ? "dynpers" : "onepertile"));
           }
   }
   if (do_dqwb) {

@@ -132,6 +132,8 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
   if (p.dq_semaphore != nullptr && threadIdx.x == 0) {
     p.dq_semaphore[(static_cast<int64_t>(b) * p.nheads + h) * (p.seqlen_q_rounded / 64) + m_block] = 0;
   }
+  // The persistent causal kernel's tile counter (DynamicSched), read by the main kernel later on the stream.
+  if (p.tile_counter != nullptr && (blockIdx.x | blockIdx.y | blockIdx.z) == 0 && threadIdx.x == 0) *p.tile_counter = 0;
   constexpr int kTPR = kHeadDim / 8;            // threads per row (8 columns each): 8, 16, 32
   constexpr int kRowsPerPass = 256 / kTPR;      // 32, 16, 8
   constexpr int kPasses = 64 / kRowsPerPass;    // 2, 4, 8
@@ -261,10 +263,16 @@ struct BwdKernel {
   static constexpr bool DqWriter = DqMode != kDqConsumer;  // warp 1 issues the dQ reduce-adds
   static_assert(DqMode == kDqConsumer || DqMode == kDqWriter, "DqMode");
   static_assert(!(Deterministic && Overlap), "deterministic mode is implemented for the non-overlapped loop");
-  // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles (tile blockIdx.x + k gridDim.x, key
-  // blocks fastest); the pipeline position runs on across tiles, and the next tile's K / V (and first Q / dO)
-  // load while the consumers store this tile's dK / dV (bar_kv_empty frees K / V after the last wgmma).
+  // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles in the grid's order (key blocks
+  // fastest); the pipeline position runs on across tiles, and the next tile's K / V (and first Q / dO) load while
+  // the consumers store this tile's dK / dV (bar_kv_empty frees K / V after the last wgmma). Non-causal tiles are
+  // equal: static, tile blockIdx.x + k gridDim.x. Causal tiles shrink with the key block: DynamicSched, CTA b
+  // starts with tile b and the producer takes each next one from a global counter (params.tile_counter, zeroed by
+  // the preprocess kernel), so the tiles start in the grid's order, like one CTA per tile, and a CTA that finishes
+  // early takes more; the producer passes the tile to the consumers in shared memory, published by its bar_kv
+  // arrival (a tile index >= the number of tiles: no more work).
   static constexpr bool Persistent = Persistent_;
+  static constexpr bool DynamicSched = Persistent && IsCausal;
   static_assert(!Persistent || (!Deterministic && DqMode_ == kDqConsumer && !Overlap),
                 "the persistent loop is implemented for the default (non-deterministic, consumer dQ) kernel");
   static constexpr int kNWarps = 12;
@@ -272,8 +280,11 @@ struct BwdKernel {
   // Register budget: the kernel starts at 168 per thread (384 x 168 = 64512); 24*128 + 240*256 = 64512, and
   // with the writer warp 40*128 + 232*256 = 64512 (the split its measurements used; it was sized for a fused
   // conversion in the writer, since removed).
-  static constexpr int kProducerRegs = DqWriter ? 40 : 24;
-  static constexpr int kConsumerRegs = DqWriter ? 232 : 240;
+  // The d64 causal persistent kernel (DynamicSched) spilled 8 bytes at 24 / 240: 40 / 232 there too (0 spills; d128
+  // is clean at 24 / 240).
+  static constexpr bool kWideProducer = DqWriter || (DynamicSched && kHeadDim == 64);
+  static constexpr int kProducerRegs = kWideProducer ? 40 : 24;
+  static constexpr int kConsumerRegs = kWideProducer ? 232 : 240;
   static_assert(kHeadDim % 64 == 0, "SW128 chunks are 64 columns wide");
   static constexpr int kChunks = kHeadDim / 64;
   static constexpr int kNDq = DqSplitKeys ? kHeadDim : kHeadDim / 2;  // dQ columns per consumer
@@ -306,7 +317,8 @@ struct BwdKernel {
   static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
   static_assert(kOffLse % 16 == 0 && kOffD % 16 == 0, "bulk copy destinations are 16-byte aligned");
   static constexpr int kNumBars = 1 + 2 * kStages + (DqWriter ? 4 * kDqBufs : 0) + (Persistent ? 1 : 0);
-  static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
+  static constexpr int kOffTile = kOffBar + kNumBars * 8;  // DynamicSched: the current tile's index (int32)
+  static constexpr int kSmemBytes = kOffTile + 16 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
   // TMA epilogue (args.dkdv_tma): consumer w stages its dK rows, then its dV rows (64 keys each, kChunks SW128
   // boxes of 64 x 64) at kOffDs + w kKVBytes, over the dS buffers and the dQ staging (free after the tile's last
@@ -359,15 +371,19 @@ struct BwdKernel {
   }
 
   // ------------------------------------------------------------------------------------------ producer
-  // g0: pipeline steps of the CTA's earlier tiles, tile_iter: their number (both 0 unless Persistent).
+  // g0: pipeline steps of the CTA's earlier tiles, tile_iter: their number (both 0 unless Persistent); sched_tile:
+  // DynamicSched: the tile's index, published to the consumers with the K / V arrival.
   __device__ static void producer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
-                                  int batch, int g0 = 0, int tile_iter = 0) {
+                                  int batch, int g0 = 0, int tile_iter = 0, int sched_tile = 0) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
     Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
     if (lane == 0) {
+      // (The consumers read it after their bar_kv wait, which the arrival below releases; they are done with the
+      // previous index: bar_kv_empty.)
+      if constexpr (DynamicSched) asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(sched_tile) : "memory");
       if (tile_iter == 0) {
         tma_prefetch_desc(&args.q_map);
         tma_prefetch_desc(&args.do_map);
@@ -927,24 +943,66 @@ struct BwdKernel {
       const int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
       const int num_tiles = n_blocks * p.nheads_k * p.batch;
       Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+      auto coords = [&](int tile, int& nb, int& hk, int& bb) {
+        nb = tile % n_blocks;
+        const int rest = tile / n_blocks;
+        hk = rest % p.nheads_k;
+        bb = rest / p.nheads_k;
+      };
+      // Static order (non-causal): tiles blockIdx.x, + gridDim.x, ...
       auto for_tiles = [&](auto&& body) {
         int g0 = 0, tile_iter = 0;
         for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++tile_iter) {
-          const int nb = tile % n_blocks, rest = tile / n_blocks;
-          body(nb, rest % p.nheads_k, rest / p.nheads_k, g0, tile_iter);
+          int nb, hk, bb;
+          coords(tile, nb, hk, bb);
+          body(nb, hk, bb, g0, tile_iter);
           g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
         }
       };
       if (warp < 4) {
         setmaxnreg_dec<kProducerRegs>();
         if (warp == 0) {
-          for_tiles([&](int nb, int hk, int bb, int g0, int ti) { producer(args, smem, bars, nb, hk, bb, g0, ti); });
+          if constexpr (DynamicSched) {
+            const int lane = threadIdx.x % 32;
+            int g0 = 0, tile_iter = 0;
+            for (int tile = blockIdx.x; tile < num_tiles; ++tile_iter) {
+              int nb, hk, bb;
+              coords(tile, nb, hk, bb);
+              producer(args, smem, bars, nb, hk, bb, g0, tile_iter, tile);
+              g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+              int next = 0;
+              if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
+              tile = __shfl_sync(0xffffffffu, next, 0);
+            }
+            // No tile left: publish num_tiles once the consumers are done with the last tile's K / V.
+            if (tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
+            if (lane == 0) {
+              asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(num_tiles) : "memory");
+              mbar_arrive(bar_kv(bars));
+            }
+          } else {
+            for_tiles([&](int nb, int hk, int bb, int g0, int ti) { producer(args, smem, bars, nb, hk, bb, g0, ti); });
+          }
         }
       } else {
         setmaxnreg_inc<kConsumerRegs>();
-        for_tiles([&](int nb, int hk, int bb, int g0, int ti) {
-          consumer(args, smem, bars, warp / 4 - 1, nb, hk, bb, g0, ti);
-        });
+        if constexpr (DynamicSched) {
+          int g0 = 0;
+          for (int tile_iter = 0;; ++tile_iter) {
+            mbar_wait(bar_kv(bars), tile_iter & 1);
+            int tile;
+            asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(tile) : "r"(smem + kOffTile) : "memory");
+            if (tile >= num_tiles) break;
+            int nb, hk, bb;
+            coords(tile, nb, hk, bb);
+            consumer(args, smem, bars, warp / 4 - 1, nb, hk, bb, g0, tile_iter);
+            g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+          }
+        } else {
+          for_tiles([&](int nb, int hk, int bb, int g0, int ti) {
+            consumer(args, smem, bars, warp / 4 - 1, nb, hk, bb, g0, ti);
+          });
+        }
         // The last dQ reduce-adds must have read their shared-memory source before the CTA exits.
         if (threadIdx.x % 128 == 0) bulk_wait_all();
       }

@@ -48,7 +48,7 @@ template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr bool DqSplitKeys = !IsCausal;
   static constexpr bool Overlap = false;
   static constexpr int DqMode = kDqConsumer;
-  static constexpr bool Persistent = !IsCausal;
+  static constexpr bool Persistent = true;  // causal: dynamic tile schedule (BwdKernel::DynamicSched)
 };
 template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr int kBlockM = 64;
@@ -56,7 +56,7 @@ template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr bool DqSplitKeys = false;
   static constexpr bool Overlap = false;
   static constexpr int DqMode = kDqConsumer;
-  static constexpr bool Persistent = !IsCausal;
+  static constexpr bool Persistent = true;  // causal: dynamic tile schedule (BwdKernel::DynamicSched)
 };
 
 // Deterministic mode (params.deterministic, BwdKernel DetMode kDetDeferred, DqMode kDqWriter): the dQ
