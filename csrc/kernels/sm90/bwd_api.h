@@ -19,7 +19,7 @@ template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t 
 // instantiation file.
 template <> void run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream);
 
-// False where the sm90 backward cannot run: causal (not deterministic, head_dim <= 128) without the tile_counter
+// False where the sm90 backward cannot run: causal (not deterministic, head_dim 65..128) without the tile_counter
 // workspace, deterministic mode without the dq_semaphore workspace
 // (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned) or with head_dim above 128 (the
 // kHeadDim 256 kernel adds dQ unordered), head_dim above 256 or not a multiple of 8, TMA unable to
@@ -37,8 +37,8 @@ inline bool sm90_bwd_supported(const BwdParams& p) {
   if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
   if (p.nheads % p.nheads_k != 0 || p.h_h_k_ratio != p.nheads / p.nheads_k) return false;
   if (p.dq_accum == nullptr || p.dsoftmax_sum == nullptr || p.lse_log2 == nullptr) return false;
-  // The persistent causal kernel (head dims <= 128, not deterministic) takes its tiles from p.tile_counter.
-  if (p.is_causal && !p.deterministic && p.head_dim <= 128 &&
+  // The persistent causal kernel (head dims 65..128, not deterministic) takes its tiles from p.tile_counter.
+  if (p.is_causal && !p.deterministic && p.head_dim > 64 && p.head_dim <= 128 &&
       (p.tile_counter == nullptr || reinterpret_cast<uintptr_t>(p.tile_counter) % 4 != 0))
     return false;
   if (reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0 || reinterpret_cast<uintptr_t>(p.dsoftmax_sum) % 16 != 0 ||

@@ -280,11 +280,9 @@ struct BwdKernel {
   // Register budget: the kernel starts at 168 per thread (384 x 168 = 64512); 24*128 + 240*256 = 64512, and
   // with the writer warp 40*128 + 232*256 = 64512 (the split its measurements used; it was sized for a fused
   // conversion in the writer, since removed).
-  // The d64 causal persistent kernel (DynamicSched) spilled 8 bytes at 24 / 240: 40 / 232 there too (0 spills; d128
-  // is clean at 24 / 240).
-  static constexpr bool kWideProducer = DqWriter || (DynamicSched && kHeadDim == 64);
-  static constexpr int kProducerRegs = kWideProducer ? 40 : 24;
-  static constexpr int kConsumerRegs = kWideProducer ? 232 : 240;
+  // (A d64 causal persistent kernel spilled 8 bytes at 24 / 240; it ran at 40 / 232 in its measurement, NOTES.md.)
+  static constexpr int kProducerRegs = DqWriter ? 40 : 24;
+  static constexpr int kConsumerRegs = DqWriter ? 232 : 240;
   static_assert(kHeadDim % 64 == 0, "SW128 chunks are 64 columns wide");
   static constexpr int kChunks = kHeadDim / 64;
   static constexpr int kNDq = DqSplitKeys ? kHeadDim : kHeadDim / 2;  // dQ columns per consumer

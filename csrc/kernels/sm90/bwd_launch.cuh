@@ -33,6 +33,14 @@ namespace sm90 {
 //   -> 2831, d128 1k 760 -> 749, 4k 2772 -> 2697). Causal with the static round-robin order is much slower (d128
 //   16k 5361 -> 8211 us: CTA c gets key blocks c, c + 132, ... and causal tiles shrink with the key block, so the
 //   work per CTA differs up to ~3x): causal keeps one CTA per tile (the hardware balances them).
+// Causal, persistent with the dynamic tile schedule (BwdKernel::DynamicSched) vs one CTA per tile, 2026-11-21 fourth
+// session, harness `pers` (two passes, ABBA), TFLOP/s at 1k / 2k / 4k / 16k, pass 1 then pass 2:
+//   d128 298 / 386 / 450 / 512 vs 292 / 383 / 451 / 516; 299 / 385 / 433 / 511 vs 291 / 382 / 451 / 512
+//   d64  266 / 334 / 383 / 442 vs 262 / 338 / 395 / 456; 259 / 331 / 380 / 412 vs 248 / 333 / 392 / 430
+//   (the d64 kernel at 40 / 232 registers: 24 / 240 spilled). The benchmark (do_bench) agreed: d128 causal +3-4% at
+//   1k-2k, equal above; d64 -2..3% at 4k-16k. So d128 causal is persistent (dynamic), d64 causal one CTA per tile.
+//   A static longest-first order (key blocks ascending, (kv head, batch) fastest, zig-zag rounds) had been 10-22%
+//   slower at 1k-2k: up to 132 heads in flight, each CTA streaming its own Q / dO from DRAM.
 // dK / dV epilogue through shared memory and TMA stores (args.dkdv_tma, the default where TMA can describe dk / dv)
 // vs 4-byte pair stores from registers, 2026-11-21 fourth session, harness `epi` (two passes, ABBA; whole backward,
 // cudaEvent medians), TFLOP/s TMA / pairs at 1k / 2k / 4k / 16k, pass 1 then pass 2:
@@ -48,7 +56,7 @@ template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr bool DqSplitKeys = !IsCausal;
   static constexpr bool Overlap = false;
   static constexpr int DqMode = kDqConsumer;
-  static constexpr bool Persistent = true;  // causal: dynamic tile schedule (BwdKernel::DynamicSched)
+  static constexpr bool Persistent = !IsCausal;  // causal: one CTA per tile (the dynamic schedule lost 3% at 4k+)
 };
 template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr int kBlockM = 64;
