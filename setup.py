@@ -71,6 +71,8 @@ def _extension():
         "-U__CUDA_NO_BFLOAT16_OPERATORS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
     ] + _gencode_flags(archs)
+    if os.environ.get("FLASH_EXT_PTXAS_VERBOSE") == "1":  # ptxas' register / spill report (tools/gpu_check.sh)
+        nvcc_flags.append("-Xptxas=-v")
     defines = [("FLASH_EXT_WITH_CUDA", "1")]
     if "90a" in archs:
         defines.append(("FLASH_EXT_WITH_SM90", "1"))

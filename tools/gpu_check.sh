@@ -20,13 +20,14 @@ if has build; then
     summary+=("build: already built")
   else
     t0=$(date +%s.%N)
-    MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install -v --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
+    FLASH_EXT_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-16} python3 -m pip install -v --no-build-isolation -e . \
+      > "$OUT/build.log" 2>&1 \
       || { tail -60 "$OUT/build.log"; exit 1; }
     build_s=$(python3 -c "print(round($(date +%s.%N) - $t0, 1))")
     echo "$build_s" > "$OUT/build_seconds.txt"
     summary+=("build: ${build_s}s; $(grep -m1 -o 'flash_ext: building[^;]*' "$OUT/build.log")")
     grep -E "registers|spill" "$OUT/build.log" | grep -E "[1-9][0-9]* bytes spill" | head > "$OUT/spills.txt"
-    summary+=("ptxas lines with spills: $(wc -l < "$OUT/spills.txt")")
+    summary+=("ptxas lines with spills: $(wc -l < "$OUT/spills.txt") (of $(grep -c "bytes spill" "$OUT/build.log") reports)")
   fi
 fi
 if has default; then

@@ -641,17 +641,21 @@ int main(int argc, char** argv) {
     g_det = true;
     run_tests_d(64, nullptr, "det", 5000);
     run_tests_d(128, nullptr, "det", 6000);
+    run_tests_d(256, nullptr, "det", 6500);
     // dq bitwise over 10 runs: defaults and variants; GQA; causal with seqlen_q != seqlen_k is in the lists.
     repeat_dq(4, 1025, 8, 2, 128, true, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 128, false, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 64, true, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 64, false, 10, nullptr, "det");
+    repeat_dq(4, 1025, 8, 2, 256, true, 10, nullptr, "det");
+    repeat_dq(4, 1025, 8, 2, 200, false, 10, nullptr, "det");
     for (const auto& v : kDetVariants) repeat_dq(4, 1025, 8, 2, v.d, !strcmp(v.name, "d64detE"), 10, v.fn, v.name);
     g_det = false;  // the same with the default (atomic) mode: dq is expected to differ (shows the check bites)
     repeat_dq(4, 1025, 8, 2, 128, true, 10, nullptr, "default");
     repeat_dq(4, 1025, 8, 2, 64, false, 10, nullptr, "default");
+    repeat_dq(4, 1025, 8, 2, 256, true, 10, nullptr, "default");
     // Speed: default vs deterministic, interleaved per shape.
-    for (int D : {64, 128})
+    for (int D : {64, 128, 256})
       for (bool c : {false, true})
         for (int S : {1024, 4096, 16384}) {
           g_det = false;

@@ -60,7 +60,8 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-template <typename T_, bool DqBulk_, bool IsCausal_, bool StagedEpilogue_, bool Stagger_, int kAblate_ = 0>
+template <typename T_, bool DqBulk_, bool IsCausal_, bool StagedEpilogue_, bool Stagger_, int kAblate_ = 0,
+          bool Det_ = false>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
@@ -80,6 +81,15 @@ struct BwdKernelHd256 {
   // so that concurrently running CTAs (neighbouring key blocks) add into different dq_accum blocks instead of all
   // into the same one at the same time.
   static constexpr bool Stagger = Stagger_;
+  // Deterministic (params.deterministic): the dQ adds into each dq_accum block happen in key-block order, through
+  // the block's counter in params.dq_semaphore (zeroed by the preprocess kernel), as in the d64 / d128 kernel
+  // (det_flush in bwd_kernel.cuh, split by columns): consumer w of key block n waits until the counter reaches 2n
+  // (both consumers of every lower key block have added; their columns are disjoint), adds, and increments it once.
+  // The query blocks are visited in descending order with the heads inner (step_coords), so the key-block CTAs
+  // of a (kv head, batch) run in lockstep; a CTA waits only for lower key blocks, launched no later (x is the
+  // fastest grid dimension), so the chain cannot deadlock.
+  static constexpr bool Det = Det_;
+  static_assert(!Det || (!Stagger && !DqBulk && kAblate_ == 0), "deterministic: plain order, red adds");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kProducerRegs = 24;  // 24*128 + 240*256 = 64512 <= 65536
@@ -139,44 +149,55 @@ struct BwdKernelHd256 {
                     batch);
       }
     }
-    int it = 0;
-    for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
-      const int head = head_k * p.h_h_k_ratio + hh;
+    // Step it loads Q (+ lse, D) and dO of (head, m_block).
+    auto load_step = [&](int it, int head, int m_block) {
       const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
-      const int n_m = args.num_m_blocks - m_block_min;
-      const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;
-      for (int i = 0; i < n_m; ++i, ++it) {
-        const int m_block = m_block_min + (i + rot < n_m ? i + rot : i + rot - n_m);
-        const int stage = it % kStages, phase = (it / kStages) & 1;
-        mbar_wait(bar_empty(bars, stage), phase ^ 1);
-        const bool skip = (kAblate & 2) && it >= kStages;
-        if (lane == 0 && skip) {
-          mbar_arrive(bar_full(bars, stage));
-        } else if (lane == 0) {
-          mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes + 2 * kBlockM * 4);
+      const int stage = it % kStages, phase = (it / kStages) & 1;
+      mbar_wait(bar_empty(bars, stage), phase ^ 1);
+      const bool skip = (kAblate & 2) && it >= kStages;
+      if (lane == 0 && skip) {
+        mbar_arrive(bar_full(bars, stage));
+      } else if (lane == 0) {
+        mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes + 2 * kBlockM * 4);
 #pragma unroll
-          for (int c = 0; c < kChunks; ++c) {
-            tma_load_4d(smem + kOffQ + stage * kQBytes + c * kChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
-                        m_block * kBlockM, head, batch);
-          }
-          // lse_log2 (lse * log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D
-          // rows of the step, written by the preprocess kernel up to seqlen_q_rounded.
-          const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
-          bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
-          bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
+        for (int c = 0; c < kChunks; ++c) {
+          tma_load_4d(smem + kOffQ + stage * kQBytes + c * kChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
+                      m_block * kBlockM, head, batch);
         }
-        // dO: its slot frees after the dV products of the step kDoStages back (a single slot: mid-step).
-        const int dstage = it % kDoStages, dphase = (it / kDoStages) & 1;
-        mbar_wait(bar_do_empty(bars, dstage), dphase ^ 1);
-        if (lane == 0 && skip) {
-          mbar_arrive(bar_do_full(bars, dstage));
-        } else if (lane == 0) {
-          mbar_arrive_expect_tx(bar_do_full(bars, dstage), kQBytes);
+        // lse_log2 (lse * log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D
+        // rows of the step, written by the preprocess kernel up to seqlen_q_rounded.
+        const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
+        bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
+        bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
+      }
+      // dO: its slot frees after the dV products of the step kDoStages back (a single slot: mid-step).
+      const int dstage = it % kDoStages, dphase = (it / kDoStages) & 1;
+      mbar_wait(bar_do_empty(bars, dstage), dphase ^ 1);
+      if (lane == 0 && skip) {
+        mbar_arrive(bar_do_full(bars, dstage));
+      } else if (lane == 0) {
+        mbar_arrive_expect_tx(bar_do_full(bars, dstage), kQBytes);
 #pragma unroll
-          for (int c = 0; c < kChunks; ++c) {
-            tma_load_4d(smem + kOffDo + dstage * kQBytes + c * kChunkBytes, &args.do_map, bar_do_full(bars, dstage),
-                        c * 64, m_block * kBlockM, head, batch);
-          }
+        for (int c = 0; c < kChunks; ++c) {
+          tma_load_4d(smem + kOffDo + dstage * kQBytes + c * kChunkBytes, &args.do_map, bar_do_full(bars, dstage),
+                      c * 64, m_block * kBlockM, head, batch);
+        }
+      }
+    };
+    if constexpr (Det) {
+      // Query blocks descending from the last, heads inner (see Det).
+      const int n_iters = (args.num_m_blocks - m_block_min) * p.h_h_k_ratio;
+      for (int it = 0; it < n_iters; ++it) {
+        load_step(it, head_k * p.h_h_k_ratio + it % p.h_h_k_ratio, args.num_m_blocks - 1 - it / p.h_h_k_ratio);
+      }
+    } else {
+      int it = 0;
+      for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
+        const int head = head_k * p.h_h_k_ratio + hh;
+        const int n_m = args.num_m_blocks - m_block_min;
+        const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;
+        for (int i = 0; i < n_m; ++i, ++it) {
+          load_step(it, head, m_block_min + (i + rot < n_m ? i + rot : i + rot - n_m));
         }
       }
     }
@@ -193,10 +214,14 @@ struct BwdKernelHd256 {
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_m = args.num_m_blocks - m_block_min;  // query blocks per head
     const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;  // see Stagger
+    // Step it -> query block and head of the GQA group. Default: heads outer, query blocks ascending from
+    // m_block_min (rotated by Stagger). Det: query blocks descending from the last, heads inner.
     auto m_block_of = [&](int it) {
+      if constexpr (Det) return args.num_m_blocks - 1 - it / p.h_h_k_ratio;
       const int i = it % n_m + rot;
       return m_block_min + (i < n_m ? i : i - n_m);
     };
+    auto hh_of = [&](int it) { return Det ? it % p.h_h_k_ratio : it / n_m; };
     const int n_iters = n_m * p.h_h_k_ratio;          // pipeline steps: (head of the group, query block)
     const float scale_log2 = p.scale_softmax_log2;
     // This thread's key rows: local row r0 = 16 warp + g and r0 + 8; global key0, key0 + 8.
@@ -373,7 +398,7 @@ struct BwdKernelHd256 {
     // one cp.reduce.async.bulk; else 16 red.global.add.v4.f32 per thread.
     auto store_dq = [&](int it) {
       fence_regs(dq_reg);
-      const int head = head_k * p.h_h_k_ratio + it / n_m;
+      const int head = head_k * p.h_h_k_ratio + hh_of(it);
       const int m_block = m_block_of(it);
       const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
       float* dst = p.dq_accum + row * kHeadDim + cw * (64 * kNDq);
@@ -398,10 +423,22 @@ struct BwdKernelHd256 {
           }
         }
       } else {
+        // Det: wait for the lower key blocks' adds into this block (tid 0 acquires, the barrier passes it on to
+        // the warpgroup), add, then (barrier: every thread's adds are issued before it) tid 0 release-increments.
+        int* sem = nullptr;
+        if constexpr (Det) {
+          sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) + m_block;
+          if (tid == 0) wait_counter_geq(sem, 2 * n_block);
+          named_bar_sync(kBarDq + cw, 128);
+        }
 #pragma unroll
         for (int j = 0; j < kNDq / 8; ++j) {
           red_add_v4_f32(dst + j * 512 + tid * 4, dq_reg[4 * j], dq_reg[4 * j + 1], dq_reg[4 * j + 2],
                          dq_reg[4 * j + 3]);
+        }
+        if constexpr (Det) {
+          named_bar_sync(kBarDq + cw, 128);
+          if (tid == 0) red_release_gpu_add(sem, 1);  // (the last key block's increment has no waiter)
         }
       }
     };

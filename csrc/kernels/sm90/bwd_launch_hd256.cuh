@@ -30,10 +30,16 @@ template <bool IsCausal> struct BwdTileHd256 {
   static constexpr bool StagedEpilogue = true;
   static constexpr bool Stagger = true;
 };
+// Deterministic mode (params.deterministic): ordered dQ adds (BwdKernelHd256::Det), no Stagger (the order is the
+// descending lockstep one).
+template <bool IsCausal> struct BwdTileHd256Det : BwdTileHd256<IsCausal> {
+  static constexpr bool Stagger = false;
+};
 
-template <typename T, bool DqBulk, bool IsCausal, bool StagedEpilogue, bool Stagger, int kAblate = 0>
+template <typename T, bool DqBulk, bool IsCausal, bool StagedEpilogue, bool Stagger, int kAblate = 0, bool Det = false>
 void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernelHd256<T, DqBulk, IsCausal, StagedEpilogue, Stagger, kAblate>;
+  using Kernel = BwdKernelHd256<T, DqBulk, IsCausal, StagedEpilogue, Stagger, kAblate, Det>;
+  if (Det && params.dq_semaphore == nullptr) return;  // sm90_bwd_supported said no
   BwdTmaArgs args;
   args.params = params;
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
@@ -50,8 +56,14 @@ void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
 inline void run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
-      using Tile = BwdTileHd256<IsCausal>;
-      launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger>(params, stream);
+      if (params.deterministic) {
+        using Tile = BwdTileHd256Det<IsCausal>;
+        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, true>(params,
+                                                                                                           stream);
+      } else {
+        using Tile = BwdTileHd256<IsCausal>;
+        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger>(params, stream);
+      }
     });
   });
 }
