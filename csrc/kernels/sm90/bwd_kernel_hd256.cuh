@@ -18,7 +18,7 @@
 //     dV[:, 128w : 128w + 128] += P^T dO[:, cols w]   SS wgmma, M = 64 keys, N = 128, K-dim = 64 queries
 //     dK[:, 128w : 128w + 128] += dS^T Q[:, cols w]   SS wgmma
 //     dQ[:, 128w : 128w + 128]  = dS K[:, cols w]      SS wgmma (dS^T read MN-major), then into dq_accum:
-//        default: red.global.add.v4.f32 straight from registers (16 per thread);
+//        default: red.global.add.v4.f32 straight from registers (16 per thread; Det: ordered by key block, see Det);
 //        DqBulk: staged in shared memory in two 16 KiB halves, each one cp.reduce.async.bulk (the staging takes
 //        the second dO slot). Measured no faster (H200, 2026-11-21; NOTES.md).
 //   dK, dV (64 + 64 registers) stay in registers for the whole CTA (fixed accumulation order: bitwise
