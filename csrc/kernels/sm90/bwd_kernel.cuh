@@ -104,6 +104,15 @@ __device__ __forceinline__ void store_dkdv_pairs(const BwdParams& p, const float
   }
 }
 
+// One accumulator pair of dK (times scale) and of dV, packed to T, into the dK / dV staging tiles at byte offset off
+// (the staged epilogues of both backward kernels).
+template <typename T>
+__device__ __forceinline__ void st_shared_dkdv_pair(uint32_t st_k, uint32_t st_v, uint32_t off, float dk0, float dk1,
+                                                    float dv0, float dv1, float scale) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_k + off), "r"(pack2<T>(dk0 * scale, dk1 * scale)) : "memory");
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_v + off), "r"(pack2<T>(dv0, dv1)) : "memory");
+}
+
 // ------------------------------------------------------------------------------------------ preprocess
 // a.x * b.x + a.y * b.y of two packed pairs of T.
 template <typename T>
@@ -882,12 +891,8 @@ struct BwdKernel {
         for (int j = 0; j < kHeadDim / 8; ++j) {
           // Columns 8j + 2t, + 1: chunk j / 8, 16-byte piece j % 8 (swizzled with row % 8), byte 4t inside it.
           const uint32_t off = (j / 8) * (64 * 128) + row * 128 + (((j % 8) ^ g) << 4) + 4 * t;
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_k + off),
-                       "r"(pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale))
-                       : "memory");
-          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_v + off),
-                       "r"(pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]))
-                       : "memory");
+          st_shared_dkdv_pair<T>(st_k, st_v, off, dk_reg[4 * j + 2 * h], dk_reg[4 * j + 2 * h + 1],
+                                 dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1], scale);
         }
       }
       fence_proxy_async_smem();

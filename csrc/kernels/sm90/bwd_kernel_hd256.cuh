@@ -487,12 +487,8 @@ struct BwdKernelHd256 {
           for (int j = 0; j < kNDq / 8; ++j) {
             const int chunk = cw * (kNDq / 8) + j;
             const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4) + 4 * t;
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_k + off),
-                         "r"(pack2<T>(dk_reg[4 * j + 2 * h] * scale, dk_reg[4 * j + 2 * h + 1] * scale))
-                         : "memory");
-            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(st_v + off),
-                         "r"(pack2<T>(dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1]))
-                         : "memory");
+            st_shared_dkdv_pair<T>(st_k, st_v, off, dk_reg[4 * j + 2 * h], dk_reg[4 * j + 2 * h + 1],
+                                   dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1], scale);
           }
         }
         named_bar_sync(kBarPds, 256);
