@@ -391,7 +391,9 @@ struct BwdKernel {
     if (lane == 0) {
       // (The consumers read it after their bar_kv wait, which the arrival below releases; they are done with the
       // previous index: bar_kv_empty.)
-      if constexpr (DynamicSched) asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(sched_tile) : "memory");
+      if constexpr (DynamicSched) {
+        asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(sched_tile) : "memory");
+      }
       if (tile_iter == 0) {
         tma_prefetch_desc(&args.q_map);
         tma_prefetch_desc(&args.do_map);
@@ -772,31 +774,8 @@ struct BwdKernel {
     };
     // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum (deterministic
     // deferred: the reduce is issued by det_flush, after the next step's issue_sdp).
-    auto store_dq = [&](int it) {
-      if constexpr (DqWriter) {
-        // Writer mode: wait until the writer's reduce has read this buffer (kDqBufs steps ago), stage, signal.
-        const int buf = it % kDqBufs;
-        const uint32_t dq_s = dq_stage_smem(smem, cw, buf);
-        mbar_wait(bar_dq_empty(bars, cw, buf), ((it / kDqBufs) & 1) ^ 1);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-          for (int i = 0; i < kNDq / 8; ++i) {
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(dq_s + mt * kDqTileBytes +
-                                                                            (i * 512 + tid * 4) * 4),
-                         "f"(dq_reg[mt][4 * i]), "f"(dq_reg[mt][4 * i + 1]), "f"(dq_reg[mt][4 * i + 2]),
-                         "f"(dq_reg[mt][4 * i + 3])
-                         : "memory");
-          }
-        }
-        fence_proxy_async_smem();
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_dq_full(bars, cw, buf));
-        return;
-      }
-      const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
-      if (tid == 0) tma_store_wait_read();  // the previous reduce has read the staging buffer
-      named_bar_sync(kBarDq + cw, 128);
+    // This thread's dQ registers into a staging buffer, in register order (16-byte stores, conflict-free).
+    auto stage_dq = [&](uint32_t dq_s) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -808,6 +787,23 @@ struct BwdKernel {
                        : "memory");
         }
       }
+    };
+    auto store_dq = [&](int it) {
+      if constexpr (DqWriter) {
+        // Writer mode: wait until the writer's reduce has read this buffer (kDqBufs steps ago), stage, signal.
+        const int buf = it % kDqBufs;
+        const uint32_t dq_s = dq_stage_smem(smem, cw, buf);
+        mbar_wait(bar_dq_empty(bars, cw, buf), ((it / kDqBufs) & 1) ^ 1);
+        stage_dq(dq_s);
+        fence_proxy_async_smem();
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_dq_full(bars, cw, buf));
+        return;
+      }
+      const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
+      if (tid == 0) tma_store_wait_read();  // the previous reduce has read the staging buffer
+      named_bar_sync(kBarDq + cw, 128);
+      stage_dq(dq_s);
       fence_proxy_async_smem();
       named_bar_sync(kBarDq + cw, 128);
       if constexpr (DetMode == kDetOff) {
