@@ -2,7 +2,7 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small] [det] [d256] [dqw] [dqwb]   (no argument: test and bench; small: two small cases,
+// Run: bwd_harness [test] [bench] [small] [det] [d256] [dqw] [dqwb] [epi] [pers] [ord]   (no argument: test and bench; small: two small cases,
 // for compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
 // speed against the default; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in test / bench /
 // small; dqw / dqwb: the dQ modes of kDqwVariants, tests / interleaved bench; build with -DHARNESS_DQW_ONLY
@@ -40,11 +40,11 @@ void flash_ext::run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream) 
 }
 
 using LaunchFn = void (*)(const BwdParams&, cudaStream_t);
-template <int D, int M, int S, bool SplitKeys, bool Overlap, int Det = sm90::kDetOff>
+template <int D, int M, int S, bool SplitKeys, int Order, int Det = sm90::kDetOff>
 void run_cfg(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal,
-                [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Overlap, Det>(p, s); });
+                [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Order, Det>(p, s); });
   });
 }
 // Deterministic variants (need params.deterministic and dq_semaphore): the defaults (run_bwd_sm90 with
@@ -65,7 +65,7 @@ void run_tile(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
       using Tile = std::conditional_t<Det != sm90::kDetOff, sm90::BwdTileDet<D, IsCausal>, sm90::BwdTile<D, IsCausal>>;
-      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap, Det,
+      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order, Det,
                             DqMode>(p, s);
     });
   });
@@ -78,11 +78,11 @@ void run_pairs(const BwdParams& p, cudaStream_t s) {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
       if (p.deterministic) {
         using Tile = sm90::BwdTileDet<D, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap,
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order,
                               sm90::kDetDeferred, Tile::DqMode>(p, s, false);
       } else {
         using Tile = sm90::BwdTile<D, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap,
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order,
                               sm90::kDetOff, Tile::DqMode, Tile::Persistent>(p, s, false);
       }
     });
@@ -95,11 +95,55 @@ void run_np(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
       using Tile = sm90::BwdTile<D, IsCausal>;
-      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Overlap,
+      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order,
                             sm90::kDetOff, Tile::DqMode, false>(p, s);
     });
   });
 }
+// The default tiles (deterministic ones when params.deterministic) with the consumer's step order forced
+// (sm90::kOrder*, see bwd_kernel.cuh). Harness mode `ord`: tests of each order, then an interleaved bench.
+template <int D, int Order>
+void run_order(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
+      if (p.deterministic) {
+        using Tile = sm90::BwdTileDet<D, IsCausal>;
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Order,
+                              sm90::kDetDeferred, Tile::DqMode>(p, s);
+      } else {
+        using Tile = sm90::BwdTile<D, IsCausal>;
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Order,
+                              sm90::kDetOff, Tile::DqMode, Tile::Persistent>(p, s);
+      }
+    });
+  });
+}
+// d256 (bwd_kernel_hd256.cuh): the default tiles with DkLast forced.
+template <bool DkLast>
+void run_order256(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
+      if (p.deterministic) {
+        using Tile = sm90::BwdTileHd256Det<IsCausal>;
+        sm90::launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, true,
+                                    DkLast>(p, s);
+      } else {
+        using Tile = sm90::BwdTileHd256<IsCausal>;
+        sm90::launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, false,
+                                    DkLast>(p, s);
+      }
+    });
+  });
+}
+struct OrdVariant { const char* name; int d; LaunchFn fn; };
+static const OrdVariant kOrdVariants[] = {
+    {"plain", 128, run_order<128, sm90::kOrderPlain>},
+    {"dklast", 128, run_order<128, sm90::kOrderDkLast>},
+    {"plain", 64, run_order<64, sm90::kOrderPlain>},
+    {"dklast", 64, run_order<64, sm90::kOrderDkLast>},
+    {"plain", 256, run_order256<false>},
+    {"dklast", 256, run_order256<true>},
+};
 struct DqwVariant { const char* name; int d; bool det; LaunchFn fn; };
 static const DqwVariant kDqwVariants[] = {
     {"old", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqConsumer>},
@@ -128,8 +172,9 @@ static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
     sm90::launch_bwd_convert_dq<elem_type, 256, 128>(p, s);
   });
 }
-// Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Overlap); each runs the full test list of its head dim.
-// d64m128 is the d64 non-causal default and d64m128sD the d64 causal default (BwdTile in bwd_launch.cuh).
+// Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Order: 0 = kOrderPlain, 1 = kOrderOverlap); each runs the
+// full test list of its head dim. d64m128 is the d64 non-causal default, d64m128sD the d64 causal default in the
+// plain order (BwdTile in bwd_launch.cuh).
 // d256 variants: run_cfg256<DqBulk, StagedEpilogue, Stagger, kAblate> (bwd_launch_hd256.cuh); bench_only rows
 // give wrong results (timing ablations) or time only part of the backward.
 struct Variant { const char* name; int d; LaunchFn fn; bool bench_only = false; };
@@ -532,7 +577,8 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
   const double flops = 2.5 * 4.0 * B * H * (double)S * S * D / (causal ? 2.0 : 1.0);
   BenchRow r{vname, D, causal, S, ms, (float)(flops / (ms * 1e-3) / 1e12)};
   char line[256];
-  snprintf(line, sizeof(line), "BENCH %-9s bf16 d%-3d %-6s s%-5d b%-2d h%-2d %8.3f ms %6.1f TFLOP/s (min %.3f)", vname, D,
+  snprintf(line, sizeof(line), "BENCH %s%-9s bf16 d%-3d %-6s s%-5d b%-2d h%-2d %8.3f ms %6.1f TFLOP/s (min %.3f)",
+           g_det ? "det:" : "", vname, D,
            causal ? "causal" : "full", S, B, H, ms, r.tflops, t[0]);
   logline(line);
   cudaEventDestroy(e0); cudaEventDestroy(e1);
@@ -542,13 +588,14 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 
 int main(int argc, char** argv) {
   bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
-  bool do_epi = false, do_pers = false;
+  bool do_epi = false, do_pers = false, do_ord = false;
   for (int i = 1; i < argc; ++i) {
     if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
     if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
     if (!strcmp(argv[i], "det")) do_det = true;
     if (!strcmp(argv[i], "epi")) do_epi = true;    // dK / dV epilogue: TMA stores vs pairs
     if (!strcmp(argv[i], "pers")) do_pers = true;  // causal: dynamic persistent vs one CTA per tile
+    if (!strcmp(argv[i], "ord")) do_ord = true;    // the consumer's step order (kOrder*)
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
@@ -619,6 +666,37 @@ int main(int argc, char** argv) {
             rows.push_back(bench_one<__nv_bfloat16>(D, S, true, pers ? nullptr : (D == 64 ? run_np<64> : run_np<128>),
                                                     pers ? "dynpers" : "onepertile"));
           }
+  }
+  if (do_ord) {
+    uint64_t seed = 13000;
+    for (int det = 0; det < 2; ++det) {
+      g_det = det;
+      for (const auto& v : kOrdVariants) run_tests_d(v.d, v.fn, v.name, seed += 100);
+    }
+    g_det = true;
+    for (const auto& v : kOrdVariants) repeat_dq(4, 1025, 8, 2, v.d, true, 4, v.fn, v.name);
+    g_det = false;
+    const int n = sizeof(kOrdVariants) / sizeof(kOrdVariants[0]);
+    for (int pass = 0; pass < 2; ++pass)
+      for (int D : {128, 64, 256})
+        for (bool c : {false, true})
+          for (int S : {1024, 2048, 4096, 16384}) {
+            for (int k = 0; k < n; ++k) {
+              const auto& v = kOrdVariants[pass == 0 ? k : n - 1 - k];
+              if (v.d == D) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
+            }
+          }
+    g_det = true;
+    for (int pass = 0; pass < 2; ++pass)
+      for (int D : {128, 64, 256})
+        for (bool c : {false, true})
+          for (int S : {1024, 4096}) {
+            for (int k = 0; k < n; ++k) {
+              const auto& v = kOrdVariants[pass == 0 ? k : n - 1 - k];
+              if (v.d == D) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
+            }
+          }
+    g_det = false;
   }
   if (do_dqwb) {
     const int passes = getenv("DQW_PASSES") ? atoi(getenv("DQW_PASSES")) : 1;

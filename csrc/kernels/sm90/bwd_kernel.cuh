@@ -25,8 +25,12 @@
 //      dQ split (DqSplitKeys): false: both consumers' dS^T go to shared memory, a 256-thread barrier, and
 //      consumer w computes columns [w d/2, w d/2 + d/2) over all kBlockN keys (N = d/2); true: consumer w
 //      computes all d columns over its own 64 keys only (no cross-warpgroup barrier, twice the reduce traffic).
-//      Overlap: S^T / dP^T of step i + 1 are issued before dQ of step i is written out, so the tensor cores work
-//      while the warpgroup stages dQ (needs the registers of both: not for d128).
+//      Step order (BwdKernel's Order; the wgmma groups after the softmax, and what the warpgroup waits for before
+//      it stages dQ):
+//        kOrderPlain:   dV + dK (one group) | dS^T store, barrier | dQ | wait for all | dQ out.
+//        kOrderDkLast:  dV | dS^T store, barrier | dQ | dK | wait for dV, dQ | dQ out while dK runs | wait for dK.
+//        kOrderOverlap: as plain, but S^T / dP^T of step i + 1 are issued before dQ of step i goes out (needs the
+//                       registers of both: not for d128).
 //   3. bwd_convert_dq_sm90: dq = dq_accum * scale -> element type (un-permuting the accumulation layout).
 //      (Converting each block in the main kernel, by the writer of its last contributing key block, measured
 //      13-31% slower, 2026-11-21: removed; see NOTES.md.)
@@ -253,8 +257,10 @@ constexpr int kDetOff = 0, kDetEager = 1, kDetDeferred = 2;
 // warpgroup, plus the counter wait / release in deterministic mode: DetMode picks eager or deferred), or the
 // dQ-writer warp (warp 1 of the producer warpgroup; DetMode then only says deterministic or not).
 constexpr int kDqConsumer = 0, kDqWriter = 1;
+// Step order inside the consumer's query-block loop (BwdKernel's Order; see the header).
+constexpr int kOrderPlain = 0, kOrderOverlap = 1, kOrderDkLast = 2;
 
-template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool Overlap_,
+template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, int Order_,
           int DetMode_ = kDetOff, int DqMode_ = kDqConsumer, bool Persistent_ = false>
 struct BwdKernel {
   using T = T_;
@@ -265,7 +271,9 @@ struct BwdKernel {
   static constexpr int kStages = kStages_;
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool DqSplitKeys = DqSplitKeys_;
-  static constexpr bool Overlap = Overlap_;
+  static constexpr int Order = Order_;
+  static_assert(Order >= kOrderPlain && Order <= kOrderDkLast, "Order");
+  static constexpr bool Overlap = Order == kOrderOverlap;
   static constexpr int DetMode = DetMode_;
   static constexpr bool Deterministic = DetMode != kDetOff;
   static_assert(DetMode == kDetOff || DetMode == kDetEager || DetMode == kDetDeferred, "DetMode");
@@ -641,8 +649,21 @@ struct BwdKernel {
 
     // ---- dV_w += P^T dO, dK_w += dS^T Q (RS; B operands MN-major: K-dim = query rows); then (issue_dq) the dQ
     // part = dS K (SS: A = dS, M = 64 queries, K-dim = keys, MN-major from the dS^T tile; B = K, MN-major).
+    auto mma_dv = [&](int it) {
+      const uint64_t desc_do = make_desc_sw128(do_stage(it), kQChunkBytes, 1024);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        Wgmma<kHeadDim, T>::template rs<1>(dv_reg, p_frag[kk], desc_do + ((kk * 16 * 128) >> 4), 1);
+      }
+    };
+    auto mma_dk = [&](int it) {
+      const uint64_t desc_q = make_desc_sw128(q_stage(it), kQChunkBytes, 1024);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        Wgmma<kHeadDim, T>::template rs<1>(dk_reg, ds_frag[kk], desc_q + ((kk * 16 * 128) >> 4), 1);
+      }
+    };
     auto issue_dkdv = [&](int it) {
-      const uint32_t q_s = q_stage(it), do_s = do_stage(it);
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {
         fence_regs(p_frag[kk]);
@@ -651,18 +672,25 @@ struct BwdKernel {
       fence_regs(dv_reg);
       fence_regs(dk_reg);
       wgmma_fence();
-      {
-        const uint64_t desc_do = make_desc_sw128(do_s, kQChunkBytes, 1024);
-        const uint64_t desc_q = make_desc_sw128(q_s, kQChunkBytes, 1024);
+      mma_dv(it);
+      mma_dk(it);
+      wgmma_commit();
+    };
+    // (kOrderDkLast: dV and dK in groups of their own.)
+    auto issue_dv = [&](int it) {
 #pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-          Wgmma<kHeadDim, T>::template rs<1>(dv_reg, p_frag[kk], desc_do + ((kk * 16 * 128) >> 4), 1);
-        }
+      for (int kk = 0; kk < kBlockM / 16; ++kk) fence_regs(p_frag[kk]);
+      fence_regs(dv_reg);
+      wgmma_fence();
+      mma_dv(it);
+      wgmma_commit();
+    };
+    auto issue_dk = [&](int it) {
 #pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-          Wgmma<kHeadDim, T>::template rs<1>(dk_reg, ds_frag[kk], desc_q + ((kk * 16 * 128) >> 4), 1);
-        }
-      }
+      for (int kk = 0; kk < kBlockM / 16; ++kk) fence_regs(ds_frag[kk]);
+      fence_regs(dk_reg);
+      wgmma_fence();
+      mma_dk(it);
       wgmma_commit();
     };
     auto issue_dq = [&](int it) {
@@ -843,12 +871,25 @@ struct BwdKernel {
           if (it > 0) det_flush(it - 1);  // step it - 1's dQ, while S^T / dP^T of step it run
         }
         softmax(it);
-        issue_dkdv(it);
-        store_ds(it);
-        issue_dq(it);
-        wgmma_wait<0>();
-        grads_done(it);
-        store_dq(it);
+        if constexpr (Order == kOrderDkLast) {
+          issue_dv(it);  // (runs while dS^T is stored)
+          store_ds(it);
+          issue_dq(it);
+          issue_dk(it);
+          wgmma_wait<1>();  // dV and dQ complete; dK runs on while dQ is staged
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
+          store_dq(it);
+          wgmma_wait<0>();
+          grads_done(it);
+        } else {
+          issue_dkdv(it);
+          store_ds(it);
+          issue_dq(it);
+          wgmma_wait<0>();
+          grads_done(it);
+          store_dq(it);
+        }
       }
       if constexpr (DetMode == kDetDeferred && !DqWriter) {
         if (n_iters > 0) det_flush(n_iters - 1);

@@ -21,6 +21,7 @@
 //        default: red.global.add.v4.f32 straight from registers (16 per thread; Det: ordered by key block, see Det);
 //        DqBulk: staged in shared memory in two 16 KiB halves, each one cp.reduce.async.bulk (the staging takes
 //        the second dO slot). Measured no faster (H200, 2026-11-21; NOTES.md).
+//     (DkLast, the default: the three are issued as dV, dQ, dK, and dQ's adds run while dK is on the tensor cores.)
 //   dK, dV (64 + 64 registers) stay in registers for the whole CTA (fixed accumulation order: bitwise
 //   reproducible). P^T / dS^T tiles are double-buffered (step parity) so a consumer may write step i + 1 while
 //   the other still reads step i. The first k-step of S^T, dP^T and dQ uses ss_z (accumulators write-only), so
@@ -61,7 +62,7 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
 
 // ------------------------------------------------------------------------------------------ main kernel
 template <typename T_, bool DqBulk_, bool IsCausal_, bool StagedEpilogue_, bool Stagger_, int kAblate_ = 0,
-          bool Det_ = false>
+          bool Det_ = false, bool DkLast_ = false>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
@@ -89,6 +90,9 @@ struct BwdKernelHd256 {
   // of a (kv head, batch) run in lockstep; a CTA waits only for lower key blocks, launched no later (x is the
   // fastest grid dimension), so the chain cannot deadlock.
   static constexpr bool Det = Det_;
+  // DkLast: dV, dQ, dK in three groups, in that order; dQ goes into dq_accum while dK still runs on the tensor
+  // cores (else dV, dK, dQ, and dQ leaves after all three).
+  static constexpr bool DkLast = DkLast_;
   static_assert(!Det || (!Stagger && !DqBulk && kAblate_ == 0), "deterministic: plain order, red adds");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
@@ -365,6 +369,29 @@ struct BwdKernelHd256 {
       }
       wgmma_commit();
     };
+    // DkLast: the same two products, one group each.
+    auto issue_dv = [&](int it) {
+      fence_regs(dv_reg);
+      wgmma_fence();
+      const uint64_t desc_p = make_desc_sw128(smem + kOffP + (it % 2) * kPBytes, 16, 1024);
+      const uint64_t desc_do = make_desc_sw128(do_stage(it) + cw * 2 * kChunkBytes, kChunkBytes, 1024);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        Wgmma<kNDq, T>::template ss<1>(dv_reg, desc_p + ((kk * 32) >> 4), desc_do + ((kk * 16 * 128) >> 4), 1);
+      }
+      wgmma_commit();
+    };
+    auto issue_dk = [&](int it) {
+      fence_regs(dk_reg);
+      wgmma_fence();
+      const uint64_t desc_ds = make_desc_sw128(smem + kOffDs + (it % 2) * kPBytes, 16, 1024);
+      const uint64_t desc_q = make_desc_sw128(q_stage(it) + cw * 2 * kChunkBytes, kChunkBytes, 1024);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        Wgmma<kNDq, T>::template ss<1>(dk_reg, desc_ds + ((kk * 32) >> 4), desc_q + ((kk * 16 * 128) >> 4), 1);
+      }
+      wgmma_commit();
+    };
     // ---- dQ_w = dS K[:, cols w] (one group): A = dS (M = 64 queries, K-dim = keys) read MN-major from the dS^T
     // tile (16 keys = 16 rows = 2048 bytes per k-step), B = K columns [128w, +128) (MN-major, K-dim = key rows).
     auto issue_dq = [&](int it) {
@@ -453,15 +480,28 @@ struct BwdKernelHd256 {
       issue_dp(it);
       softmax(it);  // waits for S^T, then dP^T: no other group is in flight
       store_pds(it);
-      issue_dkdv(it);  // two groups: dV, dK
-      issue_dq(it);
-      wgmma_wait<2>();
-      release_do(it);
-      wgmma_wait<1>();
-      release_q(it);
-      wgmma_wait<0>();
-      fence_regs(dq_reg);
-      if constexpr (!(kAblate & 1)) store_dq(it);
+      if constexpr (DkLast) {
+        issue_dv(it);
+        issue_dq(it);
+        issue_dk(it);
+        wgmma_wait<2>();
+        release_do(it);
+        wgmma_wait<1>();
+        fence_regs(dq_reg);
+        if constexpr (!(kAblate & 1)) store_dq(it);
+        wgmma_wait<0>();
+        release_q(it);
+      } else {
+        issue_dkdv(it);  // two groups: dV, dK
+        issue_dq(it);
+        wgmma_wait<2>();
+        release_do(it);
+        wgmma_wait<1>();
+        release_q(it);
+        wgmma_wait<0>();
+        fence_regs(dq_reg);
+        if constexpr (!(kAblate & 1)) store_dq(it);
+      }
     }
     if constexpr (DqBulk) {
       if (tid == 0) bulk_wait_all();  // the reduces have read the staging buffers (and completed)

@@ -49,12 +49,26 @@ namespace sm90 {
 //   d64 non-causal  379 / 440 / 431 / 455 vs 353 / 399 / 433 / 455; 344 / 399 / 422 / 444 vs 333 / 392 / 414 / 451
 //   d64 causal      241 / 322 / 392 / 375 vs 228 / 318 / 378 / 426; 245 / 330 / 384 / 434 vs 228 / 313 / 384 / 420
 // (+3..8% at 1k-2k; at 16k within the runs' noise, which the causal 16k rows show.)
+// Step order (BwdKernel's Order, see bwd_kernel.cuh): kOrderDkLast (dV, dQ, dK in three groups; dQ leaves while dK
+// runs) vs kOrderPlain (dV + dK, dQ; dQ leaves after all), 2026-11-21 fifth session, harness `ord` (two runs of two
+// passes each, ABBA; whole backward, cudaEvent medians), DkLast / plain, mean of each run's two passes, 1k / 2k / 4k /
+// 16k, run 1 then run 2:
+//   d128 non-causal 1.056 / 1.058 / 1.078 / 1.045; 1.046 / 1.084 / 1.066 / 1.048 (e.g. 16k 531 vs 507 TFLOP/s)
+//   d128 causal     1.047 / 1.073 / 1.075 / 0.977; 1.043 / 1.119 / 1.062 / 1.019
+//   d64 causal      1.074 / 1.056 / 1.065 / 1.030; 1.043 / 1.045 / 1.067 / 1.016
+//   d64 non-causal  1.045 / 1.018 / 1.024 / 1.012; 1.016 / 1.037 / 1.019 / 1.028, but this kernel (kBlockM 128,
+//                   dQ split by keys: 64 dQ accumulators) spills 20 bytes with DkLast: it stays plain.
+//   deterministic (d64 / d128, 1k and 4k): 1.016-1.045.
+// Also measured in those runs, not kept: dV issued right after P^T (before dS^T is computed: 8 bytes spilled at
+// d128 causal) 0.98-1.08x plain, below DkLast everywhere; dQ first, then dV + dK in one group (no spills), d128
+// 0.97-1.07x plain, d64 0.99-1.05x. Issuing the next step's S^T before dQ leaves: ptxas C7514 (a wgmma.wait
+// injected), not timed.
 template <int kHeadDim, bool IsCausal> struct BwdTile;
 template <bool IsCausal> struct BwdTile<64, IsCausal> {
   static constexpr int kBlockM = 128;
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = !IsCausal;
-  static constexpr bool Overlap = false;
+  static constexpr int Order = IsCausal ? kOrderDkLast : kOrderPlain;  // (non-causal: DkLast spills 20 bytes)
   static constexpr int DqMode = kDqConsumer;
   static constexpr bool Persistent = !IsCausal;  // causal: one CTA per tile (the dynamic schedule lost 3% at 4k+)
 };
@@ -62,7 +76,7 @@ template <bool IsCausal> struct BwdTile<128, IsCausal> {
   static constexpr int kBlockM = 64;
   static constexpr int kStages = 2;
   static constexpr bool DqSplitKeys = false;
-  static constexpr bool Overlap = false;
+  static constexpr int Order = kOrderDkLast;
   static constexpr int DqMode = kDqConsumer;
   static constexpr bool Persistent = true;  // causal: dynamic tile schedule (BwdKernel::DynamicSched)
 };
@@ -86,6 +100,7 @@ template <bool IsCausal> struct BwdTile<128, IsCausal> {
 //     260 / 360; d128 271 / 389 / 448, 190 / 343 / 485 (slower than kDqWriter everywhere).
 template <int kHeadDim, bool IsCausal> struct BwdTileDet : BwdTile<kHeadDim, IsCausal> {
   static constexpr bool DqSplitKeys = false;
+  static constexpr int Order = kOrderDkLast;
   static constexpr bool Persistent = false;  // (the counter order relies on the grid order: see det_flush)
   static constexpr int DqMode = kDqWriter;
 };
@@ -115,10 +130,10 @@ inline void encode_dkdv_maps(BwdTmaArgs& args, const BwdParams& p) {
                            p.dv_row_stride, p.dv_head_stride, p.dv_batch_stride, 64);
 }
 
-template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool Overlap,
+template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, int Order,
           int DetMode = kDetOff, int DqMode = kDqConsumer, bool Persistent = false>
 void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool allow_dkdv_tma = true) {
-  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Overlap, DetMode, DqMode, Persistent>;
+  using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Order, DetMode, DqMode, Persistent>;
   // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported checks
   // that the API allocated them.
   if (DetMode != kDetOff && params.dq_semaphore == nullptr) return;
@@ -152,11 +167,11 @@ void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
       if (params.deterministic) {
         using Tile = sm90::BwdTileDet<kHeadDim, IsCausal>;
         sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                              Tile::Overlap, sm90::kDetDeferred, Tile::DqMode>(params, stream);
+                              Tile::Order, sm90::kDetDeferred, Tile::DqMode>(params, stream);
       } else {
         using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
         sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                              Tile::Overlap, sm90::kDetOff, Tile::DqMode, Tile::Persistent>(params, stream);
+                              Tile::Order, sm90::kDetOff, Tile::DqMode, Tile::Persistent>(params, stream);
       }
     });
   });

@@ -25,10 +25,15 @@ namespace sm90 {
 //   run 2 (red, neither): issuing S^T of step i + 1 before the dQ reduction of step i 251 / 329 / 353 | 195 / 299 /
 //          359 (ptxas C7514, 24 B spill), S^T and dP^T 192 / 230 / 244 | 150 / 212 / 247 (spills) vs 277 / 360 /
 //          386 | 209 / 324 / 392: removed.
+// DkLast (dV, dQ, dK; dQ's reduce-adds run while dK is on the tensor cores) vs dV, dK, dQ, 2026-11-21 fifth session,
+// harness `ord` (two runs of two ABBA passes), DkLast / before at 1k / 2k / 4k / 16k, run 1 then run 2: non-causal
+// 1.094 / 1.089 / 1.118 / 1.061, 1.075 / 1.107 / 1.100 / 1.058; causal 1.032 / 1.058 / 1.066 / 1.030, 1.047 / 1.067 /
+// 1.045 / 1.041; deterministic 1.02-1.05. 0 spills.
 template <bool IsCausal> struct BwdTileHd256 {
   static constexpr bool DqBulk = false;
   static constexpr bool StagedEpilogue = true;
   static constexpr bool Stagger = true;
+  static constexpr bool DkLast = true;
 };
 // Deterministic mode (params.deterministic): ordered dQ adds (BwdKernelHd256::Det), no Stagger (the order is the
 // descending lockstep one).
@@ -36,9 +41,10 @@ template <bool IsCausal> struct BwdTileHd256Det : BwdTileHd256<IsCausal> {
   static constexpr bool Stagger = false;
 };
 
-template <typename T, bool DqBulk, bool IsCausal, bool StagedEpilogue, bool Stagger, int kAblate = 0, bool Det = false>
+template <typename T, bool DqBulk, bool IsCausal, bool StagedEpilogue, bool Stagger, int kAblate = 0, bool Det = false,
+          bool DkLast = false>
 void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernelHd256<T, DqBulk, IsCausal, StagedEpilogue, Stagger, kAblate, Det>;
+  using Kernel = BwdKernelHd256<T, DqBulk, IsCausal, StagedEpilogue, Stagger, kAblate, Det, DkLast>;
   if (Det && params.dq_semaphore == nullptr) return;  // sm90_bwd_supported said no
   BwdTmaArgs args;
   args.params = params;
@@ -58,11 +64,12 @@ inline void run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       if (params.deterministic) {
         using Tile = BwdTileHd256Det<IsCausal>;
-        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, true>(params,
-                                                                                                           stream);
+        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, true,
+                              Tile::DkLast>(params, stream);
       } else {
         using Tile = BwdTileHd256<IsCausal>;
-        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger>(params, stream);
+        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, false,
+                              Tile::DkLast>(params, stream);
       }
     });
   });
