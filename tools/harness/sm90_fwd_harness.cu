@@ -59,6 +59,7 @@ static const Variant kVariants[] = {
     {"wg3pp", 64, run_cfg<64, 128, 2, true, false, 0, 0, true, 3>},
     {"wg3pp0", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3>},
     {"wg3p", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3>},
+    {"wg2p", 64, run_cfg<64, 128, 2, true, true, kPersist>},  // the short causal default, persistent at any length
     // CrossTile (next tile's first S before this tile's epilogue, two Q buffers), 2026-11-21 third series.
     {"x2", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true>},
     {"x", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true>},

@@ -94,7 +94,8 @@ inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, i
 constexpr int64_t kL2GroupBytes = 32ll << 20;
 
 // grid_limit: 0 picks the default: persistent (one CTA per SM, static zig-zag over tiles) when not causal,
-// and when causal with short tiles (seqlen_q <= 1024) and a separate O buffer (kHeadDim <= 128); otherwise
+// and when causal with few query blocks (<= 8, or <= kCausalPersistMaxMBlocks128 at d128) and a separate O buffer
+// (kHeadDim <= 128); otherwise
 // one CTA per tile, so the hardware's block scheduler balances the unequal causal tiles dynamically.
 // H200, bf16, causal, persistent vs one CTA per tile: d64 282 vs 241 TFLOP/s at 1k, 375 vs 382 at 4k,
 // 402 vs 439 at 16k; d128 356 vs 348 at 1k, 455 vs 548 at 4k, 470 vs 596 at 16k; d256 293 vs 370 at 1k.
@@ -106,6 +107,11 @@ constexpr int64_t kL2GroupBytes = 32ll << 20;
 // group_hb > 0 overrides the L2 grouping (comparisons).
 // CrossTile (next tile's first S before this tile's epilogue) is an option, not a default: d128 1k +2-3% in
 // two runs (474 vs 459), noise-level; d128 causal 4k / 16k -3..4% with DoubleP; d64 (2 or 3 warpgroups) no gain.
+// Causal d128 (2 warpgroups, kBlockM 128) stays persistent (paired) up to 32 query blocks (seqlen_q 4096): harness
+// dobench, 2026-11-21 fifth session (with the one-pair L2 groups), persistent paired vs one CTA per tile, TFLOP/s at
+// 1k / 2k / 4k / 16k: 406 / 490 / 549 / 598 vs 408 / 459 / 528 / 602. d64 (3 warpgroups above 1k): persistent
+// paired 327 / 394 at 2k / 4k vs 335 / 394 (and the 2-warpgroup kernel persistent 344 / 382): unchanged, 8.
+constexpr int kCausalPersistMaxMBlocks128 = 32;
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP,
           int kSwExpMask = 0, bool ChainTiles = false, int kNumWG = 2, bool CrossTile = false>
 void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0, int paired = -1,
@@ -121,7 +127,9 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   // Query heads h_h_k_ratio apart share one K/V head: a group of G pairs reads G / ratio heads' K and V.
   const int64_t kv_bytes = static_cast<int64_t>(params.seqlen_k) * kHeadDim * 2 * 2;
   const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
-  const bool persistent = !IsCausal || ((Kernel::SeparateO || CrossTile) && args.num_m_blocks <= 8);
+  const int causal_persist_max_m = kHeadDim == 128 && kNumWG == 2 ? kCausalPersistMaxMBlocks128 : 8;
+  const bool persistent =
+      !IsCausal || ((Kernel::SeparateO || CrossTile) && args.num_m_blocks <= causal_persist_max_m);
   const int limit = grid_limit > 0 ? grid_limit : grid_limit < 0 ? num_sm : persistent ? num_sm : args.num_tiles;
   int64_t group = limit < args.num_tiles ? 1 : kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1);
   if (group_hb > 0) group = group_hb;
