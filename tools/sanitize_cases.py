@@ -17,7 +17,9 @@ CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dete
     (1, 1, 33, 1, 1, 32, False, True),
     (2, 129, 1100, 16, 8, 64, False, False),  # 144 key-block tiles: the sm90 persistent backward's later tiles
     (1, 65, 4100, 1, 1, 128, False, False),  # seqlen_k >= 4096: the sm90 d128 forward's 144-key blocks
-    (2, 1100, 1100, 16, 8, 128, True, False),  # 144 causal tiles: the sm90 backward's dynamic tile schedule
+    # 144 causal key-block tiles (the sm90 backward's dynamic schedule); the sm90 forward's persistent paired
+    # schedule with 9 query blocks (160 pairs, more than the SMs)
+    (2, 1100, 1100, 16, 8, 128, True, False),
 ]
 
 
