@@ -2,7 +2,7 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small] [det] [d256] [dqw] [dqwb] [epi] [pers] [ord]   (no argument: test and bench; small: two small cases,
+// Run: bwd_harness [test] [bench] [small] [det] [d256] [dqw] [dqwb] [epi] [pers] [ord] [ord2]   (no argument: test and bench; small: two small cases,
 // for compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
 // speed against the default; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in test / bench /
 // small; dqw / dqwb: the dQ modes of kDqwVariants, tests / interleaved bench; build with -DHARNESS_DQW_ONLY
@@ -135,7 +135,27 @@ void run_order256(const BwdParams& p, cudaStream_t s) {
     });
   });
 }
+// Bench-only comparisons of the defaults (harness mode `ord2`, with a test pass of each): 3 Q / dO stages at d128;
+// d128 causal one CTA per tile (no dynamic schedule); d64 non-causal in the DkLast order (20 bytes spilled).
+template <int D, int Stages, int Order, int Pers>
+void run_alt(const BwdParams& p, cudaStream_t s) {
+  DTYPE_SWITCH(p.is_bf16, [&] {
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
+      using Tile = sm90::BwdTile<D, IsCausal>;
+      constexpr bool kPers = Pers < 0 ? Tile::Persistent : Pers > 0;
+      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Stages, IsCausal, Tile::DqSplitKeys, Order, sm90::kDetOff,
+                            Tile::DqMode, kPers>(p, s);
+    });
+  });
+}
 struct OrdVariant { const char* name; int d; LaunchFn fn; };
+static const OrdVariant kAltVariants[] = {
+    {"default", 128, nullptr},
+    {"st3", 128, run_alt<128, 3, sm90::kOrderDkLast, -1>},
+    {"onepert", 128, run_alt<128, 2, sm90::kOrderDkLast, 0>},
+    {"default", 64, nullptr},
+    {"dklast", 64, run_alt<64, 2, sm90::kOrderDkLast, -1>},
+};
 static const OrdVariant kOrdVariants[] = {
     {"plain", 128, run_order<128, sm90::kOrderPlain>},
     {"dklast", 128, run_order<128, sm90::kOrderDkLast>},
@@ -588,7 +608,7 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 
 int main(int argc, char** argv) {
   bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
-  bool do_epi = false, do_pers = false, do_ord = false;
+  bool do_epi = false, do_pers = false, do_ord = false, do_ord2 = false;
   for (int i = 1; i < argc; ++i) {
     if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
     if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
@@ -596,6 +616,7 @@ int main(int argc, char** argv) {
     if (!strcmp(argv[i], "epi")) do_epi = true;    // dK / dV epilogue: TMA stores vs pairs
     if (!strcmp(argv[i], "pers")) do_pers = true;  // causal: dynamic persistent vs one CTA per tile
     if (!strcmp(argv[i], "ord")) do_ord = true;    // the consumer's step order (kOrder*)
+    if (!strcmp(argv[i], "ord2")) do_ord2 = true;  // stages / persistence / d64 order against the defaults
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
@@ -697,6 +718,23 @@ int main(int argc, char** argv) {
             }
           }
     g_det = false;
+  }
+  if (do_ord2) {
+    uint64_t seed = 14000;
+    for (const auto& v : kAltVariants)
+      if (v.fn) run_tests_d(v.d, v.fn, v.name, seed += 100);
+    const int n = sizeof(kAltVariants) / sizeof(kAltVariants[0]);
+    for (int pass = 0; pass < 2; ++pass)
+      for (int D : {128, 64})
+        for (bool c : {false, true})
+          for (int S : {1024, 2048, 4096, 16384}) {
+            for (int k = 0; k < n; ++k) {
+              const auto& v = kAltVariants[pass == 0 ? k : n - 1 - k];
+              if (v.d != D) continue;
+              if ((!strcmp(v.name, "onepert") && !c) || (!strcmp(v.name, "dklast") && c)) continue;
+              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
+            }
+          }
   }
   if (do_dqwb) {
     const int passes = getenv("DQW_PASSES") ? atoi(getenv("DQW_PASSES")) : 1;
