@@ -343,33 +343,9 @@ struct BwdKernelHd256 {
       named_bar_sync(kBarPds, 256);
     };
 
-    // ---- dV_w += P^T dO[:, cols w], dK_w += dS^T Q[:, cols w] (one group): A = P^T / dS^T (K-major, K-dim =
-    // queries), B = dO / Q columns [128w, 128w + 128) (MN-major: K-dim = query rows, 2 chunks LBO apart).
-    auto issue_dkdv = [&](int it) {
-      const uint32_t p_s = smem + kOffP + (it % 2) * kPBytes, ds_s = smem + kOffDs + (it % 2) * kPBytes;
-      fence_regs(dv_reg);
-      fence_regs(dk_reg);
-      wgmma_fence();
-      {
-        const uint64_t desc_p = make_desc_sw128(p_s, 16, 1024);
-        const uint64_t desc_do = make_desc_sw128(do_stage(it) + cw * 2 * kChunkBytes, kChunkBytes, 1024);
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-          Wgmma<kNDq, T>::template ss<1>(dv_reg, desc_p + ((kk * 32) >> 4), desc_do + ((kk * 16 * 128) >> 4), 1);
-        }
-      }
-      wgmma_commit();  // dV group: its completion frees the dO slot
-      {
-        const uint64_t desc_ds = make_desc_sw128(ds_s, 16, 1024);
-        const uint64_t desc_q = make_desc_sw128(q_stage(it) + cw * 2 * kChunkBytes, kChunkBytes, 1024);
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-          Wgmma<kNDq, T>::template ss<1>(dk_reg, desc_ds + ((kk * 32) >> 4), desc_q + ((kk * 16 * 128) >> 4), 1);
-        }
-      }
-      wgmma_commit();
-    };
-    // DkLast: the same two products, one group each.
+    // ---- dV_w += P^T dO[:, cols w], dK_w += dS^T Q[:, cols w] (a group each): A = P^T / dS^T (K-major, K-dim =
+    // queries), B = dO / Q columns [128w, 128w + 128) (MN-major: K-dim = query rows, 2 chunks LBO apart). The dV
+    // group's completion frees the dO slot.
     auto issue_dv = [&](int it) {
       fence_regs(dv_reg);
       wgmma_fence();
@@ -492,7 +468,8 @@ struct BwdKernelHd256 {
         wgmma_wait<0>();
         release_q(it);
       } else {
-        issue_dkdv(it);  // two groups: dV, dK
+        issue_dv(it);
+        issue_dk(it);
         issue_dq(it);
         wgmma_wait<2>();
         release_do(it);
