@@ -367,6 +367,20 @@ struct BwdKernel {
   // of CTA n - 1's: causal contributors form a prefix of key blocks), so the CTAs run in lockstep, each one
   // counter hand-off behind the previous one. Ascending, causal CTA n would first need the query blocks that
   // only CTAs < n see to be done by them: a wait of a whole step per CTA, and about half the SM time idle.
+  // Bulk reduce-add of consumer cw's staged dQ part (shared memory dq_s) into the dq_accum block whose first row is
+  // row (batch, head, m_block flattened); the caller commits the bulk group.
+  __device__ static __forceinline__ void reduce_dq_part(const BwdParams& p, int64_t row, int cw, uint32_t dq_s) {
+    if constexpr (DqSplitKeys) {
+      // The 64-row blocks of dq_accum are contiguous: one reduce for all kMTiles tiles.
+      bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
+                            kDqTileBytes);
+      }
+    }
+  }
   __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, int m_block_min, int it, int& hh,
                                                      int& m_block) {
     const int ratio = args.params.h_h_k_ratio;
@@ -475,15 +489,7 @@ struct BwdKernel {
       for (int cw = 0; cw < 2; ++cw) {
         const uint32_t dq_s = dq_stage_smem(smem, cw, buf);
         mbar_wait(bar_dq_full(bars, cw, buf), par);
-        if constexpr (DqSplitKeys) {
-          bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
-        } else {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
-                                kDqTileBytes);
-          }
-        }
+        reduce_dq_part(p, row, cw, dq_s);
         tma_store_commit();
         if constexpr (Deterministic && DqSplitKeys) {
           // Split by keys both parts add into the same elements: consumer 1's after consumer 0's.
@@ -747,16 +753,7 @@ struct BwdKernel {
       const int head = head_k * p.h_h_k_ratio + hh;
       const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
       const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
-      if constexpr (DqSplitKeys) {
-        // The 64-row blocks of dq_accum are contiguous: one reduce for all kMTiles tiles.
-        bulk_reduce_add_f32(p.dq_accum + row * kHeadDim, dq_s, kDqPartBytes);
-      } else {
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          bulk_reduce_add_f32(p.dq_accum + (row + 64 * mt) * kHeadDim + cw * 64 * kNDq, dq_s + mt * kDqTileBytes,
-                              kDqTileBytes);
-        }
-      }
+      reduce_dq_part(p, row, cw, dq_s);
       tma_store_commit();
     };
     // ---- Deterministic mode (tid 0): the reduce-adds into one dq_accum block happen in a fixed order, key
