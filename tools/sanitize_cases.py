@@ -20,6 +20,9 @@ CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dete
     # 144 causal key-block tiles (the sm90 backward's dynamic schedule); the sm90 forward's persistent paired
     # schedule with 9 query blocks (160 pairs, more than the SMs)
     (2, 1100, 1100, 16, 8, 128, True, False),
+    # the sm90 d64 causal forward with 3 warpgroups (seqlen_q > 1024) skipping key blocks per warpgroup; the last
+    # tile's third warpgroup has no row below seqlen_q
+    (1, 1050, 1300, 4, 2, 64, True, False),
 ]
 
 

@@ -38,11 +38,12 @@ struct Variant {
 template <int D>
 void run_default(const FwdParams& p, cudaStream_t s) { run_fwd_sm90<D>(p, s); }
 template <int D, int N, int S, bool PP, bool DP, int kGridLimit = 0, int kSw = 0, bool kChain = false, int kWG = 2,
-          bool kCross = false, int kPaired = -1, int kGroup = 0>
+          bool kCross = false, int kPaired = -1, int kGroup = 0, bool kSkip = false>
 void run_cfg(const FwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
-      sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP, kSw, kChain, kWG, kCross>(p, s, kGridLimit, kPaired, kGroup);
+      sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP, kSw, kChain, kWG, kCross, kSkip>(p, s, kGridLimit,
+                                                                                                  kPaired, kGroup);
     });
   });
 }
@@ -60,6 +61,11 @@ static const Variant kVariants[] = {
     {"wg3pp0", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3>},
     {"wg3p", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3>},
     {"wg2p", 64, run_cfg<64, 128, 2, true, true, kPersist>},  // the short causal default, persistent at any length
+    // WgSkip (each warpgroup skips the key blocks its 64 rows cannot see), sixth session: the 3-warpgroup causal
+    // kernel with it (default above 1k; "wg3pp" is that kernel without), forced persistent, and with 2 warpgroups.
+    {"wg3s", 64, run_cfg<64, 128, 2, true, false, 0, 0, true, 3, false, -1, 0, true>},
+    {"wg3sp", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3, false, -1, 0, true>},
+    {"wg2s", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, -1, 0, true>},
     // CrossTile (next tile's first S before this tile's epilogue, two Q buffers), 2026-11-21 third series.
     {"x2", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true>},
     {"x", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true>},
@@ -435,6 +441,7 @@ static void run_dobench(const char* only) {
           "TFLOP/s");
   const int dims[] = {64, 128, 256};
   const int seqs[] = {1024, 2048, 4096, 16384};
+  const char* only_dim = getenv("FWD_DIM");  // e.g. FWD_DIM=64: that head dim only
   std::vector<cudaEvent_t> e0(400), e1(400);
   for (auto& e : e0) CK(cudaEventCreate(&e));
   for (auto& e : e1) CK(cudaEventCreate(&e));
@@ -455,6 +462,7 @@ static void run_dobench(const char* only) {
   for (int D : dims)
     for (int causal = 0; causal < 2; ++causal)
       for (int S : seqs) {
+        if (only_dim && atoi(only_dim) != D) continue;
         Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, (bool)causal, true, 0};
         Buffers B = make_buffers(c);
         CK(cudaDeviceSynchronize());

@@ -80,8 +80,11 @@ __device__ __forceinline__ float soft_exp2(float x) {
 // consumer 0 on every tile, which waits for consumer 1's epilogue).
 // CrossTile (persistent launches, kHeadDim <= 128): two Q buffers, and the next tile's first S GEMM is issued
 // together with this tile's last P V, before this tile's epilogue (see consumer_cross).
+// WgSkip: each consumer warpgroup skips the key blocks its own 64 rows cannot see (causal: the blocks past its
+// diagonal, which the tile's lower warpgroups do need; all of them when its rows are >= seqlen_q): it only frees
+// their K / V slots and takes its ping-pong turns. Without it every warpgroup visits every key block of the tile.
 template <typename T_, int kHeadDim_, int kBlockN_, int kStages_, bool IsCausal_, bool PingPong_, bool DoubleP_,
-          int kSwExpMask_ = 0, bool ChainTiles_ = false, int kNumWG_ = 2, bool CrossTile_ = false>
+          int kSwExpMask_ = 0, bool ChainTiles_ = false, int kNumWG_ = 2, bool CrossTile_ = false, bool WgSkip_ = false>
 struct FwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -96,6 +99,8 @@ struct FwdKernel {
   static constexpr int kSwExpMask = kSwExpMask_;
   static constexpr bool ChainTiles = ChainTiles_;
   static constexpr bool CrossTile = CrossTile_;
+  static constexpr bool WgSkip = WgSkip_;
+  static_assert(!(CrossTile && WgSkip), "consumer_cross visits every key block of a tile");
   static constexpr int kNWarps = 4 * (1 + kNumWG);
   static constexpr int kNThreads = kNWarps * 32;
   // 24*128 + 240*256 = 64512 <= 65536 registers per SM; with 3 consumers 24*128 + 160*384 = 64512.
@@ -331,8 +336,22 @@ struct FwdKernel {
     const int g = lane / 4, t = lane % 4;
     const int m_block = tile.m_block;
     Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
-    const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(m_block);
-    const int n_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+    // The tile's key blocks (what the producer loads): n_tile, from the last one down. WgSkip: this warpgroup's
+    // rows see only the first n_block_max of them (its 64-row block of the query blocks at kBlockM 64); it skips
+    // the first n_tile - n_block_max slots.
+    const int n_tile = mask.template n_block_max<kBlockM, kBlockN>(m_block);
+    int n_block_max = n_tile;
+    int n_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+    if constexpr (WgSkip) {
+      const int mb64 = m_block * kNumWG + cw;
+      n_block_max = mb64 * 64 >= p.seqlen_q ? 0 : mask.template n_block_max<64, kBlockN>(mb64);
+      n_unmasked_end = mask.template n_block_unmasked_end<64, kBlockN>(mb64);
+      // cw comes from threadIdx.x: broadcast lane 0's values so ptxas sees warp-uniform loop bounds (otherwise
+      // it cannot prove the softmax shuffles converged and adds divergent copies of the softmax).
+      n_block_max = __shfl_sync(0xffffffffu, n_block_max, 0);
+      n_unmasked_end = __shfl_sync(0xffffffffu, n_unmasked_end, 0);
+    }
+    const int n_skip = n_tile - n_block_max;
     const int row0 = m_block * kBlockM + cw * 64 + warp_in_wg * 16 + g;  // this thread's rows: row0, row0 + 8
     const int lim0 = mask.col_limit(row0), lim1 = mask.col_limit(row0 + 8);
     const float scale_log2 = p.scale_softmax_log2;
@@ -351,8 +370,29 @@ struct FwdKernel {
 
     mbar_wait(bar_q(bars), tile_iter & 1);
     const int n_iters = n_block_max;
+    if constexpr (WgSkip) {
+      if (PingPong && !ChainTiles && n_tile > 0 && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);
+      // Skipped slots: free the K / V slots once loaded (a release before the load would count towards the
+      // slot's previous use) and pass the ping-pong turn, so the turns stay n_tile + 1 per tile for everyone.
+#pragma unroll 1
+      for (int i = 0; i < n_skip; ++i) {
+        const int it = kv_iter + i;
+        const int stage = it % kStages, phase = (it / kStages) & 1;
+        mbar_wait(bar_k_full(bars, stage), phase);
+        if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
+        mbar_wait(bar_v_full(bars, stage), phase);
+        if (lane == 0) mbar_arrive(bar_v_empty(bars, stage));
+        sched_wait(cw);
+        sched_pass(cw, false);
+      }
+      if (n_tile > 0 && n_iters == 0) {  // the turn of the last P V
+        sched_wait(cw);
+        sched_pass(cw, true);
+      }
+      kv_iter += n_skip;
+    }
     if (n_iters > 0) {
-      if (PingPong && !ChainTiles && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 first
+      if (PingPong && !ChainTiles && !WgSkip && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);  // 0 first
       // Block n_block_max - 1 (slot 0): S only.
       {
         const int stage = kv_iter % kStages, phase = (kv_iter / kStages) & 1;

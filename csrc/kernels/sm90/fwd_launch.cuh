@@ -28,18 +28,24 @@ namespace sm90 {
 //   1/8 of the columns and 8% for 1/2 (d64 is not bound by MUFU throughput here; see NOTES.md).
 // DoubleP (second P buffer): d128 535 / 547 / 610 vs 516 / 545 / 620, causal 16k 607 vs 623: noise-level;
 //   d256 670 vs 694 non-causal, 751 vs 728 causal 16k: kept off there (fewer registers).
+// WgSkip (d64 causal, 3 warpgroups): with kBlockM 192 > kBlockN 128 the diagonal crosses up to two key blocks, and
+//   without it every warpgroup visited the tile's blocks that only the lower warpgroups' rows see (tile work
+//   0.85 / 0.89 / 0.97 of the useful work at 2k / 4k / 16k, 0.94 / 0.97 / 0.99 with it). Harness dobench,
+//   2026-11-21 sixth session, TFLOP/s at 1k / 2k / 4k / 16k: 276 / 375 / 428 / 469 vs 260 / 338 / 393 / 461
+//   (the 2-warpgroup short kernel 289 at 1k, so FwdTileShort stays). Non-causal (it only skips the rows past
+//   seqlen_q of a last tile): 385 / 445 / 457 / 485 vs 394 / 448 / 462 / 483, noise-level: kept off there.
 template <int kHeadDim, bool IsCausal> struct FwdTile;
 template <bool IsCausal> struct FwdTile<64, IsCausal> {
   static constexpr int kBlockN = 128, kStages = 2, kNumWG = 3;
-  static constexpr bool PingPong = IsCausal, DoubleP = false, ChainTiles = IsCausal;
+  static constexpr bool PingPong = IsCausal, DoubleP = false, ChainTiles = IsCausal, WgSkip = IsCausal;
 };
 template <bool IsCausal> struct FwdTile<128, IsCausal> {
   static constexpr int kBlockN = 128, kStages = 2, kNumWG = 2;
-  static constexpr bool PingPong = true, DoubleP = true, ChainTiles = false;
+  static constexpr bool PingPong = true, DoubleP = true, ChainTiles = false, WgSkip = false;
 };
 template <bool IsCausal> struct FwdTile<256, IsCausal> {
   static constexpr int kBlockN = 80, kStages = 2, kNumWG = 2;  // Q 64 KiB + 2 x (K 40 + V 40) KiB = 224 of 227
-  static constexpr bool PingPong = false, DoubleP = false, ChainTiles = false;
+  static constexpr bool PingPong = false, DoubleP = false, ChainTiles = false, WgSkip = false;
 };
 // Where FwdTile differs for short causal problems (seqlen_q <= kShortSeqlenQ): d64 keeps 2 warpgroups.
 constexpr int kShortSeqlenQ = 1024;
@@ -49,7 +55,7 @@ template <int kHeadDim, bool IsCausal> struct FwdTileShort : FwdTile<kHeadDim, I
 template <> struct FwdTileShort<64, true> {
   static constexpr bool kDiffers = true;
   static constexpr int kBlockN = 128, kStages = 2, kNumWG = 2;
-  static constexpr bool PingPong = true, DoubleP = true, ChainTiles = false;
+  static constexpr bool PingPong = true, DoubleP = true, ChainTiles = false, WgSkip = false;
 };
 
 // Where FwdTile differs for long keys (seqlen_k >= kLongSeqlenK): d128 non-causal takes 144 keys per block (fewer
@@ -113,11 +119,11 @@ constexpr int64_t kL2GroupBytes = 32ll << 20;
 // paired 327 / 394 at 2k / 4k vs 335 / 394 (and the 2-warpgroup kernel persistent 344 / 382): unchanged, 8.
 constexpr int kCausalPersistMaxMBlocks128 = 32;
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP,
-          int kSwExpMask = 0, bool ChainTiles = false, int kNumWG = 2, bool CrossTile = false>
+          int kSwExpMask = 0, bool ChainTiles = false, int kNumWG = 2, bool CrossTile = false, bool WgSkip = false>
 void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0, int paired = -1,
                      int group_hb = 0) {
-  using Kernel =
-      FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP, kSwExpMask, ChainTiles, kNumWG, CrossTile>;
+  using Kernel = FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP, kSwExpMask, ChainTiles, kNumWG,
+                           CrossTile, WgSkip>;
   FwdTmaArgs args;
   args.params = params;
   if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return;  // sm90_fwd_supported said no
@@ -154,13 +160,16 @@ void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
       using Long = sm90::FwdTileLong<kHeadDim, IsCausal>;
       if (Long::kDiffers && params.seqlen_k >= sm90::kLongSeqlenK) {
         sm90::launch_fwd_sm90<elem_type, kHeadDim, Long::kBlockN, Long::kStages, IsCausal, Long::PingPong,
-                              Long::DoubleP, 0, Long::ChainTiles, Long::kNumWG>(params, stream);
+                              Long::DoubleP, 0, Long::ChainTiles, Long::kNumWG, false,
+                              Long::WgSkip>(params, stream);
       } else if (Short::kDiffers && params.seqlen_q <= sm90::kShortSeqlenQ) {
         sm90::launch_fwd_sm90<elem_type, kHeadDim, Short::kBlockN, Short::kStages, IsCausal, Short::PingPong,
-                              Short::DoubleP, 0, Short::ChainTiles, Short::kNumWG>(params, stream);
+                              Short::DoubleP, 0, Short::ChainTiles, Short::kNumWG, false,
+                              Short::WgSkip>(params, stream);
       } else {
         sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, IsCausal, Tile::PingPong,
-                              Tile::DoubleP, 0, Tile::ChainTiles, Tile::kNumWG>(params, stream);
+                              Tile::DoubleP, 0, Tile::ChainTiles, Tile::kNumWG, false,
+                              Tile::WgSkip>(params, stream);
       }
     });
   });
