@@ -66,6 +66,7 @@ static const Variant kVariants[] = {
     {"wg3s", 64, run_cfg<64, 128, 2, true, false, 0, 0, true, 3, false, -1, 0, true>},
     {"wg3sp", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3, false, -1, 0, true>},
     {"wg2s", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, -1, 0, true>},
+    {"skip", 256, run_cfg<256, 80, 2, false, false, 0, 0, false, 2, false, -1, 0, true>},  // default + WgSkip
     // CrossTile (next tile's first S before this tile's epilogue, two Q buffers), 2026-11-21 third series.
     {"x2", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true>},
     {"x", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true>},
