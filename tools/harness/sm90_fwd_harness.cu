@@ -67,6 +67,12 @@ static const Variant kVariants[] = {
     {"wg3sp", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3, false, -1, 0, true>},
     {"wg2s", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, -1, 0, true>},
     {"skip", 256, run_cfg<256, 80, 2, false, false, 0, 0, false, 2, false, -1, 0, true>},  // default + WgSkip
+    // K / V stages (sixth session, after ncu showed cuDNN's d64 forward with ~134 KB of shared memory): the short
+    // causal kernel with 3 and 4 stages, the 3-warpgroup causal (WgSkip) and non-causal kernels with 3.
+    {"wg2st3", 64, run_cfg<64, 128, 3, true, true>},
+    {"wg2st4", 64, run_cfg<64, 128, 4, true, true>},
+    {"wg3st3", 64, run_cfg<64, 128, 3, true, false, 0, 0, true, 3, false, -1, 0, true>},
+    {"nc3st3", 64, run_cfg<64, 128, 3, false, false, 0, 0, false, 3>},
     // CrossTile (next tile's first S before this tile's epilogue, two Q buffers), 2026-11-21 third series.
     {"x2", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true>},
     {"x", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true>},
