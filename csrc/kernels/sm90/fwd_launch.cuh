@@ -29,9 +29,9 @@ namespace sm90 {
 // DoubleP (second P buffer): d128 535 / 547 / 610 vs 516 / 545 / 620, causal 16k 607 vs 623: noise-level;
 //   d256 670 vs 694 non-causal, 751 vs 728 causal 16k: kept off there (fewer registers).
 // WgSkip (causal d64 and d256). d64 (3 warpgroups): with kBlockM 192 > kBlockN 128 the diagonal crosses two key
-//   blocks, and without it every warpgroup visited the tile's blocks that only the lower warpgroups' rows see (tile work
-//   0.85 / 0.89 / 0.97 of the useful work at 2k / 4k / 16k, 0.94 / 0.97 / 0.99 with it). Harness dobench,
-//   2026-11-21 sixth session, TFLOP/s at 1k / 2k / 4k / 16k: 276 / 375 / 428 / 469 vs 260 / 338 / 393 / 461
+//   blocks, and without it every warpgroup visited the tile's blocks that only the lower warpgroups' rows see (the
+//   useful share of the visited work: 0.85 / 0.89 / 0.97 at 2k / 4k / 16k; 0.94 / 0.97 / 0.99 with it). Harness
+//   dobench, 2026-11-21 sixth session, TFLOP/s at 1k / 2k / 4k / 16k: 276 / 375 / 428 / 469 vs 260 / 338 / 393 / 461
 //   (the 2-warpgroup short kernel 289 at 1k, so FwdTileShort stays). Non-causal (it only skips the rows past
 //   seqlen_q of a last tile): 385 / 445 / 457 / 485 vs 394 / 448 / 462 / 483, noise-level: kept off there.
 //   A second run: causal 374 / 423 / 469 vs 337 / 390 / 462. d256 causal (kBlockN 80: the first warpgroup skips
