@@ -439,6 +439,14 @@ static void run_bench() {
 // Like the Python bench's triton do_bench: calls queued back to back, each after a 256 MiB memset that
 // evicts L2, events around the call only, about 100 ms per variant; also the same without the memset.
 // Variants interleaved over 3 rounds; median of the round medians.
+// Whether `name` is one of the space-separated names in `list` (whole names: "wg3p" does not select "wg3pp").
+static bool name_listed(const char* list, const char* name) {
+  const size_t n = strlen(name);
+  for (const char* p = strstr(list, name); p; p = strstr(p + 1, name)) {
+    if ((p == list || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0')) return true;
+  }
+  return false;
+}
 static void run_dobench(const char* only) {
   constexpr int kRounds = 3;
   const size_t flush_bytes = 256u << 20;
@@ -476,7 +484,7 @@ static void run_dobench(const char* only) {
         const double flops = 4.0 * c.b * c.h * (double)S * S * D / (causal ? 2 : 1);
         std::vector<const Variant*> vars;
         for (const Variant& var : kVariants)
-          if (var.head_dim == D && (!only || strstr(only, var.name))) vars.push_back(&var);
+          if (var.head_dim == D && (!only || name_listed(only, var.name))) vars.push_back(&var);
         std::vector<std::vector<double>> medf(vars.size()), medq(vars.size());
         for (int round = 0; round < kRounds; ++round)
           for (size_t vi = 0; vi < vars.size(); ++vi) {
