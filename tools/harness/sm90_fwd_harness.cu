@@ -3,7 +3,9 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_fwd_harness.cu -o .devbin/sm90/fwd_harness
-// Run: fwd_harness [check|bench|quick|all|dobench [variant names]]   (default all)
+// Run: fwd_harness [check|bench|quick|all|dobench [variant names]|prof [variant]]   (default all)
+//   prof: a few launches of one bench-shaped config (env FWD_DIM, FWD_S, FWD_CAUSAL) for ncu, e.g.
+//   FWD_DIM=64 FWD_S=1024 FWD_CAUSAL=1 ncu -k regex:fwd_kernel_sm90 -s 1 -c 1 ... fwd_harness prof
 // Correctness: every case is compared with a naive GPU reference in fp32 (`ref`) and with the same
 // computation rounded like a plain 16-bit PyTorch run (`pt`: S, P and O rounded to the input dtype).
 // Pass when max|ours - ref| <= 2 max|pt - ref| + atol, atol = 2 max|(ref + 0.3 - 0.3) - ref| in the
@@ -508,6 +510,24 @@ static void run_dobench(const char* only) {
   cudaFree(flush);
 }
 
+// One variant, one bench-shaped config (bf16, 16k tokens x 2048 hidden), a few launches: for ncu.
+// Env: FWD_DIM (64), FWD_S (1024), FWD_CAUSAL (0); argv[2]: variant name (default "default").
+static void run_prof(const char* name) {
+  const int D = getenv("FWD_DIM") ? atoi(getenv("FWD_DIM")) : 64;
+  const int S = getenv("FWD_S") ? atoi(getenv("FWD_S")) : 1024;
+  const bool causal = getenv("FWD_CAUSAL") && atoi(getenv("FWD_CAUSAL")) != 0;
+  Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, causal, true, 0};
+  Buffers B = make_buffers(c);
+  for (const Variant& var : kVariants)
+    if (var.head_dim == D && strcmp(var.name, name ? name : "default") == 0) {
+      for (int i = 0; i < 4; ++i) var.fn(B.p, 0);
+      CK(cudaDeviceSynchronize());
+      CK(cudaGetLastError());
+      printf("prof %s d%d s%d causal %d: 4 launches\n", var.name, D, S, (int)causal);
+    }
+  free_buffers(B);
+}
+
 int main(int argc, char** argv) {
   std::string mode = argc > 1 ? argv[1] : "all";
   g_seed = (uint64_t)std::chrono::steady_clock::now().time_since_epoch().count();
@@ -519,5 +539,6 @@ int main(int argc, char** argv) {
   if (mode == "check" || mode == "all" || mode == "quick") printf("checks: %d pass, %d fail\n", g_pass, g_fail);
   if (mode == "bench" || mode == "all") run_bench();
   if (mode == "dobench") run_dobench(argc > 2 ? argv[2] : nullptr);
+  if (mode == "prof") run_prof(argc > 2 ? argv[2] : nullptr);
   return g_fail ? 1 : 0;
 }

@@ -101,6 +101,13 @@ struct FwdKernel {
   static constexpr bool CrossTile = CrossTile_;
   static constexpr bool WgSkip = WgSkip_;
   static_assert(!(CrossTile && WgSkip), "consumer_cross visits every key block of a tile");
+  // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
+  // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
+  // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
+  // (one chain, as before) for d256 causal, which measured 0.5-1% slower with 4. H200 harness dobench, seventh
+  // session, two runs: d64 non-causal +1-3%, d64 causal 16k +3%, d128 +0-2%, d256 non-causal 16k +3-4%.
+  static constexpr int kRedAcc = kNumWG == 3 ? 2 : (kHeadDim == 256 && IsCausal ? 1 : 4);
+  static_assert(kBlockN / 8 >= kRedAcc, "at least one n8 block per accumulator");
   static constexpr int kNWarps = 4 * (1 + kNumWG);
   static constexpr int kNThreads = kNWarps * 32;
   // 24*128 + 240*256 = 64512 <= 65536 registers per SM; with 3 consumers 24*128 + 160*384 = 64512.
@@ -222,16 +229,22 @@ struct FwdKernel {
                                                       float (&alpha)[2], float scale_log2) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float mx = m[h];
+      // kRedAcc independent partial maxima (and sums below): shorter dependency chains.
+      float t[kRedAcc];
 #pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) mx = fmaxf(mx, fmaxf(s_reg[4 * j + 2 * h], s_reg[4 * j + 2 * h + 1]));
+      for (int a = 0; a < kRedAcc; ++a) t[a] = a == 0 ? m[h] : -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+        t[j % kRedAcc] = fmaxf(t[j % kRedAcc], fmaxf(s_reg[4 * j + 2 * h], s_reg[4 * j + 2 * h + 1]));
+      float mx = t[0];
+#pragma unroll
+      for (int a = 1; a < kRedAcc; ++a) mx = fmaxf(mx, t[a]);
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // A row with every score so far at -inf keeps m = -inf; use 0 as its offset so exp2 gives 0, not NaN.
       const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
       alpha[h] = fast_exp2(m[h] * scale_log2 - m_scaled);  // m[h] = -inf -> 0
       m[h] = mx;
-      float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
         const float x0 = fmaf(s_reg[4 * j + 2 * h], scale_log2, -m_scaled);
@@ -243,8 +256,14 @@ struct FwdKernel {
           s_reg[4 * j + 2 * h] = fast_exp2(x0);
           s_reg[4 * j + 2 * h + 1] = fast_exp2(x1);
         }
-        sum += s_reg[4 * j + 2 * h] + s_reg[4 * j + 2 * h + 1];
       }
+#pragma unroll
+      for (int a = 0; a < kRedAcc; ++a) t[a] = 0.f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) t[j % kRedAcc] += s_reg[4 * j + 2 * h] + s_reg[4 * j + 2 * h + 1];
+      float sum = t[0];
+#pragma unroll
+      for (int a = 1; a < kRedAcc; ++a) sum += t[a];
       l[h] = l[h] * alpha[h] + sum;
     }
   }
