@@ -509,6 +509,10 @@ static void run_small() {  // for compute-sanitizer
   test_one<__nv_bfloat16>(1, 203, 239, 4, 2, 120, true, true, 8, 6);
 }
 
+static void run_tiny() {  // one small case (tools/sanitize_cases.py's first), for compute-sanitizer
+  test_one<__nv_bfloat16>(1, 17, 203, 2, 1, 64, false, false, 0, 5);
+}
+
 static void run_tests() {
   if (!g_only256) {
     run_tests_d(64, nullptr, "default", 1000);
@@ -608,7 +612,7 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
 
 int main(int argc, char** argv) {
   bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
-  bool do_epi = false, do_pers = false, do_ord = false, do_ord2 = false;
+  bool do_epi = false, do_pers = false, do_ord = false, do_ord2 = false, do_tiny = false;
   for (int i = 1; i < argc; ++i) {
     if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
     if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
@@ -618,6 +622,7 @@ int main(int argc, char** argv) {
     if (!strcmp(argv[i], "ord")) do_ord = true;    // the consumer's step order (kOrder*)
     if (!strcmp(argv[i], "ord2")) do_ord2 = true;  // stages / persistence / d64 order against the defaults
     if (!strcmp(argv[i], "small")) do_small = true;
+    if (!strcmp(argv[i], "tiny")) do_tiny = true;
     if (!strcmp(argv[i], "test")) do_test = true;
     if (!strcmp(argv[i], "bench")) do_bench = true;
     if (!strcmp(argv[i], "d256")) g_only256 = true;
@@ -629,6 +634,7 @@ int main(int argc, char** argv) {
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   if (do_small) run_small();
+  if (do_tiny) run_tiny();
   if (do_test) run_tests();
   std::vector<BenchRow> rows;
   if (do_dqw) {

@@ -4,7 +4,8 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_fwd_harness.cu -o .devbin/sm90/fwd_harness
 // Run: fwd_harness [check|bench|quick|all|dobench [variant names]|prof [variant]]   (default all)
-//   prof: a few launches of one bench-shaped config (env FWD_DIM, FWD_S, FWD_CAUSAL) for ncu, e.g.
+//   prof: a few launches of one bench-shaped config (env FWD_DIM, FWD_S, FWD_CAUSAL; or one launch of FWD_SHAPE, see
+//   run_prof) for ncu / compute-sanitizer, e.g.
 //   FWD_DIM=64 FWD_S=1024 FWD_CAUSAL=1 ncu -k regex:fwd_kernel_sm90 -s 1 -c 1 ... fwd_harness prof
 // Correctness: every case is compared with a naive GPU reference in fp32 (`ref`) and with the same
 // computation rounded like a plain 16-bit PyTorch run (`pt`: S, P and O rounded to the input dtype).
@@ -517,13 +518,26 @@ static void run_prof(const char* name) {
   const int S = getenv("FWD_S") ? atoi(getenv("FWD_S")) : 1024;
   const bool causal = getenv("FWD_CAUSAL") && atoi(getenv("FWD_CAUSAL")) != 0;
   Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, causal, true, 0};
+  // FWD_SHAPE="b,h,hk,sq,sk,d,causal" replaces the bench shape (e.g. a small case for compute-sanitizer).
+  int n_launch = 4;
+  if (const char* shape = getenv("FWD_SHAPE")) {
+    int cz = 0;
+    if (sscanf(shape, "%d,%d,%d,%d,%d,%d,%d", &c.b, &c.h, &c.hk, &c.sq, &c.sk, &c.d, &cz) != 7) {
+      fprintf(stderr, "FWD_SHAPE: expected b,h,hk,sq,sk,d,causal\n");
+      exit(2);
+    }
+    c.causal = cz != 0;
+    n_launch = 1;
+  }
   Buffers B = make_buffers(c);
+  const int kdim = c.d <= 64 ? 64 : c.d <= 128 ? 128 : 256;
   for (const Variant& var : kVariants)
-    if (var.head_dim == D && strcmp(var.name, name ? name : "default") == 0) {
-      for (int i = 0; i < 4; ++i) var.fn(B.p, 0);
+    if (var.head_dim == kdim && strcmp(var.name, name ? name : "default") == 0) {
+      for (int i = 0; i < n_launch; ++i) var.fn(B.p, 0);
       CK(cudaDeviceSynchronize());
       CK(cudaGetLastError());
-      printf("prof %s d%d s%d causal %d: 4 launches\n", var.name, D, S, (int)causal);
+      printf("prof %s b%d h%d/%d sq%d sk%d d%d causal %d: %d launches\n", var.name, c.b, c.h, c.hk, c.sq, c.sk, c.d,
+             (int)c.causal, n_launch);
     }
   free_buffers(B);
 }
