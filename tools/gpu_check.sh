@@ -40,12 +40,20 @@ if has sm80; then
   summary+=("sm80 family: $(tail -1 "$OUT/pytest_sm80.log") (rc $?)")
 fi
 if has sanitize; then
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python3 tools/sanitize_cases.py \
-    > "$OUT/memcheck.log" 2>&1
-  summary+=("memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tr '\n' ' ')")
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck python3 tools/sanitize_cases.py \
-    > "$OUT/racecheck.log" 2>&1
-  summary+=("racecheck: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tr '\n' ' ')")
+  # Each tool run is capped (SANITIZE_TIMEOUT seconds, normally ~30-60 s) and dumps the Python stacks shortly
+  # before the cap, so a hung run reports where it was instead of eating the rest of the device time.
+  san_t=${SANITIZE_TIMEOUT:-150}
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 FLASH_EXT_SANITIZE_DUMP_AFTER=$((san_t - 30)) \
+      timeout -k 10 "$san_t" compute-sanitizer --tool $tool python3 tools/sanitize_cases.py > "$OUT/$tool.log" 2>&1
+    rc=$?
+    pkill -f tools/sanitize_cases.py 2>/dev/null
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+      summary+=("$tool: TIMED OUT after ${san_t}s; last case line: $(grep -E ': (forward|backward) done' "$OUT/$tool.log" | tail -1)")
+    else
+      summary+=("$tool: $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/$tool.log" | tr '\n' ' ')")
+    fi
+  done
 fi
 if has sass; then
   so=$(python3 -c "import flash_ext._C as c; print(c.__file__)")

@@ -2,7 +2,12 @@
 causal with seqlen_q != seqlen_k both ways, GQA, a padded head dim, deterministic mode; each family.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_cases.py
+
+Each forward and backward is synchronized and reported on its own line, so a run that stops shows where.
+FLASH_EXT_SANITIZE_DUMP_AFTER=<seconds> prints every thread's Python stack after that long (and again each period),
+for a run that hangs (a racecheck run did, on one machine; csrc/kernels/sm90/NOTES.md, seventh session).
 """
+import faulthandler
 import os
 
 import torch
@@ -27,6 +32,9 @@ CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dete
 
 
 def main():
+    dump_after = float(os.environ.get("FLASH_EXT_SANITIZE_DUMP_AFTER", "0"))
+    if dump_after > 0:
+        faulthandler.dump_traceback_later(dump_after, repeat=True)
     families = [os.environ.get("FLASH_EXT_BACKEND", "")] if os.environ.get("FLASH_EXT_BACKEND") else ["sm80", "sm90"]
     if torch.cuda.get_device_capability() != (9, 0):
         families = ["sm80"]
@@ -36,10 +44,14 @@ def main():
             q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             k = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             v = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} causal={causal} det={det}"
             out = flash_ext.attention(q, k, v, causal=causal, deterministic=det)
+            torch.cuda.synchronize()
+            print(f"{case}: forward done", flush=True)
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-        torch.cuda.synchronize()
-        print(f"{family}: {len(CASES)} cases ran")
+            torch.cuda.synchronize()
+            print(f"{case}: backward done", flush=True)
+        print(f"{family}: {len(CASES)} cases ran", flush=True)
 
 
 if __name__ == "__main__":
