@@ -105,7 +105,7 @@ struct FwdKernel {
   // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
   // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
   // (one chain, as before) for d256 causal, which measured 0.5-1% slower with 4. H200 harness dobench, seventh
-  // session, two runs: d64 non-causal +1-3%, d64 causal 16k +3%, d128 +0-2%, d256 non-causal 16k +3-4%.
+  // session, two runs: d64 non-causal +1-2.4%, d64 causal 16k +3%, d128 -0.4..+2.6%, d256 non-causal 16k +3-4%.
   static constexpr int kRedAcc = kNumWG == 3 ? 2 : (kHeadDim == 256 && IsCausal ? 1 : 4);
   static_assert(kBlockN / 8 >= kRedAcc, "at least one n8 block per accumulator");
   static constexpr int kNWarps = 4 * (1 + kNumWG);
