@@ -655,18 +655,12 @@ struct BwdKernel {
 
     // ---- dV_w += P^T dO, dK_w += dS^T Q (RS; B operands MN-major: K-dim = query rows); then (issue_dq) the dQ
     // part = dS K (SS: A = dS, M = 64 queries, K-dim = keys, MN-major from the dS^T tile; B = K, MN-major).
-    auto mma_dv = [&](int it) {
-      const uint64_t desc_do = make_desc_sw128(do_stage(it), kQChunkBytes, 1024);
+    // acc += frag (A, registers: kBlockM / 16 k-steps over query rows) x the MN-major tile at b_smem (B).
+    auto mma_rs = [&](float (&acc)[kHeadDim / 2], uint32_t (&frag)[kBlockM / 16][4], uint32_t b_smem) {
+      const uint64_t desc_b = make_desc_sw128(b_smem, kQChunkBytes, 1024);
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {
-        Wgmma<kHeadDim, T>::template rs<1>(dv_reg, p_frag[kk], desc_do + ((kk * 16 * 128) >> 4), 1);
-      }
-    };
-    auto mma_dk = [&](int it) {
-      const uint64_t desc_q = make_desc_sw128(q_stage(it), kQChunkBytes, 1024);
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) {
-        Wgmma<kHeadDim, T>::template rs<1>(dk_reg, ds_frag[kk], desc_q + ((kk * 16 * 128) >> 4), 1);
+        Wgmma<kHeadDim, T>::template rs<1>(acc, frag[kk], desc_b + ((kk * 16 * 128) >> 4), 1);
       }
     };
     auto issue_dkdv = [&](int it) {
@@ -678,27 +672,21 @@ struct BwdKernel {
       fence_regs(dv_reg);
       fence_regs(dk_reg);
       wgmma_fence();
-      mma_dv(it);
-      mma_dk(it);
+      mma_rs(dv_reg, p_frag, do_stage(it));
+      mma_rs(dk_reg, ds_frag, q_stage(it));
       wgmma_commit();
     };
     // (kOrderDkLast: dV and dK in groups of their own.)
-    auto issue_dv = [&](int it) {
+    auto issue_rs_group = [&](float (&acc)[kHeadDim / 2], uint32_t (&frag)[kBlockM / 16][4], uint32_t b_smem) {
 #pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) fence_regs(p_frag[kk]);
-      fence_regs(dv_reg);
+      for (int kk = 0; kk < kBlockM / 16; ++kk) fence_regs(frag[kk]);
+      fence_regs(acc);
       wgmma_fence();
-      mma_dv(it);
+      mma_rs(acc, frag, b_smem);
       wgmma_commit();
     };
-    auto issue_dk = [&](int it) {
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) fence_regs(ds_frag[kk]);
-      fence_regs(dk_reg);
-      wgmma_fence();
-      mma_dk(it);
-      wgmma_commit();
-    };
+    auto issue_dv = [&](int it) { issue_rs_group(dv_reg, p_frag, do_stage(it)); };
+    auto issue_dk = [&](int it) { issue_rs_group(dk_reg, ds_frag, q_stage(it)); };
     auto issue_dq = [&](int it) {
       const uint32_t ds_s = smem + kOffDs + ((g0 + it) % kDsBufs) * kDsBytes;
 #pragma unroll
