@@ -610,6 +610,22 @@ static BenchRow bench_one(int D, int S, bool causal, LaunchFn runner = nullptr, 
   return r;
 }
 
+// Interleaved timing of variants (fn nullptr: the default kernels) over the shapes: variants in order in even
+// passes and reversed in odd ones, so drift during the run hits them alike. skip(v, causal): leave v out there.
+static void bench_abba(std::vector<BenchRow>& rows, const std::vector<OrdVariant>& vars, std::initializer_list<int> dims,
+                       std::initializer_list<bool> causals, std::initializer_list<int> seqs,
+                       bool (*skip)(const OrdVariant&, bool) = nullptr) {
+  const int n = (int)vars.size();
+  for (int pass = 0; pass < 2; ++pass)
+    for (int D : dims)
+      for (bool c : causals)
+        for (int S : seqs)
+          for (int k = 0; k < n; ++k) {
+            const OrdVariant& v = vars[pass == 0 ? k : n - 1 - k];
+            if (v.d == D && !(skip && skip(v, c))) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
+          }
+}
+
 int main(int argc, char** argv) {
   bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
   bool do_epi = false, do_pers = false, do_ord = false, do_ord2 = false, do_tiny = false;
@@ -667,16 +683,9 @@ int main(int argc, char** argv) {
       run_tests_d(128, run_pairs<128>, det ? "detpairs" : "pairs", seed += 100);
     }
     g_det = false;
-    for (int pass = 0; pass < 2; ++pass)
-      for (int D : {64, 128})
-        for (bool c : {false, true})
-          for (int S : {1024, 2048, 4096, 16384}) {
-            for (int k = 0; k < 2; ++k) {
-              const bool tma = (k == 0) == (pass == 0);
-              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, tma ? nullptr : (D == 64 ? run_pairs<64> : run_pairs<128>),
-                                                      tma ? "tma" : "pairs"));
-            }
-          }
+    bench_abba(rows,
+               {{"tma", 64, nullptr}, {"pairs", 64, run_pairs<64>}, {"tma", 128, nullptr}, {"pairs", 128, run_pairs<128>}},
+               {64, 128}, {false, true}, {1024, 2048, 4096, 16384});
   }
   if (do_pers) {
     uint64_t seed = 12000;
@@ -685,14 +694,9 @@ int main(int argc, char** argv) {
     // dk bitwise over repeated runs with the dynamic schedule (a tile's dK / dV do not depend on the CTA).
     repeat_dq(4, 1025, 8, 2, 128, true, 4, nullptr, "default");
     repeat_dq(4, 1025, 8, 2, 64, true, 4, nullptr, "default");
-    for (int pass = 0; pass < 2; ++pass)
-      for (int D : {128})  // (d64 causal is one CTA per tile by default: both rows would be the same kernel)
-        for (int S : {1024, 2048, 4096, 16384})
-          for (int k = 0; k < 2; ++k) {
-            const bool pers = (k == 0) == (pass == 0);
-            rows.push_back(bench_one<__nv_bfloat16>(D, S, true, pers ? nullptr : (D == 64 ? run_np<64> : run_np<128>),
-                                                    pers ? "dynpers" : "onepertile"));
-          }
+    // (d128 only: d64 causal is one CTA per tile by default, so both rows would be the same kernel)
+    bench_abba(rows, {{"dynpers", 128, nullptr}, {"onepertile", 128, run_np<128>}}, {128}, {true},
+               {1024, 2048, 4096, 16384});
   }
   if (do_ord) {
     uint64_t seed = 13000;
@@ -703,44 +707,20 @@ int main(int argc, char** argv) {
     g_det = true;
     for (const auto& v : kOrdVariants) repeat_dq(4, 1025, 8, 2, v.d, true, 4, v.fn, v.name);
     g_det = false;
-    const int n = sizeof(kOrdVariants) / sizeof(kOrdVariants[0]);
-    for (int pass = 0; pass < 2; ++pass)
-      for (int D : {128, 64, 256})
-        for (bool c : {false, true})
-          for (int S : {1024, 2048, 4096, 16384}) {
-            for (int k = 0; k < n; ++k) {
-              const auto& v = kOrdVariants[pass == 0 ? k : n - 1 - k];
-              if (v.d == D) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
-            }
-          }
+    const std::vector<OrdVariant> ord(std::begin(kOrdVariants), std::end(kOrdVariants));
+    bench_abba(rows, ord, {128, 64, 256}, {false, true}, {1024, 2048, 4096, 16384});
     g_det = true;
-    for (int pass = 0; pass < 2; ++pass)
-      for (int D : {128, 64, 256})
-        for (bool c : {false, true})
-          for (int S : {1024, 4096}) {
-            for (int k = 0; k < n; ++k) {
-              const auto& v = kOrdVariants[pass == 0 ? k : n - 1 - k];
-              if (v.d == D) rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
-            }
-          }
+    bench_abba(rows, ord, {128, 64, 256}, {false, true}, {1024, 4096});
     g_det = false;
   }
   if (do_ord2) {
     uint64_t seed = 14000;
     for (const auto& v : kAltVariants)
       if (v.fn) run_tests_d(v.d, v.fn, v.name, seed += 100);
-    const int n = sizeof(kAltVariants) / sizeof(kAltVariants[0]);
-    for (int pass = 0; pass < 2; ++pass)
-      for (int D : {128, 64})
-        for (bool c : {false, true})
-          for (int S : {1024, 2048, 4096, 16384}) {
-            for (int k = 0; k < n; ++k) {
-              const auto& v = kAltVariants[pass == 0 ? k : n - 1 - k];
-              if (v.d != D) continue;
-              if ((!strcmp(v.name, "onepert") && !c) || (!strcmp(v.name, "dklast") && c)) continue;
-              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
-            }
-          }
+    bench_abba(rows, std::vector<OrdVariant>(std::begin(kAltVariants), std::end(kAltVariants)), {128, 64}, {false, true},
+               {1024, 2048, 4096, 16384}, [](const OrdVariant& v, bool c) {
+                 return (!strcmp(v.name, "onepert") && !c) || (!strcmp(v.name, "dklast") && c);
+               });
   }
   if (do_dqwb) {
     const int passes = getenv("DQW_PASSES") ? atoi(getenv("DQW_PASSES")) : 1;

@@ -193,6 +193,11 @@ struct Case {
   bool causal, bf16;
   int layout;  // 0: BSHD contiguous; 1: BHSD (transposed strides); 2: packed qkv (b, s, 3, h, d), needs sq == sk, h == hk
 };
+// The benchmark's shape: 16k tokens (batch x seqlen), hidden 2048 (heads x head dim), seqlen_q = seqlen_k = S.
+static Case bench_case(int D, int S, bool causal, bool bf16) {
+  return Case{16384 / S, 2048 / D, 2048 / D, S, S, D, causal, bf16, 0};
+}
+static double case_flops(const Case& c) { return 4.0 * c.b * c.h * (double)c.sq * c.sk * c.d / (c.causal ? 2 : 1); }
 
 struct Buffers {
   void *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
@@ -398,10 +403,10 @@ static void run_bench() {
         for (int dt = 0; dt < 2; ++dt) {
           const bool bf16 = dt == 0;
           if (!bf16 && !(D == 128 && S == 4096)) continue;  // fp16 spot check
-          Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, (bool)causal, bf16, 0};
+          Case c = bench_case(D, S, causal, bf16);
           Buffers B = make_buffers(c);
           CK(cudaDeviceSynchronize());
-          const double flops = 4.0 * c.b * c.h * (double)S * S * D / (causal ? 2 : 1);
+          const double flops = case_flops(c);
           std::vector<const Variant*> vars;
           for (const Variant& var : kVariants)
             if (var.head_dim == D && (bf16 || strcmp(var.name, "default") == 0)) vars.push_back(&var);
@@ -481,10 +486,10 @@ static void run_dobench(const char* only) {
     for (int causal = 0; causal < 2; ++causal)
       for (int S : seqs) {
         if (only_dim && atoi(only_dim) != D) continue;
-        Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, (bool)causal, true, 0};
+        Case c = bench_case(D, S, causal, true);
         Buffers B = make_buffers(c);
         CK(cudaDeviceSynchronize());
-        const double flops = 4.0 * c.b * c.h * (double)S * S * D / (causal ? 2 : 1);
+        const double flops = case_flops(c);
         std::vector<const Variant*> vars;
         for (const Variant& var : kVariants)
           if (var.head_dim == D && (!only || name_listed(only, var.name))) vars.push_back(&var);
@@ -517,7 +522,7 @@ static void run_prof(const char* name) {
   const int D = getenv("FWD_DIM") ? atoi(getenv("FWD_DIM")) : 64;
   const int S = getenv("FWD_S") ? atoi(getenv("FWD_S")) : 1024;
   const bool causal = getenv("FWD_CAUSAL") && atoi(getenv("FWD_CAUSAL")) != 0;
-  Case c{16384 / S, 2048 / D, 2048 / D, S, S, D, causal, true, 0};
+  Case c = bench_case(D, S, causal, true);
   // FWD_SHAPE="b,h,hk,sq,sk,d,causal" replaces the bench shape (e.g. a small case for compute-sanitizer).
   int n_launch = 4;
   if (const char* shape = getenv("FWD_SHAPE")) {
