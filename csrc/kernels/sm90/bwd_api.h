@@ -20,14 +20,12 @@ template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t 
 template <> void run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream);
 
 // False where the sm90 backward cannot run: causal (not deterministic, head_dim 65..128) without the tile_counter
-// workspace, deterministic mode without the dq_semaphore workspace
-// (batch x nheads x seqlen_q_rounded / 64 int32, 4-byte aligned), head_dim above 256 or not a multiple of 8, TMA
-// unable to
-// describe q, k, v or dout
-// (a base pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), out or
-// dq not 16-byte aligned with strides multiples of 8 elements (the preprocess and dq conversion kernels move
-// 16- and 8-byte vectors), or an odd dk / dv stride (written in pairs of elements). The API then falls back to
-// sm80 (its attention_backward passes out aligned that way and allocates dq contiguous).
+// workspace, deterministic mode without the dq_semaphore workspace (batch x nheads x seqlen_q_rounded / 64 int32,
+// 4-byte aligned), head_dim above 256 or not a multiple of 8, TMA unable to describe q, k, v or dout (a base
+// pointer not 16-byte aligned, a byte stride not a multiple of 16, the driver rejecting a map), out or dq not
+// 16-byte aligned with strides multiples of 8 elements (the preprocess and dq conversion kernels move
+// 16- and 8-byte vectors), or an odd dk / dv stride (written in pairs where TMA cannot store them). The API
+// then falls back to sm80 (its attention_backward passes out aligned that way and allocates dq contiguous).
 // Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
 inline bool sm90_bwd_supported(const BwdParams& p) {
   if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0))
