@@ -11,12 +11,12 @@ SM90_BWD_HEAD_DIMS = [64, 128, 256]                      # kSm90BwdHeadDims in s
 
 # kHeadDim 256 of the sm90 backward is its own kernel: run_bwd_sm90<256> is an explicit specialization (declared
 # in sm90/bwd_api.h) whose definition forwards to it.
-SM90_BWD_HD256_BODY = ("template <>\nvoid flash_ext::run_bwd_sm90<256>(const flash_ext::BwdParams& params, "
-                       "cudaStream_t stream) {\n  flash_ext::sm90::run_bwd_sm90_hd256(params, stream);\n}\n")
+SM90_BWD_HD256_BODY = ("template <>\nbool flash_ext::run_bwd_sm90<256>(const flash_ext::BwdParams& params, "
+                       "cudaStream_t stream) {\n  return flash_ext::sm90::run_bwd_sm90_hd256(params, stream);\n}\n")
 
 
 def _inst(signature):
-    return f"template void flash_ext::{signature};\n"
+    return f"template bool flash_ext::{signature};\n"
 
 
 FILES = (

@@ -1,6 +1,7 @@
 // Entry points of the CUDA kernels, one per (direction, instantiated head dim).
 // Each is defined in its own instantiations/*.cu file so the build compiles them in parallel;
-// each dispatches on params.is_bf16 and params.is_causal internally.
+// each dispatches on params.is_bf16 and params.is_causal internally, and returns whether it launched
+// (false: a shape it does not take; the API layer raises then, never returns unwritten outputs).
 #pragma once
 #include <cuda_runtime.h>
 #include "params.h"
@@ -10,7 +11,7 @@ namespace flash_ext {
 // Instantiated head dims (sm80 family). A head dim h runs on the smallest instantiated kHeadDim >= h.
 constexpr int kSm80HeadDims[] = {32, 64, 96, 128, 160, 192, 224, 256};
 
-template <int kHeadDim> void run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
-template <int kHeadDim> void run_bwd_sm80(const BwdParams& params, cudaStream_t stream);
+template <int kHeadDim> bool run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
+template <int kHeadDim> bool run_bwd_sm80(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace flash_ext

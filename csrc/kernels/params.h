@@ -59,6 +59,11 @@ struct BwdParams : public FwdParams {
   // sm90 backward only (nullptr otherwise): one int32, the tile counter of the persistent causal kernel's dynamic
   // schedule; uninitialized: the sm90 preprocess kernel zeroes it (the API places it after lse_log2's rows).
   int* tile_counter;
+  // sm80 backward: the shared memory per block its launcher may assume (bytes); 0 = the device's opt-in
+  // limit. Below what the main tile configuration needs, the launcher takes the smaller fallback configuration
+  // (an A100 limit on a Hopper GPU: FLASH_EXT_SM80_SMEM_LIMIT, so the tests run the fallback kernels there).
+  // Fields are appended at the end so existing kernels' parameter offsets stay as they are.
+  int sm80_smem_limit;
 };
 
 }  // namespace flash_ext

@@ -130,7 +130,7 @@ static int instantiated_dim(int d) {
   for (int D : kSm80HeadDims) if (d <= D) return D;
   return -1;
 }
-typedef void (*FwdFn)(const FwdParams&, cudaStream_t);
+typedef bool (*FwdFn)(const FwdParams&, cudaStream_t);
 static FwdFn dispatch_fn(int d) {
   switch (instantiated_dim(d)) {
     case 32: return &run_fwd_sm80<32>;

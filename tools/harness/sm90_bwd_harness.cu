@@ -32,11 +32,11 @@
 using namespace flash_ext;
 
 
-template void flash_ext::run_bwd_sm90<64>(const BwdParams&, cudaStream_t);
-template void flash_ext::run_bwd_sm90<128>(const BwdParams&, cudaStream_t);
+template bool flash_ext::run_bwd_sm90<64>(const BwdParams&, cudaStream_t);
+template bool flash_ext::run_bwd_sm90<128>(const BwdParams&, cudaStream_t);
 template <>
-void flash_ext::run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream) {
-  flash_ext::sm90::run_bwd_sm90_hd256(params, stream);
+bool flash_ext::run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream) {
+  return flash_ext::sm90::run_bwd_sm90_hd256(params, stream);
 }
 
 using LaunchFn = void (*)(const BwdParams&, cudaStream_t);

@@ -27,9 +27,9 @@
 using namespace flash_ext;
 
 
-template void flash_ext::run_fwd_sm90<64>(const FwdParams&, cudaStream_t);
-template void flash_ext::run_fwd_sm90<128>(const FwdParams&, cudaStream_t);
-template void flash_ext::run_fwd_sm90<256>(const FwdParams&, cudaStream_t);
+template bool flash_ext::run_fwd_sm90<64>(const FwdParams&, cudaStream_t);
+template bool flash_ext::run_fwd_sm90<128>(const FwdParams&, cudaStream_t);
+template bool flash_ext::run_fwd_sm90<256>(const FwdParams&, cudaStream_t);
 
 // ------------------------------------------------------------------------------------------ variants
 using LaunchFn = void (*)(const FwdParams&, cudaStream_t);

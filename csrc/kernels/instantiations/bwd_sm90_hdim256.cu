@@ -2,6 +2,6 @@
 #include "../sm90/bwd_launch_hd256.cuh"
 
 template <>
-void flash_ext::run_bwd_sm90<256>(const flash_ext::BwdParams& params, cudaStream_t stream) {
-  flash_ext::sm90::run_bwd_sm90_hd256(params, stream);
+bool flash_ext::run_bwd_sm90<256>(const flash_ext::BwdParams& params, cudaStream_t stream) {
+  return flash_ext::sm90::run_bwd_sm90_hd256(params, stream);
 }

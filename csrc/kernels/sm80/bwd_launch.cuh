@@ -148,12 +148,13 @@ void run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
 }  // namespace bwd_sm80
 
 template <int kHeadDim>
-void run_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
+bool run_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       bwd_sm80::run_bwd_impl<elem_type, kHeadDim, IsCausal>(params, stream);
     });
   });
+  return true;
 }
 
 }  // namespace flash_ext

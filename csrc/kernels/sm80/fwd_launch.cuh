@@ -67,7 +67,7 @@ template <> struct FwdTileConfig<224> : FwdTileConfigBase<64, 64, 4, true, true>
 template <> struct FwdTileConfig<256> : FwdTileConfigBase<64, 64, 4, true, false> {};
 
 template <int kHeadDim>
-void run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
+bool run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   using Cfg = FwdTileConfig<kHeadDim>;
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
@@ -75,6 +75,7 @@ void run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
                       Cfg::kXorKVAddr, Cfg::kFlags>(params, stream);
     });
   });
+  return true;
 }
 
 }  // namespace flash_ext

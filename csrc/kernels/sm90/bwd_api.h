@@ -14,10 +14,10 @@ constexpr int kSm90BwdHeadDims[] = {64, 128, 256};
 // the dq conversion on `stream`; never synchronizes or checks errors. Call only where
 // sm90_bwd_supported(params) is true, on a device of compute capability 9.0. params.head_dim_rounded must
 // equal kHeadDim (dq_accum rows are kHeadDim floats).
-template <int kHeadDim> void run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
+template <int kHeadDim> bool run_bwd_sm90(const BwdParams& params, cudaStream_t stream);
 // kHeadDim 256 is a different kernel (bwd_launch_hd256.cuh); its definition is in the generated
 // instantiation file.
-template <> void run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream);
+template <> bool run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream);
 
 // False where the sm90 backward cannot run: causal (not deterministic, head_dim 65..128) without the tile_counter
 // workspace, deterministic mode without the dq_semaphore workspace (batch x nheads x seqlen_q_rounded / 64 int32,

@@ -132,14 +132,14 @@ inline void encode_dkdv_maps(BwdTmaArgs& args, const BwdParams& p) {
 
 template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, int Order,
           int DetMode = kDetOff, int DqMode = kDqConsumer, bool Persistent = false>
-void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool allow_dkdv_tma = true) {
+bool launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool allow_dkdv_tma = true) {
   using Kernel = BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, Order, DetMode, DqMode, Persistent>;
   // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported checks
   // that the API allocated them.
-  if (DetMode != kDetOff && params.dq_semaphore == nullptr) return;
+  if (DetMode != kDetOff && params.dq_semaphore == nullptr) return false;
   BwdTmaArgs args;
   args.params = params;
-  if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
+  if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return false;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   encode_dkdv_maps(args, params);
   if (!allow_dkdv_tma) args.dkdv_tma = 0;  // (comparisons: the 4-byte pair stores)
@@ -156,21 +156,22 @@ void launch_bwd_sm90(const BwdParams& params, cudaStream_t stream, bool allow_dk
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
   launch_bwd_convert_dq<T, kHeadDim, Kernel::kNDq>(params, stream);
+  return true;
 }
 
 }  // namespace sm90
 
 template <int kHeadDim>
-void run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
-  DTYPE_SWITCH(params.is_bf16, [&] {
-    BOOL_SWITCH(params.is_causal, IsCausal, [&] {
+bool run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
+  return DTYPE_SWITCH(params.is_bf16, [&] {
+    return BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       if (params.deterministic) {
         using Tile = sm90::BwdTileDet<kHeadDim, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
+        return sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
                               Tile::Order, sm90::kDetDeferred, Tile::DqMode>(params, stream);
       } else {
         using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
+        return sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
                               Tile::Order, sm90::kDetOff, Tile::DqMode, Tile::Persistent>(params, stream);
       }
     });

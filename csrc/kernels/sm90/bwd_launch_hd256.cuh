@@ -43,12 +43,12 @@ template <bool IsCausal> struct BwdTileHd256Det : BwdTileHd256<IsCausal> {
 
 template <typename T, bool DqBulk, bool IsCausal, bool StagedEpilogue, bool Stagger, int kAblate = 0, bool Det = false,
           bool DkLast = false>
-void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
+bool launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
   using Kernel = BwdKernelHd256<T, DqBulk, IsCausal, StagedEpilogue, Stagger, kAblate, Det, DkLast>;
-  if (Det && params.dq_semaphore == nullptr) return;  // sm90_bwd_supported said no
+  if (Det && params.dq_semaphore == nullptr) return false;  // sm90_bwd_supported said no
   BwdTmaArgs args;
   args.params = params;
-  if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return;  // sm90_bwd_supported said no
+  if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return false;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   args.dkdv_tma = 0;  // (this kernel stages dK / dV itself: StagedEpilogue)
   launch_bwd_preprocess<T, 256>(params, stream);
@@ -57,18 +57,19 @@ void launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
   launch_bwd_convert_dq<T, 256, Kernel::kNDq>(params, stream);
+  return true;
 }
 
-inline void run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
-  DTYPE_SWITCH(params.is_bf16, [&] {
-    BOOL_SWITCH(params.is_causal, IsCausal, [&] {
+inline bool run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
+  return DTYPE_SWITCH(params.is_bf16, [&] {
+    return BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       if (params.deterministic) {
         using Tile = BwdTileHd256Det<IsCausal>;
-        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, true,
+        return launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, true,
                               Tile::DkLast>(params, stream);
       } else {
         using Tile = BwdTileHd256<IsCausal>;
-        launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, false,
+        return launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, false,
                               Tile::DkLast>(params, stream);
       }
     });

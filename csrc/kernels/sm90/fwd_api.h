@@ -12,7 +12,7 @@ constexpr int kSm90FwdHeadDims[] = {64, 128, 256};
 
 // Encodes the TMA maps on the host and launches on `stream`; never synchronizes or checks errors.
 // Call only where sm90_fwd_supported(params) is true, on a device of compute capability 9.0.
-template <int kHeadDim> void run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+template <int kHeadDim> bool run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
 
 // False where TMA cannot describe the tensors (a base pointer not 16-byte aligned, a byte stride not a
 // multiple of 16, head_dim not a multiple of 8 or above 256) or the driver rejects a map: the API then

@@ -123,13 +123,13 @@ constexpr int64_t kL2GroupBytes = 32ll << 20;
 constexpr int kCausalPersistMaxMBlocks128 = 32;
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP,
           int kSwExpMask = 0, bool ChainTiles = false, int kNumWG = 2, bool CrossTile = false, bool WgSkip = false>
-void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0, int paired = -1,
+bool launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0, int paired = -1,
                      int group_hb = 0) {
   using Kernel = FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP, kSwExpMask, ChainTiles, kNumWG,
                            CrossTile, WgSkip>;
   FwdTmaArgs args;
   args.params = params;
-  if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return;  // sm90_fwd_supported said no
+  if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return false;  // sm90_fwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   args.num_hb = params.nheads * params.batch;
   args.num_tiles = args.num_m_blocks * args.num_hb;
@@ -150,27 +150,28 @@ void launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   auto kernel = fwd_kernel_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<ctas, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
+  return true;
 }
 
 }  // namespace sm90
 
 template <int kHeadDim>
-void run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
-  DTYPE_SWITCH(params.is_bf16, [&] {
-    BOOL_SWITCH(params.is_causal, IsCausal, [&] {
+bool run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
+  return DTYPE_SWITCH(params.is_bf16, [&] {
+    return BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       using Tile = sm90::FwdTile<kHeadDim, IsCausal>;
       using Short = sm90::FwdTileShort<kHeadDim, IsCausal>;
       using Long = sm90::FwdTileLong<kHeadDim, IsCausal>;
       if (Long::kDiffers && params.seqlen_k >= sm90::kLongSeqlenK) {
-        sm90::launch_fwd_sm90<elem_type, kHeadDim, Long::kBlockN, Long::kStages, IsCausal, Long::PingPong,
+        return sm90::launch_fwd_sm90<elem_type, kHeadDim, Long::kBlockN, Long::kStages, IsCausal, Long::PingPong,
                               Long::DoubleP, 0, Long::ChainTiles, Long::kNumWG, false,
                               Long::WgSkip>(params, stream);
       } else if (Short::kDiffers && params.seqlen_q <= sm90::kShortSeqlenQ) {
-        sm90::launch_fwd_sm90<elem_type, kHeadDim, Short::kBlockN, Short::kStages, IsCausal, Short::PingPong,
+        return sm90::launch_fwd_sm90<elem_type, kHeadDim, Short::kBlockN, Short::kStages, IsCausal, Short::PingPong,
                               Short::DoubleP, 0, Short::ChainTiles, Short::kNumWG, false,
                               Short::WgSkip>(params, stream);
       } else {
-        sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, IsCausal, Tile::PingPong,
+        return sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, IsCausal, Tile::PingPong,
                               Tile::DoubleP, 0, Tile::ChainTiles, Tile::kNumWG, false,
                               Tile::WgSkip>(params, stream);
       }
