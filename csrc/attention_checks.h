@@ -38,11 +38,6 @@ struct AttnShape {
   int64_t batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim;
 };
 
-inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
-              " must be contiguous in its last dimension (head_dim), got stride ", fmt(t.stride(-1)));
-}
-
 inline AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4, "q must be a 4-D tensor (batch, seqlen_q, nheads, head_dim), got ", fmt(q.dim()),
               "-D");
@@ -76,9 +71,8 @@ inline AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(s.nheads_k > 0 || s.nheads == 0, "k must have nheads_k > 0");
   TORCH_CHECK(s.nheads_k == 0 || s.nheads % s.nheads_k == 0, "q's nheads (", fmt(s.nheads),
               ") must be divisible by k's nheads_k (", fmt(s.nheads_k), ")");
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
+  // Any strides are accepted: the CPU path reads strided tiles as they are, the CUDA path copies what its
+  // kernels cannot read (csrc/cuda/attention_api.cu, kernel_ready).
   return s;
 }
 
@@ -107,8 +101,6 @@ inline void check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at
               out.device());
   TORCH_CHECK(lse.device() == q.device(), "lse must be on the device of q (", q.device(), "), got ",
               lse.device());
-  check_last_dim_contiguous(dout, "dout");
-  check_last_dim_contiguous(out, "out");
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // kernels are registered from Python (flash_ext/ops.py).
 #include <Python.h>
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -40,6 +41,50 @@ static at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, 
 
 TORCH_LIBRARY_IMPL(flash_ext, CompositeImplicitAutograd, m) {
   m.impl("attention", &attention_composite);
+}
+
+// torch.autocast: like SDPA, the ops run in the autocast dtype (float16 / bfloat16): floating inputs other than
+// float64 are cast to it (lse stays float32), then the op runs with autocast off. `attention` needs no entry of
+// its own: it goes through attention_forward. The casts are recorded by autograd, so gradients reach float32
+// leaves in float32.
+template <c10::DeviceType kDevice>
+static std::tuple<at::Tensor, at::Tensor> attention_forward_autocast(const at::Tensor& q, const at::Tensor& k,
+                                                                     const at::Tensor& v,
+                                                                     std::optional<double> softmax_scale,
+                                                                     bool causal, bool deterministic) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flash_ext::attention_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, std::optional<double>, bool, bool)>();
+  return op.call(at::autocast::cached_cast(to, q, kDevice), at::autocast::cached_cast(to, k, kDevice),
+                 at::autocast::cached_cast(to, v, kDevice), softmax_scale, causal, deterministic);
+}
+
+template <c10::DeviceType kDevice>
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autocast(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double softmax_scale, bool causal, bool deterministic) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flash_ext::attention_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, double, bool, bool)>();
+  auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, kDevice); };
+  return op.call(cast(dout), cast(q), cast(k), cast(v), cast(out), lse, softmax_scale, causal, deterministic);
+}
+
+TORCH_LIBRARY_IMPL(flash_ext, AutocastCUDA, m) {
+  m.impl("attention_forward", &attention_forward_autocast<c10::DeviceType::CUDA>);
+  m.impl("attention_backward", &attention_backward_autocast<c10::DeviceType::CUDA>);
+}
+
+TORCH_LIBRARY_IMPL(flash_ext, AutocastCPU, m) {
+  m.impl("attention_forward", &attention_forward_autocast<c10::DeviceType::CPU>);
+  m.impl("attention_backward", &attention_backward_autocast<c10::DeviceType::CPU>);
 }
 
 }  // namespace flash_ext

@@ -214,8 +214,6 @@ def _bad_cases():
         ("v must have the \\(seqlen_k, nheads_k\\) of k", (q, k, ok(2, 11, 2, 16)), {}),
         ("k must have the batch size of q", (q, ok(3, 10, 2, 16), ok(3, 10, 2, 16)), {}),
         ("must be divisible by k's nheads_k", (q, ok(2, 10, 3, 16), ok(2, 10, 3, 16)), {}),
-        ("q must be contiguous in its last dimension", (ok(2, 8, 4, 32)[..., ::2], k, k), {}),
-        ("v must be contiguous in its last dimension", (q, k, ok(2, 10, 2, 32)[..., ::2]), {}),
         ("q must be float64, float32, bfloat16 or float16", (q.int(), k.int(), k.int()), {}),
         ("softmax_scale must be a finite number > 0", (q, k, k), {"softmax_scale": 0.0}),
         ("softmax_scale must be a finite number > 0", (q, k, k), {"softmax_scale": -1.0}),
@@ -263,10 +261,7 @@ def test_cuda_rejects_float32_and_float64(dtype):
 
 
 @requires_cuda
-def test_cuda_rejects_bad_head_dim():
-    q = torch.randn(1, 8, 2, 36, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="head_dim"):
-        flash_ext.attention(q, q, q)
+def test_cuda_rejects_head_dim_above_256():
     q = torch.randn(1, 8, 2, 264, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="head_dim"):
+    with pytest.raises(RuntimeError, match="head_dim must be at most 256 on CUDA, got 264"):
         flash_ext.attention(q, q, q)

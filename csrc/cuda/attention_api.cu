@@ -18,9 +18,8 @@
 #include <mutex>
 
 #include "../attention_checks.h"
-#include "../kernels/launch.h"
+#include "../kernels/instantiations/dispatch.h"
 #include "../kernels/params.h"
-#include "../kernels/static_switch.h"
 #ifdef FLASH_EXT_WITH_SM90
 #include "../kernels/sm90/bwd_api.h"
 #include "../kernels/sm90/fwd_api.h"
@@ -80,9 +79,9 @@ void check_cuda_inputs(const at::Tensor& q, const AttnShape& s, const cudaDevice
   TORCH_CHECK(props->major >= 8, "flash_ext CUDA kernels need compute capability 8.0 (sm_80) or newer, got sm_",
               fmt(props->major), fmt(props->minor));
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q must be float16 or bfloat16 on CUDA, got ", q.scalar_type());
-  TORCH_CHECK(s.head_dim % 8 == 0 && s.head_dim <= 256,
-              "head_dim must be a multiple of 8 and at most 256 on CUDA, got ", fmt(s.head_dim));
+              "q must be float16 or bfloat16 on CUDA (float32 inputs are cast under torch.autocast), got ",
+              q.scalar_type());
+  TORCH_CHECK(s.head_dim <= 256, "head_dim must be at most 256 on CUDA, got ", fmt(s.head_dim));
   // The kernels' grids put heads and batch on grid.y / grid.z (at most 65535 each).
   TORCH_CHECK(s.batch <= 65535, "batch must be at most 65535 on CUDA, got ", fmt(s.batch));
   TORCH_CHECK(s.nheads <= 65535, "nheads must be at most 65535 on CUDA, got ", fmt(s.nheads));
@@ -91,12 +90,45 @@ void check_cuda_inputs(const at::Tensor& q, const AttnShape& s, const cudaDevice
               "seqlen_q and seqlen_k must fit in 31 bits on CUDA");
 }
 
-// The kernels read 16-byte vectors: base pointers 16-byte aligned and strides multiples of 8 elements.
-// A tensor that is not gets a contiguous copy (correct, one extra pass over it).
-at::Tensor aligned(const at::Tensor& t) {
-  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+// The head dim the kernels run on: the caller's rounded up to a multiple of 8 (16-byte rows). The
+// padding columns are zeros in q, k, v (and out, dout in the backward), so they add nothing to q·k and
+// give zero output columns, which are cut off again; the softmax scale stays the caller's.
+int64_t kernel_head_dim(int64_t head_dim) { return (head_dim + 7) / 8 * 8; }
+
+// What the kernels can read, from any strided tensor: the last dim contiguous and `head_dim` wide, the base
+// pointer 16-byte aligned and every other stride a multiple of 8 elements (16-byte vectors, cp.async and
+// TMA rows). A tensor that is not gets one copy into a fresh (aligned, contiguous) buffer, zero-padded to
+// `head_dim` columns where it is narrower. A tensor that already is is passed as it is, strides and all.
+at::Tensor kernel_ready(const at::Tensor& t, int64_t head_dim) {
+  if (t.size(-1) != head_dim) {
+    at::Tensor padded = at::zeros({t.size(0), t.size(1), t.size(2), head_dim}, t.options());
+    padded.narrow(-1, 0, t.size(-1)).copy_(t);
+    return padded;
+  }
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.size(-1) <= 1 || t.stride(-1) == 1);
   for (int d = 0; d < 3 && ok; ++d) ok = t.size(d) <= 1 || t.stride(d) % 8 == 0;
-  return ok ? t : t.contiguous();
+  if (ok) return t;
+  // (t.contiguous() would return t itself when t is contiguous but its base pointer is not aligned.)
+  at::Tensor copy = at::empty(t.sizes(), t.options());
+  copy.copy_(t);
+  return copy;
+}
+
+// The caller's head dim of a result computed on the padded one.
+at::Tensor caller_head_dim(const at::Tensor& t, int64_t head_dim) {
+  return t.size(-1) == head_dim ? t : t.narrow(-1, 0, head_dim).contiguous();
+}
+
+// FLASH_EXT_SM80_SMEM_LIMIT=<bytes>: the shared memory per block the sm80 backward may assume (an A100's
+// 166912 on a Hopper GPU runs the fallback tile configurations, as the tests do); unset = the device's.
+int sm80_smem_limit() {
+  const char* env = std::getenv("FLASH_EXT_SM80_SMEM_LIMIT");
+  if (env == nullptr || env[0] == '\0') return 0;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v > 0 && v <= std::numeric_limits<int>::max(),
+              "FLASH_EXT_SM80_SMEM_LIMIT must be a positive number of bytes, got '", env, "'");
+  return static_cast<int>(v);
 }
 
 void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -117,13 +149,31 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.seqlen_k = static_cast<int>(s.seqlen_k);
   p.nheads = static_cast<int>(s.nheads);
   p.nheads_k = static_cast<int>(s.nheads_k);
-  p.head_dim = static_cast<int>(s.head_dim);
+  p.head_dim = static_cast<int>(q.size(3));  // the kernel head dim (kernel_head_dim of the caller's)
   p.h_h_k_ratio = static_cast<int>(s.nheads / s.nheads_k);
   p.scale_softmax = static_cast<float>(scale);
   p.scale_softmax_log2 = static_cast<float>(scale * 1.4426950408889634);  // scale * log2(e)
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   p.is_causal = causal;
   p.num_sm = props->multiProcessorCount;
+}
+
+// The forward's params plus the backward's tensors; the workspaces are allocated per family below.
+void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                     const at::Tensor& dk, const at::Tensor& dv, const AttnShape& s, double scale, bool causal,
+                     bool deterministic, const cudaDeviceProp* props) {
+  std::memset(&p, 0, sizeof(p));
+  fill_fwd_params(p, q, k, v, out, lse, s, scale, causal, props);
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
+  p.dq_batch_stride = dq.stride(0), p.dq_row_stride = dq.stride(1), p.dq_head_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0), p.dk_row_stride = dk.stride(1), p.dk_head_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0), p.dv_row_stride = dv.stride(1), p.dv_head_stride = dv.stride(2);
+  p.deterministic = deterministic;
+  p.seqlen_q_rounded = static_cast<int>((s.seqlen_q + 127) / 128 * 128);
+  p.sm80_smem_limit = sm80_smem_limit();
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -135,35 +185,37 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   const cudaDeviceProp* props = current_device_props();
   check_cuda_inputs(q_in, s, props);
 
-  at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
+  const int64_t hd = kernel_head_dim(s.head_dim);
+  at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, hd}, q_in.options());
   at::Tensor lse = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
-  if (s.batch == 0 || s.seqlen_q == 0 || s.nheads == 0) return {out, lse};
+  if (s.batch == 0 || s.seqlen_q == 0 || s.nheads == 0) return {caller_head_dim(out, s.head_dim), lse};
   if (s.seqlen_k == 0) {
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
+    return {caller_head_dim(out, s.head_dim), lse};
   }
-  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
   FwdParams params;
   fill_fwd_params(params, q, k, v, out, lse, s, scale, causal, props);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
+  bool launched = false;
 #ifdef FLASH_EXT_WITH_SM90
   if (want_sm90(props) && sm90_fwd_supported(params)) {
-    const int hd = round_head_dim(params.head_dim, kSm90FwdHeadDims, std::size(kSm90FwdHeadDims));
-    if (hd == 64) run_fwd_sm90<64>(params, stream);
-    else if (hd == 128) run_fwd_sm90<128>(params, stream);
-    else run_fwd_sm90<256>(params, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {out, lse};
+    launched = dispatch_fwd_sm90(round_head_dim(params.head_dim, kSm90FwdHeadDims, std::size(kSm90FwdHeadDims)),
+                                 params, stream);
   }
 #else
   want_sm90(props);  // rejects FLASH_EXT_BACKEND=sm90 in a build without the Hopper kernels
 #endif
-  const int hd = round_head_dim(params.head_dim, kSm80HeadDims, std::size(kSm80HeadDims));
-  HEADDIM_SWITCH(hd, [&] { run_fwd_sm80<kHeadDim>(params, stream); });
+  if (!launched) {
+    launched = dispatch_fwd_sm80(round_head_dim(params.head_dim, kSm80FwdHeadDims, std::size(kSm80FwdHeadDims)),
+                                 params, stream);
+  }
+  TORCH_CHECK(launched, "flash_ext: no CUDA forward kernel for head_dim ", fmt(s.head_dim),
+              " runs on this device (kernel head dim ", fmt(hd), ")");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, lse};
+  return {caller_head_dim(out, s.head_dim), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
@@ -176,28 +228,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const cudaDeviceProp* props = current_device_props();
   check_cuda_inputs(q_in, s, props);
 
-  at::Tensor dq = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
-  at::Tensor dk = at::empty({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options());
-  at::Tensor dv = at::empty({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options());
+  const int64_t hd = kernel_head_dim(s.head_dim);
+  at::Tensor dq = at::empty({s.batch, s.seqlen_q, s.nheads, hd}, q_in.options());
+  at::Tensor dk = at::empty({s.batch, s.seqlen_k, s.nheads_k, hd}, q_in.options());
+  at::Tensor dv = at::empty({s.batch, s.seqlen_k, s.nheads_k, hd}, q_in.options());
+  auto results = [&] {
+    return std::make_tuple(caller_head_dim(dq, s.head_dim), caller_head_dim(dk, s.head_dim),
+                           caller_head_dim(dv, s.head_dim));
+  };
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
-    return {dq, dk, dv};
+    return results();
   }
-  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
-  const at::Tensor out = aligned(out_in), dout = aligned(dout_in);
-  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
+  const at::Tensor out = kernel_ready(out_in, hd), dout = kernel_ready(dout_in, hd);
+  // lse rows are read as float vectors and by bulk copies: contiguous and 16-byte aligned (a copy otherwise).
+  const at::Tensor lse = reinterpret_cast<uintptr_t>(lse_in.data_ptr()) % 16 == 0 && lse_in.is_contiguous()
+                             ? lse_in
+                             : at::empty(lse_in.sizes(), lse_in.options()).copy_(lse_in);
 
   BwdParams params;
-  std::memset(&params, 0, sizeof(params));
-  fill_fwd_params(params, q, k, v, out, lse, s, scale, causal, props);
-  params.dout = dout.data_ptr();
-  params.dq = dq.data_ptr(), params.dk = dk.data_ptr(), params.dv = dv.data_ptr();
-  params.do_batch_stride = dout.stride(0), params.do_row_stride = dout.stride(1), params.do_head_stride = dout.stride(2);
-  params.dq_batch_stride = dq.stride(0), params.dq_row_stride = dq.stride(1), params.dq_head_stride = dq.stride(2);
-  params.dk_batch_stride = dk.stride(0), params.dk_row_stride = dk.stride(1), params.dk_head_stride = dk.stride(2);
-  params.dv_batch_stride = dv.stride(0), params.dv_row_stride = dv.stride(1), params.dv_head_stride = dv.stride(2);
-  params.deterministic = deterministic;
-  params.seqlen_q_rounded = static_cast<int>((s.seqlen_q + 127) / 128 * 128);
+  fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, causal, deterministic, props);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   // Workspace: dQ accumulated in float32, D = rowsum(dO * O). Both are written (zeroed) by the kernels.
@@ -211,11 +262,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     return std::make_pair(dq_accum, dsoftmax_sum);
   };
 
+  bool launched = false;
 #ifdef FLASH_EXT_WITH_SM90
   if (want_sm90(props)) {
-    const int hd = round_head_dim(params.head_dim, kSm90BwdHeadDims, std::size(kSm90BwdHeadDims));
-    if (hd > 0) {  // head dims above the largest sm90 backward instantiation run on sm80
-      auto ws = workspace(hd);
+    const int inst = round_head_dim(params.head_dim, kSm90BwdHeadDims, std::size(kSm90BwdHeadDims));
+    if (inst > 0) {  // head dims above the largest sm90 backward instantiation run on sm80
+      auto ws = workspace(inst);
       // lse * log2 e per query row (+inf where P = 0), written by the sm90 preprocess kernel.
       // 4 floats more: their first is the tile counter of the persistent causal kernel (zeroed by the kernels).
       const int64_t lse_rows = static_cast<int64_t>(s.batch) * s.nheads * params.seqlen_q_rounded;
@@ -229,25 +281,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
         params.dq_semaphore = dq_semaphore.data_ptr<int>();
       }
       if (sm90_bwd_supported(params)) {
-        if (hd == 64) run_bwd_sm90<64>(params, stream);
-        else if (hd == 128) run_bwd_sm90<128>(params, stream);
-        else run_bwd_sm90<256>(params, stream);
+        launched = dispatch_bwd_sm90(inst, params, stream);
+        TORCH_CHECK(launched, "flash_ext: the sm90 backward did not take head_dim ", fmt(s.head_dim));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return {dq, dk, dv};
+        return results();
       }
     }
   }
 #else
   want_sm90(props);
 #endif
-  const int hd = round_head_dim(params.head_dim, kSm80HeadDims, std::size(kSm80HeadDims));
-  auto ws = workspace(hd);
+  const int inst = round_head_dim(params.head_dim, kSm80BwdHeadDims, std::size(kSm80BwdHeadDims));
+  auto ws = workspace(inst);
   params.dq_semaphore = nullptr;  // sm80 uses none of them
   params.lse_log2 = nullptr;
   params.tile_counter = nullptr;
-  HEADDIM_SWITCH(hd, [&] { run_bwd_sm80<kHeadDim>(params, stream); });
+  launched = dispatch_bwd_sm80(inst, params, stream);
+  TORCH_CHECK(launched, "flash_ext: no CUDA backward kernel for head_dim ", fmt(s.head_dim),
+              " runs on this device (kernel head dim ", fmt(inst),
+              "; its sm80 tiles need more shared memory per block than the device has, or FLASH_EXT_SM80_SMEM_LIMIT)");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dq, dk, dv};
+  return results();
 }
 
 }  // namespace

@@ -4,12 +4,10 @@
 // (false: a shape it does not take; the API layer raises then, never returns unwritten outputs).
 #pragma once
 #include <cuda_runtime.h>
+#include "instantiations/head_dims.h"  // kSm80FwdHeadDims, ...: tools/generate_instantiations.py
 #include "params.h"
 
 namespace flash_ext {
-
-// Instantiated head dims (sm80 family). A head dim h runs on the smallest instantiated kHeadDim >= h.
-constexpr int kSm80HeadDims[] = {32, 64, 96, 128, 160, 192, 224, 256};
 
 template <int kHeadDim> bool run_fwd_sm80(const FwdParams& params, cudaStream_t stream);
 template <int kHeadDim> bool run_bwd_sm80(const BwdParams& params, cudaStream_t stream);

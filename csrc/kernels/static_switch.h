@@ -23,19 +23,3 @@
       return __VA_ARGS__();                 \
     }                                       \
   }()
-
-// Instantiated sm80 head dim (32, 64, ..., 256: see launch.h). Binds `kHeadDim`; `rounded` must be one of
-// them (the API rounds the real head dim up first).
-#define HEADDIM_SWITCH(ROUNDED, ...)                                 \
-  [&] {                                                              \
-    switch (ROUNDED) {                                               \
-      case 32: { constexpr static int kHeadDim = 32; return __VA_ARGS__(); }   \
-      case 64: { constexpr static int kHeadDim = 64; return __VA_ARGS__(); }   \
-      case 96: { constexpr static int kHeadDim = 96; return __VA_ARGS__(); }   \
-      case 128: { constexpr static int kHeadDim = 128; return __VA_ARGS__(); } \
-      case 160: { constexpr static int kHeadDim = 160; return __VA_ARGS__(); } \
-      case 192: { constexpr static int kHeadDim = 192; return __VA_ARGS__(); } \
-      case 224: { constexpr static int kHeadDim = 224; return __VA_ARGS__(); } \
-      default: { constexpr static int kHeadDim = 256; return __VA_ARGS__(); }  \
-    }                                                                \
-  }()

@@ -2,13 +2,11 @@
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
+#include "../instantiations/head_dims.h"  // kSm90BwdHeadDims
 #include "../params.h"
 #include "tma_host.h"
 
 namespace flash_ext {
-
-// Instantiated head dims of the sm90 backward; a head dim h runs on the smallest one >= h.
-constexpr int kSm90BwdHeadDims[] = {64, 128, 256};
 
 // Runs preprocess (D = rowsum(dO o O), zero dq_accum and dq_semaphore when given), the main kernel and
 // the dq conversion on `stream`; never synchronizes or checks errors. Call only where

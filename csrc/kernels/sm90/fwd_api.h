@@ -2,13 +2,11 @@
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
+#include "../instantiations/head_dims.h"  // kSm90FwdHeadDims
 #include "../params.h"
 #include "tma_host.h"
 
 namespace flash_ext {
-
-// Instantiated head dims of the sm90 forward; a head dim h runs on the smallest one >= h.
-constexpr int kSm90FwdHeadDims[] = {64, 128, 256};
 
 // Encodes the TMA maps on the host and launches on `stream`; never synchronizes or checks errors.
 // Call only where sm90_fwd_supported(params) is true, on a device of compute capability 9.0.
