@@ -1,4 +1,4 @@
-"""GPU benchmark, FlashAttention's setup (DESIGN.md): batch * seqlen = 16384, hidden 2048 (head dim
+"""GPU benchmark, FlashAttention's setup (docs/ARCHITECTURE.md, "Benchmarks"): batch * seqlen = 16384, hidden 2048 (head dim
 64/128/256 -> 32/16/8 heads), seqlen 512...16384, causal and not, bf16 and fp16, forward and backward,
 side by side in one process with torch's SDPA FLASH_ATTENTION and CUDNN_ATTENTION backends on the
 same inputs. Medians from triton.testing.do_bench; backward = (fwd+bwd) - fwd, FLOPs 2.5x forward.

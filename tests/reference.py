@@ -1,5 +1,5 @@
 """Float64 reference attention (materializes the full matrix: fine in tests) and the FlashAttention
-correctness rule of DESIGN.md."""
+correctness rule every test applies (assert_fa_close; docs/ARCHITECTURE.md, "Correctness")."""
 import torch
 
 

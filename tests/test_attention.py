@@ -1,8 +1,9 @@
-"""Correctness of out, lse, dq, dk, dv against the float64 reference, by the DESIGN.md rule, over odd
-shapes, head dims, causal, MHA/GQA/MQA, strided (BHSD-transposed) inputs and non-contiguous dout.
+"""Correctness of out, lse, dq, dk, dv against the float64 reference, by the rule of
+reference.assert_fa_close, over odd shapes, head dims, causal, MHA/GQA/MQA, strided (BHSD-transposed)
+inputs and non-contiguous dout.
 
-The same cases run on every device; the CUDA grid is the wider one of the sm80 issue and skips
-with a stated reason where there is no CUDA device or build."""
+The same cases run on every device; the CUDA grid is the wider one (every instantiated head dim and
+the seqlens around the kernels' block sizes) and skips with a stated reason where there is no CUDA device or build."""
 import itertools
 
 import pytest
@@ -59,7 +60,7 @@ def make_inputs(device, dtype, batch, nheads, nheads_k, sq, sk, d, bhsd, scale_i
 
 def check_attention(device, dtype, causal, q, k, v, deterministic=False, softmax_scale=None):
     """Runs our forward and backward, the float64 reference (autograd) and PyTorch in `dtype` (the same
-    forward, and FlashAttention's backward formulas), and applies the DESIGN.md rule to out, lse, dq,
+    forward, and FlashAttention's backward formulas), and applies reference.assert_fa_close to out, lse, dq,
     dk, dv. dout is a non-contiguous (transposed) tensor."""
     batch, sq, nheads, d = q.shape
     dout = torch.randn(batch, nheads, sq, d, device=device, dtype=dtype).transpose(1, 2)

@@ -44,10 +44,14 @@ if has sanitize; then
   # before the cap, so a hung run reports where it was instead of eating the rest of the device time.
   san_t=${SANITIZE_TIMEOUT:-150}
   for tool in memcheck racecheck; do
+    # In a process group of its own, so that what the sanitizer leaves behind is ended by its id alone.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 FLASH_EXT_SANITIZE_DUMP_AFTER=$((san_t - 30)) \
-      timeout -k 10 "$san_t" compute-sanitizer --tool $tool python3 tools/sanitize_cases.py > "$OUT/$tool.log" 2>&1
+      setsid timeout -k 10 "$san_t" compute-sanitizer --tool $tool python3 tools/sanitize_cases.py \
+      > "$OUT/$tool.log" 2>&1 &
+    san_pid=$!
+    wait "$san_pid"
     rc=$?
-    pkill -f tools/sanitize_cases.py 2>/dev/null
+    kill -- "-$san_pid" 2>/dev/null
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
       summary+=("$tool: TIMED OUT after ${san_t}s; last case line: $(grep -E ': (forward|backward) done' "$OUT/$tool.log" | tail -1)")
     else

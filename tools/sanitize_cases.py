@@ -1,5 +1,6 @@
 """A handful of small forward+backward calls for compute-sanitizer (memcheck / racecheck): seqlen tails,
-causal with seqlen_q != seqlen_k both ways, GQA, a padded head dim, deterministic mode; each family.
+causal with seqlen_q != seqlen_k both ways, GQA, padded head dims (also ones not a multiple of 8),
+deterministic mode, inputs whose base pointers are not 16-byte aligned; each family.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_cases.py
 
@@ -14,7 +15,7 @@ import torch
 
 import flash_ext
 
-CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, deterministic
+CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, deterministic[, input offset]
     (1, 17, 203, 2, 1, 64, False, False),
     (2, 113, 77, 4, 2, 128, True, False),
     (1, 77, 113, 2, 2, 80, True, True),
@@ -28,7 +29,24 @@ CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dete
     # the sm90 d64 causal forward with 3 warpgroups (seqlen_q > 1024) skipping key blocks per warpgroup; the last
     # tile's third warpgroup has no row below seqlen_q
     (1, 1050, 1300, 4, 2, 64, True, False),
+    # head dims that are not multiples of 8 (zero-padded inside the op)
+    (2, 77, 130, 4, 2, 59, True, False),
+    (1, 130, 77, 2, 1, 111, False, True),
+    # q, k, v, dout views 1 / 2 elements into their buffers (base pointers not 16-byte aligned: copied)
+    (2, 77, 130, 4, 2, 64, False, False, 1),
+    (1, 130, 77, 2, 2, 128, True, True, 2),
 ]
+
+
+def make(shape, offset):
+    """A bf16 leaf of `shape`; with an offset, a view that many elements into a larger buffer."""
+    if not offset:
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    n = 1
+    for s in shape:
+        n *= s
+    buf = torch.randn(n + offset, device="cuda", dtype=torch.bfloat16)
+    return buf[offset:].view(shape).requires_grad_()
 
 
 def main():
@@ -40,15 +58,15 @@ def main():
         families = ["sm80"]
     for family in families:
         os.environ["FLASH_EXT_BACKEND"] = family
-        for b, sq, sk, h, hk, d, causal, det in CASES:
-            q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            v = torch.randn(b, sk, hk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} causal={causal} det={det}"
+        for b, sq, sk, h, hk, d, causal, det, *offset in CASES:
+            off = offset[0] if offset else 0
+            q, k, v = make((b, sq, h, d), off), make((b, sk, hk, d), off), make((b, sk, hk, d), off)
+            case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} causal={causal} det={det} offset={off}"
             out = flash_ext.attention(q, k, v, causal=causal, deterministic=det)
             torch.cuda.synchronize()
             print(f"{case}: forward done", flush=True)
-            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+            dout = make(tuple(out.shape), off).detach()
+            torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
         print(f"{family}: {len(CASES)} cases ran", flush=True)

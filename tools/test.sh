@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: install what is missing, then run the whole test suite.
-# Extra arguments go to pytest (e.g. -m slow, -k cuda). Exit code 5 (no tests collected) is an error.
+# Extra arguments go to pytest (e.g. -k cuda, -x). Exit code 5 (no tests collected) is an error.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh || exit 1

@@ -1,4 +1,4 @@
-// CPU FlashAttention: the tiled algorithm of DESIGN.md on the CPU.
+// CPU FlashAttention: the tiled algorithm of docs/ARCHITECTURE.md on the CPU.
 //
 // Forward: parallel over (batch, head, row block of Q). For each key/value column block the score
 // tile S = Q_i K_j^T is computed with an ATen matmul, the online softmax keeps a running row max m
@@ -14,8 +14,8 @@
 //
 // Precision: float64 inputs are computed in float64, bf16/fp16 inputs in float32 (upcast copies, linear
 // in seqlen). float32 inputs are computed in float32 when the problem is large and in float64 when it is
-// small (kFloat64Macs below); the gradients always accumulate in float64. Why both: DESIGN.md's rule
-// holds our error within 2x of PyTorch's own float32 error, and the rounding of S = scale * Q K^T,
+// small (kFloat64Macs below); the gradients always accumulate in float64. Why both: the tests' rule
+// (tests/reference.py) holds our error within 2x of PyTorch's own float32 error, and the rounding of S = scale * Q K^T,
 // the dominant error of any float32 attention, is independent between two implementations. Where the
 // maximum error is taken over few elements (a handful of rows, or rows that see one or two keys) the
 // ratio of two such maxima is a noisy number: a float32 path missed the rule in ~0.3% of random small
