@@ -7,8 +7,8 @@
 //      blocks (kBlockM = 64 or 128 rows) that see the key block; Q, dO (TMA tensor loads) and the lse_log2 / D
 //      rows (1-D bulk copies) stream through a kStages-slot mbarrier pipeline. kNWarps = 12:
 //        warpgroup 0  producer: lane 0 of warp 0 issues the loads; setmaxnreg lowers the warpgroup to 24
-//                     registers (40 with the dQ writer). DqMode != kDqConsumer: warp 1 is the dQ writer
-//                     (dq_writer: issues the dQ reduce-adds and the deterministic counter wait / release).
+//                     registers (40 with the dQ writer). Deterministic: warp 1 is the dQ writer
+//                     (dq_writer: issues the dQ reduce-adds and the counter wait / release).
 //        warpgroups 1, 2  consumers (240 registers, 232 with the dQ writer): consumer w owns keys [64w, 64w + 64)
 //                     of the block. Per query
 //                     block, with the products transposed so the key dimension is the wgmma M dimension:
@@ -20,26 +20,24 @@
 //                     dK, dV stay in registers for the whole tile, then leave through shared memory and TMA
 //                     stores (4-byte pair stores where TMA cannot describe dk / dv); dQ goes through shared memory and a bulk
 //                     reduce-add (cp.reduce.async.bulk .add.f32) into dq_accum, issued by the consumer's tid 0
-//                     (kDqConsumer) or by the writer warp (bar_dq_full / bar_dq_empty hand-off; two staging
-//                     buffers per consumer where shared memory allows: d128, d64 is one).
+//                     (default) or by the writer warp (deterministic: bar_dq_full / bar_dq_empty hand-off; two
+//                     staging buffers per consumer where shared memory allows: d128, d64 is one).
 //      dQ split (DqSplitKeys): false: both consumers' dS^T go to shared memory, a 256-thread barrier, and
 //      consumer w computes columns [w d/2, w d/2 + d/2) over all kBlockN keys (N = d/2); true: consumer w
 //      computes all d columns over its own 64 keys only (no cross-warpgroup barrier, twice the reduce traffic).
-//      Step order (BwdKernel's Order; the wgmma groups after the softmax, and what the warpgroup waits for before
-//      it stages dQ):
-//        kOrderPlain:   dV + dK (one group) | dS^T store, barrier | dQ | wait for all | dQ out.
-//        kOrderDkLast:  dV | dS^T store, barrier | dQ | dK | wait for dV, dQ | dQ out while dK runs | wait for dK.
-//        kOrderOverlap: as plain, but S^T / dP^T of step i + 1 are issued before dQ of step i goes out (needs the
-//                       registers of both: not for d128).
+//      Step order (BwdKernel's DkLast; the wgmma groups after the softmax, and what the warpgroup waits for
+//      before it stages dQ):
+//        plain:   dV + dK (one group) | dS^T store, barrier | dQ | wait for all | dQ out.
+//        DkLast:  dV | dS^T store, barrier | dQ | dK | wait for dV, dQ | dQ out while dK runs | wait for dK.
 //   3. bwd_convert_dq_sm90: dq = dq_accum * scale -> element type (un-permuting the accumulation layout).
 //      (Converting each block in the main kernel, by the writer of its last contributing key block, measured
 //      13-31% slower, 2026-11-21: removed; see NOTES.md.)
-// Defaults (bwd_launch.cuh): consumers issue the reduces in the default mode (the writer warp measured within
-// noise there); the deterministic mode uses the writer warp (kDqWriter: +14..46% over the consumer-side wait).
-// Deterministic mode (DetMode != kDetOff, params.deterministic): the reduce-adds into each dq_accum block are
+// The consumers issue the dQ reduces in the default mode (the writer warp measured within noise there); the
+// deterministic mode uses the writer warp (+14..46% over a consumer-side wait; NOTES.md).
+// Deterministic mode (Deterministic, params.deterministic): the reduce-adds into each dq_accum block are
 // ordered by key block through an int32 counter per (batch, head, query block) in params.dq_semaphore (zeroed by
 // the preprocess kernel), and the query blocks are visited in descending order so the CTAs run in lockstep:
-// see step_coords and det_flush (consumer-side: two increments per CTA) or dq_writer (one per CTA).
+// see step_coords and dq_writer (one increment per CTA per step).
 //
 // dq_accum layout (workspace, private to these kernels): per (batch, head, m_block) a contiguous block of
 // kBlockM x kHeadDim floats, in the consumers' register order so that the shared-memory staging is
@@ -249,19 +247,10 @@ inline void launch_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-// Deterministic dQ (BwdKernel's DetMode): off (reduce-adds in arrival order), or ordered reduce-adds with the
-// counter wait / reduce / completion / release done right after dQ is staged (eager), or deferred until the
-// next step's S^T / dP^T wgmmas are issued, so that the tensor cores work meanwhile (deferred).
-constexpr int kDetOff = 0, kDetEager = 1, kDetDeferred = 2;
-// Who issues the dQ reduce-adds (BwdKernel's DqMode): the consumers themselves (tid 0 of each consumer
-// warpgroup, plus the counter wait / release in deterministic mode: DetMode picks eager or deferred), or the
-// dQ-writer warp (warp 1 of the producer warpgroup; DetMode then only says deterministic or not).
-constexpr int kDqConsumer = 0, kDqWriter = 1;
-// Step order inside the consumer's query-block loop (BwdKernel's Order; see the header).
-constexpr int kOrderPlain = 0, kOrderOverlap = 1, kOrderDkLast = 2;
-
-template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, int Order_,
-          int DetMode_ = kDetOff, int DqMode_ = kDqConsumer, bool Persistent_ = false>
+// DkLast: the step order of the header (else plain). Deterministic: dQ reduce-adds ordered by key block, issued by
+// the dQ-writer warp (else by the consumers, in arrival order).
+template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool DkLast_,
+          bool Deterministic_ = false, bool Persistent_ = false>
 struct BwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -271,16 +260,11 @@ struct BwdKernel {
   static constexpr int kStages = kStages_;
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool DqSplitKeys = DqSplitKeys_;
-  static constexpr int Order = Order_;
-  static_assert(Order >= kOrderPlain && Order <= kOrderDkLast, "Order");
-  static constexpr bool Overlap = Order == kOrderOverlap;
-  static constexpr int DetMode = DetMode_;
-  static constexpr bool Deterministic = DetMode != kDetOff;
-  static_assert(DetMode == kDetOff || DetMode == kDetEager || DetMode == kDetDeferred, "DetMode");
-  static constexpr int DqMode = DqMode_;
-  static constexpr bool DqWriter = DqMode != kDqConsumer;  // warp 1 issues the dQ reduce-adds
-  static_assert(DqMode == kDqConsumer || DqMode == kDqWriter, "DqMode");
-  static_assert(!(Deterministic && Overlap), "deterministic mode is implemented for the non-overlapped loop");
+  static constexpr bool DkLast = DkLast_;
+  static constexpr bool Deterministic = Deterministic_;
+  static constexpr bool DqWriter = Deterministic;  // warp 1 issues the dQ reduce-adds
+  // (The writer orders the two consumers' parts by columns: split by keys they would add into the same elements.)
+  static_assert(!(Deterministic && DqSplitKeys), "deterministic mode is implemented for the dQ split by columns");
   // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles in the grid's order (key blocks
   // fastest); the pipeline position runs on across tiles, and the next tile's K / V (and first Q / dO) load while
   // the consumers store this tile's dK / dV (bar_kv_empty frees K / V after the last wgmma). Non-causal tiles are
@@ -291,13 +275,11 @@ struct BwdKernel {
   // arrival (a tile index >= the number of tiles: no more work).
   static constexpr bool Persistent = Persistent_;
   static constexpr bool DynamicSched = Persistent && IsCausal;
-  static_assert(!Persistent || (!Deterministic && DqMode_ == kDqConsumer && !Overlap),
-                "the persistent loop is implemented for the default (non-deterministic, consumer dQ) kernel");
+  static_assert(!Persistent || !Deterministic, "the persistent loop is implemented for the default kernel");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   // Register budget: the kernel starts at 168 per thread (384 x 168 = 64512); 24*128 + 240*256 = 64512, and
-  // with the writer warp 40*128 + 232*256 = 64512 (the split its measurements used; it was sized for a fused
-  // conversion in the writer, since removed).
+  // with the writer warp 40*128 + 232*256 = 64512 (the split its measurements used).
   // (A d64 causal persistent kernel spilled 8 bytes at 24 / 240; it ran at 40 / 232 in its measurement, NOTES.md.)
   static constexpr int kProducerRegs = DqWriter ? 40 : 24;
   static constexpr int kConsumerRegs = DqWriter ? 232 : 240;
@@ -455,15 +437,25 @@ struct BwdKernel {
   }
 
   // ------------------------------------------------------------------------------------------ dQ writer
-  // Writer mode (DqMode == kDqWriter), warp 1 of the producer warpgroup. Per step, lane 0: (deterministic: wait
-  // until the step's counter reaches n_block, i.e. every lower key block's adds are complete), wait for each
-  // consumer's staged dQ part (bar_dq_full), issue its bulk reduce-add, wait until the reduces have READ the
-  // staging buffer and hand it back (bar_dq_empty). Deterministic: then wait for the reduces to COMPLETE, proxy
-  // fence, and release-increment the counter: one increment per CTA per (head, query block). The counters are
-  // per (batch, head, kBlockM-row block) (entries m_block of the 64-row array, as in the consumer deterministic
-  // mode). Deadlock freedom: the writer of CTA n waits only for CTAs of lower blockIdx.x of the same (head_k,
-  // batch) (launched no later, see det_flush), the consumers only for their own writer (bar_dq_empty) and
-  // producer, and the producer only for its consumers.
+  // Deterministic mode, warp 1 of the producer warpgroup. Per step, lane 0: wait until the step's counter reaches
+  // n_block, i.e. every lower key block's adds are complete, wait for each consumer's staged dQ part
+  // (bar_dq_full), issue its bulk reduce-add, wait until the reduces have READ the staging buffer and hand it back
+  // (bar_dq_empty); then wait for the reduces to COMPLETE, proxy fence, and release-increment the counter: one
+  // increment per CTA per (head, query block). The counters are per (batch, head, kBlockM-row block) (entries
+  // m_block of the 64-row array). Why the adds then run in key-block order, bitwise the same sums every run:
+  //   - The contributors of query block m are a prefix of the key blocks: m_block_min(n) is nondecreasing in n
+  //     (causal bottom-right: a row that sees key block n sees every block < n; non-causal: 0), and CTA n visits
+  //     every m >= m_block_min(n). So if CTA n visits m, all CTAs n' < n of the same (head_k, batch) do too, each
+  //     increments once, and the first n increments can only come from them. With GQA every query head of the
+  //     group has the same pattern (its own counters); query blocks no key block sees have no contributors.
+  //   - The two consumers' parts (dQ split by columns) are disjoint columns: their relative order is free.
+  //   - Deadlock freedom: the writer of CTA n waits only for CTAs of the same (head_k, batch) with a lower
+  //     blockIdx.x; x is the fastest grid dimension, so those have lower linear block indices and are launched no
+  //     later (resident or finished). The consumers wait only for their own writer (bar_dq_empty) and producer,
+  //     the producer only for its consumers.
+  //   - Memory ordering: the reduce-adds are async-proxy writes; wait_group 0 completes them and
+  //     fence.proxy.async.global orders them before the generic-proxy release (red.release.gpu); on the other
+  //     side ld.acquire.gpu, then the same proxy fence before the writer issues its own reduce.
   __device__ static void dq_writer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
                                    int batch) {
     const BwdParams& p = args.params;
@@ -491,13 +483,6 @@ struct BwdKernel {
         mbar_wait(bar_dq_full(bars, cw, buf), par);
         reduce_dq_part(p, row, cw, dq_s);
         tma_store_commit();
-        if constexpr (Deterministic && DqSplitKeys) {
-          // Split by keys both parts add into the same elements: consumer 1's after consumer 0's.
-          if (cw == 0) {
-            bulk_wait_all();
-            fence_proxy_async_global();
-          }
-        }
       }
       tma_store_wait_read();
       mbar_arrive(bar_dq_empty(bars, 0, buf));
@@ -676,7 +661,7 @@ struct BwdKernel {
       mma_rs(dk_reg, ds_frag, q_stage(it));
       wgmma_commit();
     };
-    // (kOrderDkLast: dV and dK in groups of their own.)
+    // (DkLast: dV and dK in groups of their own.)
     auto issue_rs_group = [&](float (&acc)[kHeadDim / 2], uint32_t (&frag)[kBlockM / 16][4], uint32_t b_smem) {
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) fence_regs(frag[kk]);
@@ -744,49 +729,8 @@ struct BwdKernel {
       reduce_dq_part(p, row, cw, dq_s);
       tma_store_commit();
     };
-    // ---- Deterministic mode (tid 0): the reduce-adds into one dq_accum block happen in a fixed order, key
-    // block by key block, through the block's counter in dq_semaphore (one per (batch, head, m_block)):
-    //   wait until counter >= target, reduce, wait for the reduce to COMPLETE (its global writes done, not
-    //   only its shared-memory reads), then release-increment the counter by 1.
-    // Each consumer warpgroup of every key-block CTA that visits the block increments once, so with
-    // target = 2 n_block (+ cw when split by keys) the adds run in the order (n_block, cw) — bitwise the same
-    // sums every run:
-    //   - The contributors of query block m are a prefix of the key blocks: m_block_min(n) is nondecreasing
-    //     in n (causal bottom-right: a row that sees key block n sees every block < n; non-causal: 0), and
-    //     CTA n visits every m >= m_block_min(n). So if CTA n visits m, all CTAs n' < n of the same
-    //     (head_k, batch) do too, each increments exactly twice, and the first 2n increments can only come
-    //     from them (increment number i of consumer (n, c) needs counter >= 2n (+c) first, so i > 2n (+c)).
-    //     With GQA every query head of the group has the same pattern (its own counters); query blocks that
-    //     no key block sees (rows that see no key) have no contributors and nobody waits on them.
-    //   - Split by columns the two consumers write disjoint columns, so their relative order does not
-    //     matter and both wait for 2n; split by keys they add into the same columns: consumer 1 also waits
-    //     for consumer 0 of its own CTA (target 2n + 1).
-    //   - Deadlock freedom: a CTA only ever waits for CTAs of the same (head_k, batch) with a lower
-    //     blockIdx.x; x is the fastest grid dimension, so those have lower linear block indices and are
-    //     launched no later (resident or finished) — CTA 0 never waits, and by induction each CTA finishes.
-    //     The producer never waits on a counter.
-    //   - Memory ordering: the reduce-adds are async-proxy writes; wait_group 0 completes them and
-    //     fence.proxy.async.global orders them before the generic-proxy release (red.release.gpu); on the
-    //     other side ld.acquire.gpu, then the same proxy fence before this thread issues its own reduce.
-    //     Only tid 0 issues the reduce, so no barrier is needed for the warpgroup after the wait (the
-    //     staging of dQ into shared memory does not depend on the counter).
-    auto det_flush = [&](int it) {
-      if (tid == 0) {
-        int hh, m_block;
-        step_coords(args, m_block_min, it, hh, m_block);
-        const int head = head_k * p.h_h_k_ratio + hh;
-        int* sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) +
-                   m_block;
-        wait_counter_geq(sem, 2 * n_block + (DqSplitKeys ? cw : 0));
-        fence_proxy_async_global();
-        reduce_dq(it);
-        bulk_wait_all();
-        fence_proxy_async_global();
-        red_release_gpu_add(sem, 1);
-      }
-    };
-    // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum (deterministic
-    // deferred: the reduce is issued by det_flush, after the next step's issue_sdp).
+    // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum (by tid 0, or by the
+    // writer warp).
     // This thread's dQ registers into a staging buffer, in register order (16-byte stores, conflict-free).
     auto stage_dq = [&](uint32_t dq_s) {
 #pragma unroll
@@ -819,65 +763,33 @@ struct BwdKernel {
       stage_dq(dq_s);
       fence_proxy_async_smem();
       named_bar_sync(kBarDq + cw, 128);
-      if constexpr (DetMode == kDetOff) {
-        if (tid == 0) reduce_dq(it);
-      } else if constexpr (DetMode == kDetEager) {
-        det_flush(it);
-      }
+      if (tid == 0) reduce_dq(it);
     };
     auto wait_full = [&](int it) { mbar_wait(bar_full(bars, (g0 + it) % kStages), ((g0 + it) / kStages) & 1); };
 
     mbar_wait(bar_kv(bars), tile_iter & 1);
-    if constexpr (Overlap) {
-      // S^T / dP^T of step it + 1 run on the tensor cores while this warpgroup writes dQ of step it.
-      if (n_iters > 0) {
-        wait_full(0);
-        issue_sdp(0);
-        softmax(0);
-      }
-      for (int it = 0; it < n_iters; ++it) {
+    for (int it = 0; it < n_iters; ++it) {
+      wait_full(it);
+      issue_sdp(it);
+      softmax(it);
+      if constexpr (DkLast) {
+        issue_dv(it);  // (runs while dS^T is stored)
+        store_ds(it);
+        issue_dq(it);
+        issue_dk(it);
+        wgmma_wait<1>();  // dV and dQ complete; dK runs on while dQ is staged
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
+        store_dq(it);
+        wgmma_wait<0>();
+        grads_done(it);
+      } else {
         issue_dkdv(it);
         store_ds(it);
         issue_dq(it);
         wgmma_wait<0>();
         grads_done(it);
-        if (it + 1 < n_iters) {
-          wait_full(it + 1);
-          issue_sdp(it + 1);
-        }
         store_dq(it);
-        if (it + 1 < n_iters) softmax(it + 1);
-      }
-    } else {
-      for (int it = 0; it < n_iters; ++it) {
-        wait_full(it);
-        issue_sdp(it);
-        if constexpr (DetMode == kDetDeferred && !DqWriter) {
-          if (it > 0) det_flush(it - 1);  // step it - 1's dQ, while S^T / dP^T of step it run
-        }
-        softmax(it);
-        if constexpr (Order == kOrderDkLast) {
-          issue_dv(it);  // (runs while dS^T is stored)
-          store_ds(it);
-          issue_dq(it);
-          issue_dk(it);
-          wgmma_wait<1>();  // dV and dQ complete; dK runs on while dQ is staged
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
-          store_dq(it);
-          wgmma_wait<0>();
-          grads_done(it);
-        } else {
-          issue_dkdv(it);
-          store_ds(it);
-          issue_dq(it);
-          wgmma_wait<0>();
-          grads_done(it);
-          store_dq(it);
-        }
-      }
-      if constexpr (DetMode == kDetDeferred && !DqWriter) {
-        if (n_iters > 0) det_flush(n_iters - 1);
       }
     }
     if constexpr (Persistent) {

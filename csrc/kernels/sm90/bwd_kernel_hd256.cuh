@@ -8,7 +8,7 @@
 //
 // One CTA per (64-key block, kv head, batch): K, V (64 x 256 each) loaded once by TMA; loop over the query heads
 // of the GQA group and the 64-row query blocks that see the key block; Q (+ the lse_log2 / D rows: 1-D bulk
-// copies) and dO (TMA) stream through mbarrier pipelines (Q 2 slots; dO 2 slots, or 1 with DqBulk). kNWarps = 12:
+// copies) and dO (TMA) stream through mbarrier pipelines (2 slots each). kNWarps = 12:
 //   warpgroup 0  producer: lane 0 of warp 0 issues the loads; setmaxnreg lowers the warpgroup to 24 registers.
 //   warpgroups 1, 2  consumers (240 registers); consumer w per query block:
 //     S^T_w  (64 keys x 32 queries) = K Q_w^T    SS wgmma, N = 32 (queries [32w, 32w + 32)), K-dim = 256
@@ -17,30 +17,28 @@
 //     P^T_w, dS^T_w (16-bit) -> shared memory (its 32 query columns of the 64 x 64 tiles); 256-thread barrier
 //     dV[:, 128w : 128w + 128] += P^T dO[:, cols w]   SS wgmma, M = 64 keys, N = 128, K-dim = 64 queries
 //     dK[:, 128w : 128w + 128] += dS^T Q[:, cols w]   SS wgmma
-//     dQ[:, 128w : 128w + 128]  = dS K[:, cols w]      SS wgmma (dS^T read MN-major), then into dq_accum:
-//        default: red.global.add.v4.f32 straight from registers (16 per thread; Det: ordered by key block, see Det);
-//        DqBulk: staged in shared memory in two 16 KiB halves, each one cp.reduce.async.bulk (the staging takes
-//        the second dO slot). Measured no faster (H200, 2026-11-21; NOTES.md).
-//     (DkLast, the default: the three are issued as dV, dQ, dK, and dQ's adds run while dK is on the tensor cores.)
+//     dQ[:, 128w : 128w + 128]  = dS K[:, cols w]      SS wgmma (dS^T read MN-major), then into dq_accum by
+//        red.global.add.v4.f32 straight from registers (16 per thread; Det: ordered by key block, see Det; a bulk
+//        reduce through shared memory measured no faster, H200, NOTES.md).
+//     The three are issued as dV, dQ, dK, and dQ's adds run while dK is on the tensor cores.
 //   dK, dV (64 + 64 registers) stay in registers for the whole CTA (fixed accumulation order: bitwise
 //   reproducible). P^T / dS^T tiles are double-buffered (step parity) so a consumer may write step i + 1 while
 //   the other still reads step i. The first k-step of S^T, dP^T and dQ uses ss_z (accumulators write-only), so
 //   those accumulators are dead between steps: peak 192 accumulator registers, no spills.
 //   Stagger: the query blocks are visited starting at n_block mod their count (neighbouring CTAs add into
-//   different dq_accum blocks at a time). StagedEpilogue: dK, dV leave through shared memory with 16-byte
-//   stores (else 4-byte pairs straight from registers).
+//   different dq_accum blocks at a time). dK, dV leave through shared memory with 16-byte stores (4-byte pairs
+//   straight from registers where dk / dv are not 16-byte aligned).
 //
 // Measured bottleneck (NOTES.md): the dq_accum reduction. Every CTA adds 64 x 256 fp32 (64 KiB) per step of
-// 10.5 MFLOP, twice the traffic per FLOP of the d128 kernel (128-key CTAs); skipping it (timing ablation
-// kAblate & 1) makes the backward ~1.4-1.7x faster. Bigger key blocks per CTA (e.g. a 2-CTA cluster summing dQ in
+// 10.5 MFLOP, twice the traffic per FLOP of the d128 kernel (128-key CTAs); skipping it (a timing ablation, since
+// removed) made the backward ~1.4-1.7x faster. Bigger key blocks per CTA (e.g. a 2-CTA cluster summing dQ in
 // distributed shared memory first) are the next step.
 //
 // dq_accum layout: that of bwd_kernel.cuh with n_dq = 128 (dq_accum_index(row, col, 128)): per (batch, head,
 // 64-row block) 64 x 256 floats; consumer w's part at w * 8192, register group j (n8 block) of thread tid at
 // j * 512 + tid * 4: one 16-byte red per (thread, j), a warp's 32 reds cover 512 contiguous bytes.
 //
-// Shared memory: K 32 KiB, V 32 KiB, Q 2 x 32 KiB, dO 2 x 32 KiB (DqBulk: 32 KiB + dQ staging 2 x 16 KiB),
-// P^T 2 x 8 KiB, dS^T 2 x 8 KiB, lse / D 1 KiB, barriers: 225 KiB + 1 KiB alignment slack, of 227 KiB.
+// Shared memory: K 32 KiB, V 32 KiB, Q 2 x 32 KiB, dO 2 x 32 KiB, P^T 2 x 8 KiB, dS^T 2 x 8 KiB, lse / D 1 KiB, barriers: 225 KiB + 1 KiB alignment slack, of 227 KiB.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -61,23 +59,15 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-template <typename T_, bool DqBulk_, bool IsCausal_, bool StagedEpilogue_, bool Stagger_, int kAblate_ = 0,
-          bool Det_ = false, bool DkLast_ = false>
+template <typename T_, bool IsCausal_, bool Stagger_, bool Det_ = false>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
   static constexpr int kBlockM = 64;  // query rows per pipeline step
   static constexpr int kBlockN = 64;  // keys per CTA, shared by both consumers
-  // DqBulk: dQ staged in shared memory (two 16 KiB halves per consumer) and added by cp.reduce.async.bulk; dO then
-  // has one pipeline slot (the staging takes the second). Otherwise red.global.add.v4.f32 from registers, 2 slots.
-  static constexpr bool DqBulk = DqBulk_;
-  static constexpr int kStages = 2;                 // Q (+ lse, D) slots
-  static constexpr int kDoStages = DqBulk ? 1 : 2;  // dO slots
+  static constexpr int kStages = 2;    // Q (+ lse, D) slots
+  static constexpr int kDoStages = 2;  // dO slots
   static constexpr bool IsCausal = IsCausal_;
-  // Timing ablations only (wrong results): bit 0 skips the dq reduction, bit 1 the Q / dO loads after the first
-  // kStages steps (the steps reuse stale tiles).
-  static constexpr int kAblate = kAblate_;
-  static constexpr bool StagedEpilogue = StagedEpilogue_;
   // Stagger: the CTA of key block n_block visits its query blocks starting at (n_block mod their count) and wraps,
   // so that concurrently running CTAs (neighbouring key blocks) add into different dq_accum blocks instead of all
   // into the same one at the same time.
@@ -90,10 +80,7 @@ struct BwdKernelHd256 {
   // of a (kv head, batch) run in lockstep; a CTA waits only for lower key blocks, launched no later (x is the
   // fastest grid dimension), so the chain cannot deadlock.
   static constexpr bool Det = Det_;
-  // DkLast: dV, dQ, dK in three groups, in that order; dQ goes into dq_accum while dK still runs on the tensor
-  // cores (else dV, dK, dQ, and dQ leaves after all three).
-  static constexpr bool DkLast = DkLast_;
-  static_assert(!Det || (!Stagger && !DqBulk && kAblate_ == 0), "deterministic: plain order, red adds");
+  static_assert(!Det || !Stagger, "deterministic: the descending lockstep order");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kProducerRegs = 24;  // 24*128 + 240*256 = 64512 <= 65536
@@ -113,9 +100,7 @@ struct BwdKernelHd256 {
   static constexpr int kOffDo = kOffQ + kStages * kQBytes;    // kDoStages slots
   static constexpr int kOffP = kOffDo + kDoStages * kQBytes;   // 2 buffers (step parity)
   static constexpr int kOffDs = kOffP + 2 * kPBytes;           // 2 buffers
-  static constexpr int kDqHalfBytes = 64 * kNDq * 4 / 2;       // half of one consumer's dQ (16 KiB)
-  static constexpr int kOffDq = kOffDs + 2 * kPBytes;          // DqBulk: one half-buffer per consumer
-  static constexpr int kOffLse = kOffDq + (DqBulk ? 2 * kDqHalfBytes : 0);  // kStages x kBlockM floats (lse log2 e)
+  static constexpr int kOffLse = kOffDs + 2 * kPBytes;         // kStages x kBlockM floats (lse log2 e)
   static constexpr int kOffD = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
   static_assert(kOffLse % 16 == 0 && kOffD % 16 == 0, "bulk copy destinations are 16-byte aligned");
@@ -123,7 +108,7 @@ struct BwdKernelHd256 {
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
   static constexpr int kBarPds = 1;  // named barrier: P^T / dS^T of both consumers written
-  static constexpr int kBarDq = 2;   // 2, 3: dQ staging of consumer w
+  static constexpr int kBarDq = 2;   // 2, 3: consumer w's dQ adds (Det)
 
   // mbarriers: K / V; Q (+ lse, D) full / empty per Q slot; dO full / empty per dO slot.
   __device__ static __forceinline__ uint32_t bar_kv(uint32_t b) { return b; }
@@ -158,10 +143,7 @@ struct BwdKernelHd256 {
       const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
       const int stage = it % kStages, phase = (it / kStages) & 1;
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
-      const bool skip = (kAblate & 2) && it >= kStages;
-      if (lane == 0 && skip) {
-        mbar_arrive(bar_full(bars, stage));
-      } else if (lane == 0) {
+      if (lane == 0) {
         mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes + 2 * kBlockM * 4);
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
@@ -174,12 +156,10 @@ struct BwdKernelHd256 {
         bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
         bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
       }
-      // dO: its slot frees after the dV products of the step kDoStages back (a single slot: mid-step).
+      // dO: its slot frees after the dV products of the step kDoStages back.
       const int dstage = it % kDoStages, dphase = (it / kDoStages) & 1;
       mbar_wait(bar_do_empty(bars, dstage), dphase ^ 1);
-      if (lane == 0 && skip) {
-        mbar_arrive(bar_do_full(bars, dstage));
-      } else if (lane == 0) {
+      if (lane == 0) {
         mbar_arrive_expect_tx(bar_do_full(bars, dstage), kQBytes);
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
@@ -396,53 +376,29 @@ struct BwdKernelHd256 {
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty(bars, it % kStages));
     };
-    // ---- dQ_w -> dq_accum, in register order (see the header): DqBulk: two halves (registers of n8 blocks
-    // j = 0..7, then 8..15: 16 KiB, contiguous in dq_accum) through this consumer's staging buffer, each added by
-    // one cp.reduce.async.bulk; else 16 red.global.add.v4.f32 per thread.
+    // ---- dQ_w -> dq_accum, in register order (see the header): 16 red.global.add.v4.f32 per thread.
     auto store_dq = [&](int it) {
       fence_regs(dq_reg);
       const int head = head_k * p.h_h_k_ratio + hh_of(it);
       const int m_block = m_block_of(it);
       const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
       float* dst = p.dq_accum + row * kHeadDim + cw * (64 * kNDq);
-      if constexpr (DqBulk) {
-        const uint32_t buf = smem + kOffDq + cw * kDqHalfBytes;
+      // Det: wait for the lower key blocks' adds into this block (tid 0 acquires, the barrier passes it on to
+      // the warpgroup), add, then (barrier: every thread's adds are issued before it) tid 0 release-increments.
+      int* sem = nullptr;
+      if constexpr (Det) {
+        sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) + m_block;
+        if (tid == 0) wait_counter_geq(sem, 2 * n_block);
+        named_bar_sync(kBarDq + cw, 128);
+      }
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          if (tid == 0) tma_store_wait_read();  // the previous reduce has read the buffer
-          named_bar_sync(kBarDq + cw, 128);
-#pragma unroll
-          for (int jj = 0; jj < kNDq / 16; ++jj) {
-            const int j = half * (kNDq / 16) + jj;
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(buf + (jj * 512 + tid * 4) * 4),
-                         "f"(dq_reg[4 * j]), "f"(dq_reg[4 * j + 1]), "f"(dq_reg[4 * j + 2]), "f"(dq_reg[4 * j + 3])
-                         : "memory");
-          }
-          fence_proxy_async_smem();
-          named_bar_sync(kBarDq + cw, 128);
-          if (tid == 0) {
-            bulk_reduce_add_f32(dst + half * (kDqHalfBytes / 4), buf, kDqHalfBytes);
-            tma_store_commit();
-          }
-        }
-      } else {
-        // Det: wait for the lower key blocks' adds into this block (tid 0 acquires, the barrier passes it on to
-        // the warpgroup), add, then (barrier: every thread's adds are issued before it) tid 0 release-increments.
-        int* sem = nullptr;
-        if constexpr (Det) {
-          sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) + m_block;
-          if (tid == 0) wait_counter_geq(sem, 2 * n_block);
-          named_bar_sync(kBarDq + cw, 128);
-        }
-#pragma unroll
-        for (int j = 0; j < kNDq / 8; ++j) {
-          red_add_v4_f32(dst + j * 512 + tid * 4, dq_reg[4 * j], dq_reg[4 * j + 1], dq_reg[4 * j + 2],
-                         dq_reg[4 * j + 3]);
-        }
-        if constexpr (Det) {
-          named_bar_sync(kBarDq + cw, 128);
-          if (tid == 0) red_release_gpu_add(sem, 1);  // (the last key block's increment has no waiter)
-        }
+      for (int j = 0; j < kNDq / 8; ++j) {
+        red_add_v4_f32(dst + j * 512 + tid * 4, dq_reg[4 * j], dq_reg[4 * j + 1], dq_reg[4 * j + 2],
+                       dq_reg[4 * j + 3]);
+      }
+      if constexpr (Det) {
+        named_bar_sync(kBarDq + cw, 128);
+        if (tid == 0) red_release_gpu_add(sem, 1);  // (the last key block's increment has no waiter)
       }
     };
     auto wait_full = [&](int it) { mbar_wait(bar_full(bars, it % kStages), (it / kStages) & 1); };
@@ -452,83 +408,65 @@ struct BwdKernelHd256 {
     for (int it = 0; it < n_iters; ++it) {
       wait_full(it);
       issue_s(it);
-      wait_do(it);  // a single dO slot may still be loading: S^T runs meanwhile
+      wait_do(it);  // (S^T runs while dO may still be loading)
       issue_dp(it);
       softmax(it);  // waits for S^T, then dP^T: no other group is in flight
       store_pds(it);
-      if constexpr (DkLast) {
-        issue_dv(it);
-        issue_dq(it);
-        issue_dk(it);
-        wgmma_wait<2>();
-        release_do(it);
-        wgmma_wait<1>();
-        fence_regs(dq_reg);
-        if constexpr (!(kAblate & 1)) store_dq(it);
-        wgmma_wait<0>();
-        release_q(it);
-      } else {
-        issue_dv(it);
-        issue_dk(it);
-        issue_dq(it);
-        wgmma_wait<2>();
-        release_do(it);
-        wgmma_wait<1>();
-        release_q(it);
-        wgmma_wait<0>();
-        fence_regs(dq_reg);
-        if constexpr (!(kAblate & 1)) store_dq(it);
-      }
-    }
-    if constexpr (DqBulk) {
-      if (tid == 0) bulk_wait_all();  // the reduces have read the staging buffers (and completed)
+      issue_dv(it);
+      issue_dq(it);
+      issue_dk(it);
+      wgmma_wait<2>();
+      release_do(it);
+      wgmma_wait<1>();
+      fence_regs(dq_reg);
+      store_dq(it);
+      wgmma_wait<0>();
+      release_q(it);
     }
 
     // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
     T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
     T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
     const float scale = p.scale_softmax;
-    if constexpr (StagedEpilogue) {
-      // Through shared memory (the Q stages: free once both consumers' wgmmas are done), then 16-byte stores, a
-      // warp per 512-byte row. Staging layout: row = key (512 bytes), 16-byte chunk index XOR (row % 8).
-      const bool vec_ok = ((reinterpret_cast<uintptr_t>(dk_ptr) | reinterpret_cast<uintptr_t>(dv_ptr)) % 16 == 0) &&
-                          ((p.dk_batch_stride | p.dk_row_stride | p.dk_head_stride | p.dv_batch_stride |
-                            p.dv_row_stride | p.dv_head_stride) % 8 == 0);
-      if (vec_ok) {
-        const uint32_t st_k = smem + kOffQ, st_v = smem + kOffQ + kQBytes;
-        named_bar_sync(kBarPds, 256);  // the other consumer's wgmmas no longer read the Q stages
+    // Through shared memory (the Q stages: free once both consumers' wgmmas are done), then 16-byte stores, a
+    // warp per 512-byte row. Staging layout: row = key (512 bytes), 16-byte chunk index XOR (row % 8).
+    const bool vec_ok = ((reinterpret_cast<uintptr_t>(dk_ptr) | reinterpret_cast<uintptr_t>(dv_ptr)) % 16 == 0) &&
+                        ((p.dk_batch_stride | p.dk_row_stride | p.dk_head_stride | p.dv_batch_stride |
+                          p.dv_row_stride | p.dv_head_stride) % 8 == 0);
+    if (vec_ok) {
+      const uint32_t st_k = smem + kOffQ, st_v = smem + kOffQ + kQBytes;
+      named_bar_sync(kBarPds, 256);  // the other consumer's wgmmas no longer read the Q stages
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = r0 + 8 * h;
+      for (int h = 0; h < 2; ++h) {
+        const int row = r0 + 8 * h;
 #pragma unroll
-          for (int j = 0; j < kNDq / 8; ++j) {
-            const int chunk = cw * (kNDq / 8) + j;
-            const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4) + 4 * t;
-            st_shared_dkdv_pair<T>(st_k, st_v, off, dk_reg[4 * j + 2 * h], dk_reg[4 * j + 2 * h + 1],
-                                   dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1], scale);
-          }
+        for (int j = 0; j < kNDq / 8; ++j) {
+          const int chunk = cw * (kNDq / 8) + j;
+          const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4) + 4 * t;
+          st_shared_dkdv_pair<T>(st_k, st_v, off, dk_reg[4 * j + 2 * h], dk_reg[4 * j + 2 * h + 1],
+                                 dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1], scale);
         }
-        named_bar_sync(kBarPds, 256);
-        const int tid2 = threadIdx.x - 128;  // 0..255 over both consumers
-#pragma unroll
-        for (int i = 0; i < 64 * 32 / 256; ++i) {
-          const int idx = i * 256 + tid2, row = idx / 32, chunk = idx % 32;
-          const int key = n_block * kBlockN + row, c = chunk * 8;
-          if (key < p.seqlen_k && c < p.head_dim) {
-            const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4);
-            uint4 vk, vv;
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(st_k + off));
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(vv.x), "=r"(vv.y), "=r"(vv.z), "=r"(vv.w) : "r"(st_v + off));
-            *reinterpret_cast<uint4*>(dk_ptr + batch * p.dk_batch_stride + key * p.dk_row_stride +
-                                      head_k * p.dk_head_stride + c) = vk;
-            *reinterpret_cast<uint4*>(dv_ptr + batch * p.dv_batch_stride + key * p.dv_row_stride +
-                                      head_k * p.dv_head_stride + c) = vv;
-          }
-        }
-        return;
       }
+      named_bar_sync(kBarPds, 256);
+      const int tid2 = threadIdx.x - 128;  // 0..255 over both consumers
+#pragma unroll
+      for (int i = 0; i < 64 * 32 / 256; ++i) {
+        const int idx = i * 256 + tid2, row = idx / 32, chunk = idx % 32;
+        const int key = n_block * kBlockN + row, c = chunk * 8;
+        if (key < p.seqlen_k && c < p.head_dim) {
+          const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4);
+          uint4 vk, vv;
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(st_k + off));
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(vv.x), "=r"(vv.y), "=r"(vv.z), "=r"(vv.w) : "r"(st_v + off));
+          *reinterpret_cast<uint4*>(dk_ptr + batch * p.dk_batch_stride + key * p.dk_row_stride +
+                                    head_k * p.dk_head_stride + c) = vk;
+          *reinterpret_cast<uint4*>(dv_ptr + batch * p.dv_batch_stride + key * p.dv_row_stride +
+                                    head_k * p.dv_head_stride + c) = vv;
+        }
+      }
+      return;
     }
     store_dkdv_pairs<T, kNDq>(p, dk_reg, dv_reg, key0, cw * kNDq, t, batch, head_k);
   }
