@@ -48,6 +48,7 @@
 #include "../mask.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
+#include "../seqinfo.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -84,16 +85,18 @@ __host__ __device__ __forceinline__ int dq_accum_index(int row, int col, int n_d
 template <typename T, int kNCols>
 __device__ __forceinline__ void store_dkdv_pairs(const BwdParams& p, const float (&dk_reg)[kNCols / 2],
                                                  const float (&dv_reg)[kNCols / 2], int key0, int col0, int t,
-                                                 int batch, int head_k) {
+                                                 const SeqInfo& seq, int head_k) {
   T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
   T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
   const float scale = p.scale_softmax;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int key = key0 + 8 * h;
-    if (key >= p.seqlen_k) continue;
-    const int64_t ok = batch * p.dk_batch_stride + key * p.dk_row_stride + head_k * p.dk_head_stride;
-    const int64_t ov = batch * p.dv_batch_stride + key * p.dv_row_stride + head_k * p.dv_head_stride;
+    if (key >= seq.seqlen_k) continue;
+    const int64_t ok = seq.k_offset(p.dk_batch_stride, p.dk_row_stride) + key * p.dk_row_stride +
+                       head_k * p.dk_head_stride;
+    const int64_t ov = seq.k_offset(p.dv_batch_stride, p.dv_row_stride) + key * p.dv_row_stride +
+                       head_k * p.dv_head_stride;
 #pragma unroll
     for (int j = 0; j < kNCols / 8; ++j) {
       const int c = col0 + 8 * j + 2 * t;
@@ -133,15 +136,16 @@ __device__ __forceinline__ float dot2(uint32_t a, uint32_t b) {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // launched on compute capability 9.0 only
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
+  const int m_block = blockIdx.x, h = blockIdx.y;
+  const SeqInfo seq(p, blockIdx.z);
+  const int64_t row_base = seq.row_offset(h, p.nheads, p.seqlen_q_rounded) + m_block * 64;
   // Zero this block's dq_accum rows (64 x kHeadDim floats, contiguous).
   float4* acc = reinterpret_cast<float4*>(p.dq_accum + row_base * kHeadDim);
   for (int i = threadIdx.x; i < 64 * kHeadDim / 4; i += 256) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   // Deterministic mode: zero this block's dQ counter (one per 64 rows; the main kernel, later on the same
   // stream, indexes them per kBlockM rows, which is at most as many).
   if (p.dq_semaphore != nullptr && threadIdx.x == 0) {
-    p.dq_semaphore[(static_cast<int64_t>(b) * p.nheads + h) * (p.seqlen_q_rounded / 64) + m_block] = 0;
+    p.dq_semaphore[seq.row_offset(h, p.nheads, p.seqlen_q_rounded / 64) + m_block] = 0;
   }
   constexpr int kTPR = kHeadDim / 8;            // threads per row (8 columns each): 8, 16, 32
   constexpr int kRowsPerPass = 256 / kTPR;      // 32, 16, 8
@@ -157,11 +161,12 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
     for (int i = 0; i < kGroup; ++i) {
       const int row = m_block * 64 + (i0 + i) * kRowsPerPass + r_in;
       ov[i] = dv[i] = make_uint4(0u, 0u, 0u, 0u);
-      if (row < p.seqlen_q && c < p.head_dim) {
-        ov[i] = __ldg(reinterpret_cast<const uint4*>(o_ptr + b * p.o_batch_stride + row * p.o_row_stride +
-                                                     h * p.o_head_stride + c));
-        dv[i] = __ldg(reinterpret_cast<const uint4*>(do_ptr + b * p.do_batch_stride + row * p.do_row_stride +
-                                                     h * p.do_head_stride + c));
+      const SeqInfo seq_row(p, seq.b);  // (built here: a bound hoisted to the top costs registers)
+      if (row < seq_row.seqlen_q && c < p.head_dim) {
+        ov[i] = __ldg(reinterpret_cast<const uint4*>(o_ptr + seq.q_offset(p.o_batch_stride, p.o_row_stride) +
+                                                     row * p.o_row_stride + h * p.o_head_stride + c));
+        dv[i] = __ldg(reinterpret_cast<const uint4*>(do_ptr + seq.q_offset(p.do_batch_stride, p.do_row_stride) +
+                                                     row * p.do_row_stride + h * p.do_head_stride + c));
       }
     }
 #pragma unroll
@@ -173,14 +178,15 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
       if (threadIdx.x % kTPR == 0) {
         const int r = (i0 + i) * kRowsPerPass + r_in, row = m_block * 64 + r;
         p.dsoftmax_sum[row_base + r] = sum;
-        float l = row < p.seqlen_q ? p.lse[(static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q + row] : INFINITY;
+        const SeqInfo seq_row(p, seq.b);
+        float l = row < seq_row.seqlen_q ? p.lse[seq.row_offset(h, p.nheads, p.seqlen_q) + row] : INFINITY;
         p.lse_log2[row_base + r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
       }
     }
   }
   // The persistent causal kernel's tile counter (DynamicSched), read by the main kernel later on the stream. (Here,
   // after the loads: at the top, ptxas spilled 4 bytes in the bf16 d256 instance.)
-  if (threadIdx.x == 0 && (m_block | h | b) == 0 && p.tile_counter != nullptr) *p.tile_counter = 0;
+  if (threadIdx.x == 0 && (m_block | h | seq.b) == 0 && p.tile_counter != nullptr) *p.tile_counter = 0;
 #endif
 }
 
@@ -198,10 +204,11 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_sm90(const __grid_constant
   constexpr int kRuns = kHeadDim / 8;
   constexpr int kStride = kHeadDim + 8;
   __shared__ __align__(16) float tile[16 * kStride];
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y;
+  const SeqInfo seq(p, blockIdx.z);
   const int m_block = blockIdx.x / 4, w = blockIdx.x % 4;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
+  const int64_t row_base = seq.row_offset(h, p.nheads, p.seqlen_q_rounded) + m_block * 64;
   const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + row_base * kHeadDim);  // 64 x kHeadDim floats
   float4 a[kRuns / 4];
 #pragma unroll
@@ -225,12 +232,13 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_sm90(const __grid_constant
 #pragma unroll
   for (int r = threadIdx.x / kTPR; r < 16; r += kRowsPerPass) {
     const int row = m_block * 64 + w * 16 + r;
-    if (row < p.seqlen_q && c < p.head_dim) {
+    if (row < seq.seqlen_q && c < p.head_dim) {
       const float4 x = *reinterpret_cast<const float4*>(&tile[r * kStride + c]);
       uint2 o;
       o.x = pack2<T>(x.x * scale, x.y * scale);
       o.y = pack2<T>(x.z * scale, x.w * scale);
-      *reinterpret_cast<uint2*>(dq + b * p.dq_batch_stride + row * p.dq_row_stride + h * p.dq_head_stride + c) = o;
+      *reinterpret_cast<uint2*>(dq + seq.q_offset(p.dq_batch_stride, p.dq_row_stride) + row * p.dq_row_stride +
+                                h * p.dq_head_stride + c) = o;
     }
   }
 #endif
@@ -389,7 +397,8 @@ struct BwdKernel {
                                   int batch, int g0 = 0, int tile_iter = 0, int sched_tile = 0) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
     if (lane == 0) {
@@ -406,9 +415,9 @@ struct BwdKernel {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         tma_load_4d(smem + kOffK + c * kKVChunkBytes, &args.k_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
         tma_load_4d(smem + kOffV + c * kKVChunkBytes, &args.v_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
       }
     }
     const int n_iters = num_steps(args, m_block_min);
@@ -416,7 +425,7 @@ struct BwdKernel {
       int hh, m_block;
       step_coords(args, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
-      const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
+      const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
       const int stage = (g0 + it) % kStages, phase = ((g0 + it) / kStages) & 1;
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
@@ -424,9 +433,9 @@ struct BwdKernel {
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffQ + stage * kQBytes + c * kQChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
-                      m_block * kBlockM, head, batch);
+                      m_block * kBlockM, head, seq.b);
           tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
-                      c * 64, m_block * kBlockM, head, batch);
+                      c * 64, m_block * kBlockM, head, seq.b);
         }
         // lse_log2 and D rows of the step (rows up to seqlen_q_rounded exist: written by the preprocess).
         const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
@@ -460,7 +469,8 @@ struct BwdKernel {
                                    int batch) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, m_block_min);
     if (lane != 0) return;
@@ -470,8 +480,8 @@ struct BwdKernel {
       const int head = head_k * p.h_h_k_ratio + hh;
       const int buf = it % kDqBufs;
       const uint32_t par = (it / kDqBufs) & 1;
-      const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
-      int* sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) +
+      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
+      int* sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) +
                  m_block;  // only dereferenced when deterministic (then not null)
       if constexpr (Deterministic) {
         wait_counter_geq(sem, n_block);
@@ -503,7 +513,8 @@ struct BwdKernel {
     const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
     const int warp_in_wg = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, m_block_min);
     const float scale_log2 = p.scale_softmax_log2;
@@ -725,7 +736,7 @@ struct BwdKernel {
       step_coords(args, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
-      const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
+      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
       reduce_dq_part(p, row, cw, dq_s);
       tma_store_commit();
     };
@@ -835,13 +846,13 @@ struct BwdKernel {
         const int key_row = n_block * kBlockN + cw * 64;
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
-          tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, key_row, head_k, batch);
-          tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, key_row, head_k, batch);
+          tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, key_row, head_k, seq.b);
+          tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, key_row, head_k, seq.b);
         }
         tma_store_commit();
       }
     } else {
-      store_dkdv_pairs<T, kHeadDim>(p, dk_reg, dv_reg, key0, 0, t, batch, head_k);
+      store_dkdv_pairs<T, kHeadDim>(p, dk_reg, dv_reg, key0, 0, t, seq, head_k);
     }
     // Not persistent: the CTA exits after this; the bulk operations of tid 0 (dQ reduce-adds in consumer mode,
     // the dK / dV stores) must have read their shared-memory sources first (the persistent loop waits at its end).

@@ -45,6 +45,7 @@
 #include "../mask.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
+#include "../seqinfo.cuh"
 #include "bwd_kernel.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -124,7 +125,8 @@ struct BwdKernelHd256 {
                                   int batch) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     if (lane == 0) {
       tma_prefetch_desc(&args.q_map);
@@ -133,14 +135,14 @@ struct BwdKernelHd256 {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         tma_load_4d(smem + kOffK + c * kChunkBytes, &args.k_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
         tma_load_4d(smem + kOffV + c * kChunkBytes, &args.v_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
       }
     }
     // Step it loads Q (+ lse, D) and dO of (head, m_block).
     auto load_step = [&](int it, int head, int m_block) {
-      const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
+      const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
       const int stage = it % kStages, phase = (it / kStages) & 1;
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
@@ -148,7 +150,7 @@ struct BwdKernelHd256 {
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffQ + stage * kQBytes + c * kChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
-                      m_block * kBlockM, head, batch);
+                      m_block * kBlockM, head, seq.b);
         }
         // lse_log2 (lse * log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D
         // rows of the step, written by the preprocess kernel up to seqlen_q_rounded.
@@ -164,7 +166,7 @@ struct BwdKernelHd256 {
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffDo + dstage * kQBytes + c * kChunkBytes, &args.do_map, bar_do_full(bars, dstage),
-                      c * 64, m_block * kBlockM, head, batch);
+                      c * 64, m_block * kBlockM, head, seq.b);
         }
       }
     };
@@ -194,7 +196,8 @@ struct BwdKernelHd256 {
     const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
     const int warp_in_wg = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_m = args.num_m_blocks - m_block_min;  // query blocks per head
     const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;  // see Stagger
@@ -381,13 +384,13 @@ struct BwdKernelHd256 {
       fence_regs(dq_reg);
       const int head = head_k * p.h_h_k_ratio + hh_of(it);
       const int m_block = m_block_of(it);
-      const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
+      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
       float* dst = p.dq_accum + row * kHeadDim + cw * (64 * kNDq);
       // Det: wait for the lower key blocks' adds into this block (tid 0 acquires, the barrier passes it on to
       // the warpgroup), add, then (barrier: every thread's adds are issued before it) tid 0 release-increments.
       int* sem = nullptr;
       if constexpr (Det) {
-        sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) + m_block;
+        sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) + m_block;
         if (tid == 0) wait_counter_geq(sem, 2 * n_block);
         named_bar_sync(kBarDq + cw, 128);
       }
@@ -453,22 +456,22 @@ struct BwdKernelHd256 {
       for (int i = 0; i < 64 * 32 / 256; ++i) {
         const int idx = i * 256 + tid2, row = idx / 32, chunk = idx % 32;
         const int key = n_block * kBlockN + row, c = chunk * 8;
-        if (key < p.seqlen_k && c < p.head_dim) {
+        if (key < seq.seqlen_k && c < p.head_dim) {
           const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4);
           uint4 vk, vv;
           asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                        : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(st_k + off));
           asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                        : "=r"(vv.x), "=r"(vv.y), "=r"(vv.z), "=r"(vv.w) : "r"(st_v + off));
-          *reinterpret_cast<uint4*>(dk_ptr + batch * p.dk_batch_stride + key * p.dk_row_stride +
-                                    head_k * p.dk_head_stride + c) = vk;
-          *reinterpret_cast<uint4*>(dv_ptr + batch * p.dv_batch_stride + key * p.dv_row_stride +
-                                    head_k * p.dv_head_stride + c) = vv;
+          *reinterpret_cast<uint4*>(dk_ptr + seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
+                                    key * p.dk_row_stride + head_k * p.dk_head_stride + c) = vk;
+          *reinterpret_cast<uint4*>(dv_ptr + seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
+                                    key * p.dv_row_stride + head_k * p.dv_head_stride + c) = vv;
         }
       }
       return;
     }
-    store_dkdv_pairs<T, kNDq>(p, dk_reg, dv_reg, key0, cw * kNDq, t, batch, head_k);
+    store_dkdv_pairs<T, kNDq>(p, dk_reg, dv_reg, key0, cw * kNDq, t, seq, head_k);
   }
 
   __device__ static __forceinline__ void run(const BwdTmaArgs& args) {
