@@ -371,23 +371,33 @@ struct BwdKernel {
       }
     }
   }
-  __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, int m_block_min, int it, int& hh,
-                                                     int& m_block) {
+  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max). Today's policies bound
+  // it by seqlen_q alone, the same for every key block: the launcher evaluates it once (args.num_m_blocks, read
+  // here from the constant bank; computing mask.m_block_max in the kernel spilled 8 bytes in two d64 / d128
+  // kernels). A policy whose bound depends on n_block returns mask.template m_block_max<kBlockM, kBlockN>(n_block).
+  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const Mask<IsCausal>& /*mask*/,
+                                                       int /*n_block*/) {
+    return args.num_m_blocks;
+  }
+  __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, const Mask<IsCausal>& mask, int n_block,
+                                                     int m_block_min, int it, int& hh, int& m_block) {
     const int ratio = args.params.h_h_k_ratio;
+    const int m_block_max = m_block_max_of(args, mask, n_block);
     if constexpr (Deterministic) {
       hh = it % ratio;
-      m_block = args.num_m_blocks - 1 - it / ratio;
+      m_block = m_block_max - 1 - it / ratio;
     } else {
-      const int n_m = args.num_m_blocks - m_block_min;
+      const int n_m = m_block_max - m_block_min;
       hh = it / n_m;
       m_block = m_block_min + it % n_m;
     }
   }
 
-  // Pipeline steps of a key block whose first visible query block is m_block_min: every (head of the GQA group,
-  // query block >= m_block_min). Producer, writer, consumers and the persistent tile loop all count with this.
-  __device__ static __forceinline__ int num_steps(const BwdTmaArgs& args, int m_block_min) {
-    return (args.num_m_blocks - m_block_min) * args.params.h_h_k_ratio;
+  // Pipeline steps of a key block whose query blocks are [m_block_min, m_block_max): every (head of the GQA group,
+  // query block of the range). Producer, writer, consumers and the persistent tile loop all count with this.
+  __device__ static __forceinline__ int num_steps(const BwdTmaArgs& args, const Mask<IsCausal>& mask, int n_block,
+                                                  int m_block_min) {
+    return (m_block_max_of(args, mask, n_block) - m_block_min) * args.params.h_h_k_ratio;
   }
 
   // ------------------------------------------------------------------------------------------ producer
@@ -420,10 +430,10 @@ struct BwdKernel {
                     seq.b);
       }
     }
-    const int n_iters = num_steps(args, m_block_min);
+    const int n_iters = num_steps(args, mask, n_block, m_block_min);
     for (int it = 0; it < n_iters; ++it) {
       int hh, m_block;
-      step_coords(args, m_block_min, it, hh, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
       const int stage = (g0 + it) % kStages, phase = ((g0 + it) / kStages) & 1;
@@ -447,16 +457,19 @@ struct BwdKernel {
 
   // ------------------------------------------------------------------------------------------ dQ writer
   // Deterministic mode, warp 1 of the producer warpgroup. Per step, lane 0: wait until the step's counter reaches
-  // n_block, i.e. every lower key block's adds are complete, wait for each consumer's staged dQ part
+  // n_block - n_block_min(m_block) (the policy's first contributing key block of the query block), i.e. every
+  // lower contributing key block's adds are complete, wait for each consumer's staged dQ part
   // (bar_dq_full), issue its bulk reduce-add, wait until the reduces have READ the staging buffer and hand it back
   // (bar_dq_empty); then wait for the reduces to COMPLETE, proxy fence, and release-increment the counter: one
   // increment per CTA per (head, query block). The counters are per (batch, head, kBlockM-row block) (entries
   // m_block of the 64-row array). Why the adds then run in key-block order, bitwise the same sums every run:
-  //   - The contributors of query block m are a prefix of the key blocks: m_block_min(n) is nondecreasing in n
-  //     (causal bottom-right: a row that sees key block n sees every block < n; non-causal: 0), and CTA n visits
-  //     every m >= m_block_min(n). So if CTA n visits m, all CTAs n' < n of the same (head_k, batch) do too, each
-  //     increments once, and the first n increments can only come from them. With GQA every query head of the
-  //     group has the same pattern (its own counters); query blocks no key block sees have no contributors.
+  //   - The contributors of query block m are the key blocks [n_block_min(m), n_block_max(m)) of the policy (today
+  //     n_block_min is 0: causal bottom-right, a row that sees key block n sees every block < n), and CTA n visits
+  //     every m of [m_block_min(n), m_block_max(n)). So if CTA n visits m, all CTAs n' in [n_block_min(m), n) of
+  //     the same (head_k, batch) do too, each increments once, and the first n - n_block_min(m) increments can
+  //     only come from them. With GQA every query head of the group has the same pattern (its own counters);
+  //     query blocks no key block sees have no contributors. (No step tests for the last contributor,
+  //     n_block_max(m) - 1: its increment simply has no waiter.)
   //   - The two consumers' parts (dQ split by columns) are disjoint columns: their relative order is free.
   //   - Deadlock freedom: the writer of CTA n waits only for CTAs of the same (head_k, batch) with a lower
   //     blockIdx.x; x is the fastest grid dimension, so those have lower linear block indices and are launched no
@@ -472,11 +485,11 @@ struct BwdKernel {
     const SeqInfo seq(p, batch);
     Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_iters = num_steps(args, m_block_min);
+    const int n_iters = num_steps(args, mask, n_block, m_block_min);
     if (lane != 0) return;
     for (int it = 0; it < n_iters; ++it) {
       int hh, m_block;
-      step_coords(args, m_block_min, it, hh, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const int buf = it % kDqBufs;
       const uint32_t par = (it / kDqBufs) & 1;
@@ -484,7 +497,8 @@ struct BwdKernel {
       int* sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) +
                  m_block;  // only dereferenced when deterministic (then not null)
       if constexpr (Deterministic) {
-        wait_counter_geq(sem, n_block);
+        // Key blocks [n_block_min, n_block) of this query block add before this one: one increment each.
+        wait_counter_geq(sem, n_block - mask.template n_block_min<kBlockM, kBlockN>(m_block));
         fence_proxy_async_global();
       }
 #pragma unroll
@@ -516,7 +530,7 @@ struct BwdKernel {
     const SeqInfo seq(p, batch);
     Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_iters = num_steps(args, m_block_min);
+    const int n_iters = num_steps(args, mask, n_block, m_block_min);
     const float scale_log2 = p.scale_softmax_log2;
     // This thread's key rows (global): key0 and key0 + 8.
     const int key0 = n_block * kBlockN + cw * 64 + warp_in_wg * 16 + g;
@@ -567,11 +581,14 @@ struct BwdKernel {
     auto softmax = [&](int it) {
       const int stage = (g0 + it) % kStages;
       int hh_unused, m_block;
-      step_coords(args, m_block_min, it, hh_unused, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh_unused, m_block);
       wgmma_wait<1>();
       fence_regs(s_reg);
       // P^T = exp2(S^T scale_log2 - lse_log2[col]) (0 where masked)
-      const bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      if constexpr (Mask<IsCausal>::kHasLeftBound) {
+        need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
+      }
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j) {
         float2 l2;
@@ -588,9 +605,10 @@ struct BwdKernel {
         for (int j = 0; j < kBlockM / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int lim = mask.col_limit(m_block * kBlockM + 8 * j + 2 * t + e);
-            if (key0 >= lim) s_reg[4 * j + e] = 0.f;
-            if (key0 + 8 >= lim) s_reg[4 * j + 2 + e] = 0.f;
+            const int row = m_block * kBlockM + 8 * j + 2 * t + e;
+            const int lo = mask.col_min(row), hi = mask.col_limit(row);
+            if (!Mask<IsCausal>::visible_in(key0, lo, hi)) s_reg[4 * j + e] = 0.f;
+            if (!Mask<IsCausal>::visible_in(key0 + 8, lo, hi)) s_reg[4 * j + 2 + e] = 0.f;
           }
         }
       }
@@ -733,7 +751,7 @@ struct BwdKernel {
     // ---- bulk reduce-add of the staged dQ part of step it into dq_accum (one thread: tid 0).
     auto reduce_dq = [&](int it) {
       int hh, m_block;
-      step_coords(args, m_block_min, it, hh, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
       const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
@@ -905,7 +923,7 @@ struct BwdKernel {
           int nb, hk, bb;
           coords(tile, nb, hk, bb);
           body(nb, hk, bb, g0, tile_iter);
-          g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+          g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
         }
       };
       if (warp < 4) {
@@ -918,7 +936,7 @@ struct BwdKernel {
               int nb, hk, bb;
               coords(tile, nb, hk, bb);
               producer(args, smem, bars, nb, hk, bb, g0, tile_iter, tile);
-              g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+              g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
               int next = 0;
               if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
               tile = __shfl_sync(0xffffffffu, next, 0);
@@ -945,7 +963,7 @@ struct BwdKernel {
             int nb, hk, bb;
             coords(tile, nb, hk, bb);
             consumer(args, smem, bars, warp / 4 - 1, nb, hk, bb, g0, tile_iter);
-            g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+            g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
           }
         } else {
           for_tiles([&](int nb, int hk, int bb, int g0, int ti) {

@@ -75,8 +75,9 @@ struct BwdKernelHd256 {
   static constexpr bool Stagger = Stagger_;
   // Deterministic (params.deterministic): the dQ adds into each dq_accum block happen in key-block order, through
   // the block's counter in params.dq_semaphore (zeroed by the preprocess kernel), as in the d64 / d128 kernel
-  // (det_flush in bwd_kernel.cuh, split by columns): consumer w of key block n waits until the counter reaches 2n
-  // (both consumers of every lower key block have added; their columns are disjoint), adds, and increments it once.
+  // (dq_writer in bwd_kernel.cuh): consumer w of key block n waits until the counter reaches 2 (n - n_block_min(m))
+  // (both consumers of every lower contributing key block have added; their columns are disjoint), adds, and
+  // increments it once.
   // The query blocks are visited in descending order with the heads inner (step_coords), so the key-block CTAs
   // of a (kv head, batch) run in lockstep; a CTA waits only for lower key blocks, launched no later (x is the
   // fastest grid dimension), so the chain cannot deadlock.
@@ -118,6 +119,13 @@ struct BwdKernelHd256 {
   __device__ static __forceinline__ uint32_t bar_do_full(uint32_t b, int s) { return b + 8 * (1 + 2 * kStages + s); }
   __device__ static __forceinline__ uint32_t bar_do_empty(uint32_t b, int s) {
     return b + 8 * (1 + 2 * kStages + kDoStages + s);
+  }
+
+  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max): evaluated once by the
+  // launcher (args.num_m_blocks), as in bwd_kernel.cuh's BwdKernel::m_block_max_of, which says why.
+  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const Mask<IsCausal>& /*mask*/,
+                                                       int /*n_block*/) {
+    return args.num_m_blocks;
   }
 
   // ------------------------------------------------------------------------------------------ producer
@@ -172,15 +180,16 @@ struct BwdKernelHd256 {
     };
     if constexpr (Det) {
       // Query blocks descending from the last, heads inner (see Det).
-      const int n_iters = (args.num_m_blocks - m_block_min) * p.h_h_k_ratio;
+      const int n_iters = (m_block_max_of(args, mask, n_block) - m_block_min) * p.h_h_k_ratio;
       for (int it = 0; it < n_iters; ++it) {
-        load_step(it, head_k * p.h_h_k_ratio + it % p.h_h_k_ratio, args.num_m_blocks - 1 - it / p.h_h_k_ratio);
+        load_step(it, head_k * p.h_h_k_ratio + it % p.h_h_k_ratio,
+                  m_block_max_of(args, mask, n_block) - 1 - it / p.h_h_k_ratio);
       }
     } else {
       int it = 0;
       for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
         const int head = head_k * p.h_h_k_ratio + hh;
-        const int n_m = args.num_m_blocks - m_block_min;
+        const int n_m = m_block_max_of(args, mask, n_block) - m_block_min;
         const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;
         for (int i = 0; i < n_m; ++i, ++it) {
           load_step(it, head, m_block_min + (i + rot < n_m ? i + rot : i + rot - n_m));
@@ -199,12 +208,12 @@ struct BwdKernelHd256 {
     const SeqInfo seq(p, batch);
     Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_m = args.num_m_blocks - m_block_min;  // query blocks per head
+    const int n_m = m_block_max_of(args, mask, n_block) - m_block_min;  // query blocks per head
     const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;  // see Stagger
     // Step it -> query block and head of the GQA group. Default: heads outer, query blocks ascending from
     // m_block_min (rotated by Stagger). Det: query blocks descending from the last, heads inner.
     auto m_block_of = [&](int it) {
-      if constexpr (Det) return args.num_m_blocks - 1 - it / p.h_h_k_ratio;
+      if constexpr (Det) return m_block_max_of(args, mask, n_block) - 1 - it / p.h_h_k_ratio;
       const int i = it % n_m + rot;
       return m_block_min + (i < n_m ? i : i - n_m);
     };
@@ -264,7 +273,10 @@ struct BwdKernelHd256 {
       const int m_block = m_block_of(it);
       wgmma_wait<1>();
       fence_regs(s_reg);
-      const bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      if constexpr (Mask<IsCausal>::kHasLeftBound) {
+        need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
+      }
 #pragma unroll
       for (int j = 0; j < kQh / 8; ++j) {
         float2 l2;
@@ -281,9 +293,10 @@ struct BwdKernelHd256 {
         for (int j = 0; j < kQh / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int lim = mask.col_limit(m_block * kBlockM + cw * kQh + 8 * j + 2 * t + e);
-            if (key0 >= lim) s_reg[4 * j + e] = 0.f;
-            if (key0 + 8 >= lim) s_reg[4 * j + 2 + e] = 0.f;
+            const int row = m_block * kBlockM + cw * kQh + 8 * j + 2 * t + e;
+            const int lo = mask.col_min(row), hi = mask.col_limit(row);
+            if (!Mask<IsCausal>::visible_in(key0, lo, hi)) s_reg[4 * j + e] = 0.f;
+            if (!Mask<IsCausal>::visible_in(key0 + 8, lo, hi)) s_reg[4 * j + 2 + e] = 0.f;
           }
         }
       }
@@ -391,7 +404,8 @@ struct BwdKernelHd256 {
       int* sem = nullptr;
       if constexpr (Det) {
         sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) + m_block;
-        if (tid == 0) wait_counter_geq(sem, 2 * n_block);
+        // Key blocks [n_block_min, n_block) of this query block add first: two increments each.
+        if (tid == 0) wait_counter_geq(sem, 2 * (n_block - mask.template n_block_min<kBlockM, kBlockN>(m_block)));
         named_bar_sync(kBarDq + cw, 128);
       }
 #pragma unroll
