@@ -2,11 +2,10 @@
 // Build (sm_90a only):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v \
 //        tools/harness/sm90_bwd_harness.cu -o .devbin/sm90bwd/bwd_harness
-// Run: bwd_harness [test] [bench] [small] [det] [d256] [dqw] [dqwb] [epi] [pers] [ord] [ord2]   (no argument: test and bench; small: two small cases,
-// for compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise repeatability, and its
-// speed against the default; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in test / bench /
-// small; dqw / dqwb: the dQ modes of kDqwVariants, tests / interleaved bench; build with -DHARNESS_DQW_ONLY
-// to leave out the tile and deterministic variants, about 3x faster to compile). Log: $OUT/sm90_bwd.log.
+// Run: bwd_harness [test] [bench] [small] [tiny] [det] [d256] [pers] [ord] [ord2]   (no argument: test and bench;
+// small: two small cases, for compute-sanitizer; det: the deterministic mode only: its test lists, dq bitwise
+// repeatability, and its speed against the default; d256: only the kHeadDim 256 kernel (bwd_kernel_hd256.cuh) in
+// test / bench / small; pers, ord, ord2: the comparisons named at their variant tables). Log: $OUT/sm90_bwd.log.
 // Inputs are fresh random normals; out / lse come from a naive fp32 reference forward (written in the element
 // type, like a real forward). References: `ref` = the gradients in fp32 from those inputs; `pt` = the same
 // computation with S, P, dP, dS rounded to the element type (a plain 16-bit PyTorch backward).
@@ -40,52 +39,11 @@ bool flash_ext::run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream) 
 }
 
 using LaunchFn = void (*)(const BwdParams&, cudaStream_t);
-template <int D, int M, int S, bool SplitKeys, int Order, int Det = sm90::kDetOff>
+template <int D, int M, int S, bool SplitKeys, bool DkLast>
 void run_cfg(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal,
-                [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, Order, Det>(p, s); });
-  });
-}
-// Deterministic variants (need params.deterministic and dq_semaphore): the defaults (run_bwd_sm90 with
-// deterministic = true: deferred flush, split by columns), the eager flush, and d64 split by keys (consumer 1
-// ordered after consumer 0 of its own CTA).
-static const struct { const char* name; int d; LaunchFn fn; } kDetVariants[] = {
-#ifndef HARNESS_DQW_ONLY
-    {"d64detE", 64, run_cfg<64, 128, 2, false, false, sm90::kDetEager>},
-    {"d64detK", 64, run_cfg<64, 128, 2, true, false, sm90::kDetDeferred>},
-#endif
-    {"d128detE", 128, run_cfg<128, 64, 2, false, false, sm90::kDetEager>},
-};
-// dQ modes of the default tiles (BwdTile / BwdTileDet; Det: kDetOff or kDetDeferred): consumers issue the
-// reduce-adds (kDqConsumer, the old path) or the writer warp (kDqWriter). Harness mode `dqw`: tests,
-// repeatability and an interleaved bench of the two (both modes).
-template <int D, int Det, int DqMode>
-void run_tile(const BwdParams& p, cudaStream_t s) {
-  DTYPE_SWITCH(p.is_bf16, [&] {
-    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
-      using Tile = std::conditional_t<Det != sm90::kDetOff, sm90::BwdTileDet<D, IsCausal>, sm90::BwdTile<D, IsCausal>>;
-      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order, Det,
-                            DqMode>(p, s);
-    });
-  });
-}
-// The default tiles with dK / dV written as 4-byte pairs from registers (the epilogue before the TMA stores).
-// Harness mode `epi`: tests of both epilogues, then an interleaved bench of the two.
-template <int D>
-void run_pairs(const BwdParams& p, cudaStream_t s) {
-  DTYPE_SWITCH(p.is_bf16, [&] {
-    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
-      if (p.deterministic) {
-        using Tile = sm90::BwdTileDet<D, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order,
-                              sm90::kDetDeferred, Tile::DqMode>(p, s, false);
-      } else {
-        using Tile = sm90::BwdTile<D, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order,
-                              sm90::kDetOff, Tile::DqMode, Tile::Persistent>(p, s, false);
-      }
-    });
+                [&] { sm90::launch_bwd_sm90<elem_type, D, M, S, IsCausal, SplitKeys, DkLast>(p, s); });
   });
 }
 // The default tiles with one CTA per tile (the causal default before the dynamic persistent schedule). Harness
@@ -95,94 +53,61 @@ void run_np(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
       using Tile = sm90::BwdTile<D, IsCausal>;
-      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::Order,
-                            sm90::kDetOff, Tile::DqMode, false>(p, s);
+      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Tile::DkLast,
+                            false, false>(p, s);
     });
   });
 }
 // The default tiles (deterministic ones when params.deterministic) with the consumer's step order forced
-// (sm90::kOrder*, see bwd_kernel.cuh). Harness mode `ord`: tests of each order, then an interleaved bench.
-template <int D, int Order>
+// (DkLast or plain, see bwd_kernel.cuh). Harness mode `ord`: tests of each order, then an interleaved bench.
+template <int D, bool DkLast>
 void run_order(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
       if (p.deterministic) {
         using Tile = sm90::BwdTileDet<D, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Order,
-                              sm90::kDetDeferred, Tile::DqMode>(p, s);
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, DkLast,
+                              true>(p, s);
       } else {
         using Tile = sm90::BwdTile<D, IsCausal>;
-        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, Order,
-                              sm90::kDetOff, Tile::DqMode, Tile::Persistent>(p, s);
-      }
-    });
-  });
-}
-// d256 (bwd_kernel_hd256.cuh): the default tiles with DkLast forced.
-template <bool DkLast>
-void run_order256(const BwdParams& p, cudaStream_t s) {
-  DTYPE_SWITCH(p.is_bf16, [&] {
-    BOOL_SWITCH(p.is_causal, IsCausal, [&] {
-      if (p.deterministic) {
-        using Tile = sm90::BwdTileHd256Det<IsCausal>;
-        sm90::launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, true,
-                                    DkLast>(p, s);
-      } else {
-        using Tile = sm90::BwdTileHd256<IsCausal>;
-        sm90::launch_bwd_hd256_sm90<elem_type, Tile::DqBulk, IsCausal, Tile::StagedEpilogue, Tile::Stagger, 0, false,
-                                    DkLast>(p, s);
+        sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys, DkLast, false,
+                              Tile::Persistent>(p, s);
       }
     });
   });
 }
 // Bench-only comparisons of the defaults (harness mode `ord2`, with a test pass of each): 3 Q / dO stages at d128;
 // d128 causal one CTA per tile (no dynamic schedule); d64 non-causal in the DkLast order (20 bytes spilled).
-template <int D, int Stages, int Order, int Pers>
+template <int D, int Stages, bool DkLast, int Pers>
 void run_alt(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
       using Tile = sm90::BwdTile<D, IsCausal>;
       constexpr bool kPers = Pers < 0 ? Tile::Persistent : Pers > 0;
-      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Stages, IsCausal, Tile::DqSplitKeys, Order, sm90::kDetOff,
-                            Tile::DqMode, kPers>(p, s);
+      sm90::launch_bwd_sm90<elem_type, D, Tile::kBlockM, Stages, IsCausal, Tile::DqSplitKeys, DkLast, false,
+                            kPers>(p, s);
     });
   });
 }
 struct OrdVariant { const char* name; int d; LaunchFn fn; };
 static const OrdVariant kAltVariants[] = {
     {"default", 128, nullptr},
-    {"st3", 128, run_alt<128, 3, sm90::kOrderDkLast, -1>},
-    {"onepert", 128, run_alt<128, 2, sm90::kOrderDkLast, 0>},
+    {"st3", 128, run_alt<128, 3, true, -1>},
+    {"onepert", 128, run_alt<128, 2, true, 0>},
     {"default", 64, nullptr},
-    {"dklast", 64, run_alt<64, 2, sm90::kOrderDkLast, -1>},
+    {"dklast", 64, run_alt<64, 2, true, -1>},
 };
 static const OrdVariant kOrdVariants[] = {
-    {"plain", 128, run_order<128, sm90::kOrderPlain>},
-    {"dklast", 128, run_order<128, sm90::kOrderDkLast>},
-    {"plain", 64, run_order<64, sm90::kOrderPlain>},
-    {"dklast", 64, run_order<64, sm90::kOrderDkLast>},
-    {"plain", 256, run_order256<false>},
-    {"dklast", 256, run_order256<true>},
-};
-struct DqwVariant { const char* name; int d; bool det; LaunchFn fn; };
-static const DqwVariant kDqwVariants[] = {
-    {"old", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqConsumer>},
-    {"wr", 64, false, run_tile<64, sm90::kDetOff, sm90::kDqWriter>},
-    {"detold", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqConsumer>},
-    {"detwr", 64, true, run_tile<64, sm90::kDetDeferred, sm90::kDqWriter>},
-    {"old", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqConsumer>},
-    {"wr", 128, false, run_tile<128, sm90::kDetOff, sm90::kDqWriter>},
-    {"detold", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqConsumer>},
-    {"detwr", 128, true, run_tile<128, sm90::kDetDeferred, sm90::kDqWriter>},
+    {"plain", 128, run_order<128, false>},
+    {"dklast", 128, run_order<128, true>},
+    {"plain", 64, run_order<64, false>},
+    {"dklast", 64, run_order<64, true>},
 };
 static bool g_det = false;  // Problem::init sets params.deterministic from it
-template <bool kDqBulk, bool kStagedEpi, bool kStagger, int kAblate = 0>
+template <bool kStagger>
 void run_cfg256(const BwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
-    BOOL_SWITCH(p.is_causal, IsCausal,
-                [&] {
-                  sm90::launch_bwd_hd256_sm90<elem_type, kDqBulk, IsCausal, kStagedEpi, kStagger, kAblate>(p, s);
-                });
+    BOOL_SWITCH(p.is_causal, IsCausal, [&] { sm90::launch_bwd_hd256_sm90<elem_type, IsCausal, kStagger>(p, s); });
   });
 }
 // Timing only: the preprocess and dq-conversion kernels of the d256 backward alone.
@@ -192,27 +117,19 @@ static void run_pre_cvt256(const BwdParams& p, cudaStream_t s) {
     sm90::launch_bwd_convert_dq<elem_type, 256, 128>(p, s);
   });
 }
-// Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, Order: 0 = kOrderPlain, 1 = kOrderOverlap); each runs the
-// full test list of its head dim. d64m128 is the d64 non-causal default, d64m128sD the d64 causal default in the
-// plain order (BwdTile in bwd_launch.cuh).
-// d256 variants: run_cfg256<DqBulk, StagedEpilogue, Stagger, kAblate> (bwd_launch_hd256.cuh); bench_only rows
-// give wrong results (timing ablations) or time only part of the backward.
+// Tile variants (kHeadDim, kBlockM, kStages, DqSplitKeys, DkLast); each runs the full test list of its head dim.
+// d64m128 is the d64 non-causal default, d64m128sD the d64 causal default in the plain order (BwdTile in
+// bwd_launch.cuh). d256: run_cfg256<Stagger> (bwd_launch_hd256.cuh); bench_only rows time only part of the
+// backward.
 struct Variant { const char* name; int d; LaunchFn fn; bool bench_only = false; };
 static const Variant kVariants[] = {
-#ifndef HARNESS_DQW_ONLY
-    {"d64ovl", 64, run_cfg<64, 64, 2, true, true>},
-    {"d64ovl3", 64, run_cfg<64, 64, 3, true, true>},
     {"d64st3", 64, run_cfg<64, 64, 3, true, false>},
     {"d64splitD", 64, run_cfg<64, 64, 2, false, false>},
     {"d64m128", 64, run_cfg<64, 128, 2, true, false>},
     {"d64m128sD", 64, run_cfg<64, 128, 2, false, false>},
     {"d128splitK", 128, run_cfg<128, 64, 2, true, false>},
     {"d128st3", 128, run_cfg<128, 64, 3, false, false>},
-    {"d256bulk", 256, run_cfg256<true, true, true>},
-    {"d256nostg", 256, run_cfg256<false, true, false>},
-    {"d256bulkns", 256, run_cfg256<true, true, false>, true},
-    {"d256nodq", 256, run_cfg256<false, true, true, 1>, true},  // ablation: no dq reduction (wrong dq)
-#endif
+    {"d256nostg", 256, run_cfg256<false>},
     {"precvt", 256, run_pre_cvt256, true},  // preprocess + convert only
 };
 static bool g_only256 = false;
@@ -627,15 +544,12 @@ static void bench_abba(std::vector<BenchRow>& rows, const std::vector<OrdVariant
 }
 
 int main(int argc, char** argv) {
-  bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false, do_dqw = false, do_dqwb = false;
-  bool do_epi = false, do_pers = false, do_ord = false, do_ord2 = false, do_tiny = false;
+  bool do_test = argc < 2, do_bench = argc < 2, do_small = false, do_det = false;
+  bool do_pers = false, do_ord = false, do_ord2 = false, do_tiny = false;
   for (int i = 1; i < argc; ++i) {
-    if (!strcmp(argv[i], "dqw")) do_dqw = true;    // dQ modes: tests
-    if (!strcmp(argv[i], "dqwb")) do_dqwb = true;  // dQ modes: interleaved bench
     if (!strcmp(argv[i], "det")) do_det = true;
-    if (!strcmp(argv[i], "epi")) do_epi = true;    // dK / dV epilogue: TMA stores vs pairs
     if (!strcmp(argv[i], "pers")) do_pers = true;  // causal: dynamic persistent vs one CTA per tile
-    if (!strcmp(argv[i], "ord")) do_ord = true;    // the consumer's step order (kOrder*)
+    if (!strcmp(argv[i], "ord")) do_ord = true;    // the consumer's step order (DkLast or plain)
     if (!strcmp(argv[i], "ord2")) do_ord2 = true;  // stages / persistence / d64 order against the defaults
     if (!strcmp(argv[i], "small")) do_small = true;
     if (!strcmp(argv[i], "tiny")) do_tiny = true;
@@ -653,40 +567,6 @@ int main(int argc, char** argv) {
   if (do_tiny) run_tiny();
   if (do_test) run_tests();
   std::vector<BenchRow> rows;
-  if (do_dqw) {
-    // Defaults (both modes) and the writer-only modes over the full lists, dq bitwise repeatability in
-    // deterministic mode (dqw); an interleaved bench of all modes, DQW_PASSES passes (default 1), odd ones in reverse order (dqwb).
-    uint64_t seed = 9000;
-    for (int D : {64, 128}) run_tests_d(D, nullptr, "default", seed += 100);
-    g_det = true;
-    for (int D : {64, 128}) run_tests_d(D, nullptr, "det", seed += 100);
-    g_det = false;
-    for (const auto& v : kDqwVariants) {
-      g_det = v.det;
-      if (!strcmp(v.name, "wr") || !strcmp(v.name, "detwr")) run_tests_d(v.d, v.fn, v.name, seed += 100);
-    }
-    g_det = true;
-    for (int D : {64, 128})
-      for (bool c : {false, true}) repeat_dq(4, 1025, 8, 2, D, c, 10, nullptr, "det");
-    for (const auto& v : kDqwVariants)
-      if (v.det) repeat_dq(4, 1025, 8, 2, v.d, v.d == 128, 6, v.fn, v.name);
-    g_det = false;
-    repeat_dq(4, 1025, 8, 2, 128, true, 4, nullptr, "default");
-  }
-  if (do_epi) {
-    uint64_t seed = 11000;
-    for (int det = 0; det < 2; ++det) {
-      g_det = det;
-      run_tests_d(64, nullptr, det ? "det" : "default", seed += 100);
-      run_tests_d(128, nullptr, det ? "det" : "default", seed += 100);
-      run_tests_d(64, run_pairs<64>, det ? "detpairs" : "pairs", seed += 100);
-      run_tests_d(128, run_pairs<128>, det ? "detpairs" : "pairs", seed += 100);
-    }
-    g_det = false;
-    bench_abba(rows,
-               {{"tma", 64, nullptr}, {"pairs", 64, run_pairs<64>}, {"tma", 128, nullptr}, {"pairs", 128, run_pairs<128>}},
-               {64, 128}, {false, true}, {1024, 2048, 4096, 16384});
-  }
   if (do_pers) {
     uint64_t seed = 12000;
     run_tests_d(64, nullptr, "default", seed += 100);
@@ -708,9 +588,9 @@ int main(int argc, char** argv) {
     for (const auto& v : kOrdVariants) repeat_dq(4, 1025, 8, 2, v.d, true, 4, v.fn, v.name);
     g_det = false;
     const std::vector<OrdVariant> ord(std::begin(kOrdVariants), std::end(kOrdVariants));
-    bench_abba(rows, ord, {128, 64, 256}, {false, true}, {1024, 2048, 4096, 16384});
+    bench_abba(rows, ord, {128, 64}, {false, true}, {1024, 2048, 4096, 16384});
     g_det = true;
-    bench_abba(rows, ord, {128, 64, 256}, {false, true}, {1024, 4096});
+    bench_abba(rows, ord, {128, 64}, {false, true}, {1024, 4096});
     g_det = false;
   }
   if (do_ord2) {
@@ -722,36 +602,19 @@ int main(int argc, char** argv) {
                  return (!strcmp(v.name, "onepert") && !c) || (!strcmp(v.name, "dklast") && c);
                });
   }
-  if (do_dqwb) {
-    const int passes = getenv("DQW_PASSES") ? atoi(getenv("DQW_PASSES")) : 1;
-    for (int pass = 0; pass < passes; ++pass)
-      for (int D : {64, 128})
-        for (bool c : {false, true})
-          for (int S : {1024, 4096, 16384}) {
-            const int n = sizeof(kDqwVariants) / sizeof(kDqwVariants[0]);
-            for (int k = 0; k < n; ++k) {
-              const auto& v = kDqwVariants[pass == 0 ? k : n - 1 - k];
-              if (v.d != D) continue;
-              g_det = v.det;
-              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
-            }
-            g_det = false;
-          }
-  }
   if (do_det) {
     // Tests: the deterministic defaults over the full list of their head dim.
     g_det = true;
     run_tests_d(64, nullptr, "det", 5000);
     run_tests_d(128, nullptr, "det", 6000);
     run_tests_d(256, nullptr, "det", 6500);
-    // dq bitwise over 10 runs: defaults and variants; GQA; causal with seqlen_q != seqlen_k is in the lists.
+    // dq bitwise over 10 runs: the defaults; GQA; causal with seqlen_q != seqlen_k is in the lists.
     repeat_dq(4, 1025, 8, 2, 128, true, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 128, false, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 64, true, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 64, false, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 256, true, 10, nullptr, "det");
     repeat_dq(4, 1025, 8, 2, 200, false, 10, nullptr, "det");
-    for (const auto& v : kDetVariants) repeat_dq(4, 1025, 8, 2, v.d, !strcmp(v.name, "d64detE"), 10, v.fn, v.name);
     g_det = false;  // the same with the default (atomic) mode: dq is expected to differ (shows the check bites)
     repeat_dq(4, 1025, 8, 2, 128, true, 10, nullptr, "default");
     repeat_dq(4, 1025, 8, 2, 64, false, 10, nullptr, "default");
@@ -764,16 +627,8 @@ int main(int argc, char** argv) {
           rows.push_back(bench_one<__nv_bfloat16>(D, S, c, nullptr, "default"));
           g_det = true;
           rows.push_back(bench_one<__nv_bfloat16>(D, S, c, nullptr, "det"));
-          for (const auto& v : kDetVariants)
-            if (v.d == D && (c == false || strcmp(v.name, "d64detK")))
-              rows.push_back(bench_one<__nv_bfloat16>(D, S, c, v.fn, v.name));
           g_det = false;
         }
-    // Last (the slowest part): the variants over the full test lists.
-    g_det = true;
-    uint64_t seed = 7000;
-    for (const auto& v : kDetVariants) run_tests_d(v.d, v.fn, v.name, seed += 100);
-    g_det = false;
   }
   if (do_bench) {
     const std::vector<int> dims = g_only256 ? std::vector<int>{256} : std::vector<int>{64, 128, 256};

@@ -7,8 +7,8 @@
 //      blocks (kBlockM = 64 or 128 rows) that see the key block; Q, dO (TMA tensor loads) and the lse_log2 / D
 //      rows (1-D bulk copies) stream through a kStages-slot mbarrier pipeline. kNWarps = 12:
 //        warpgroup 0  producer: lane 0 of warp 0 issues the loads; setmaxnreg lowers the warpgroup to 24
-//                     registers (40 with the dQ writer). DqMode != kDqConsumer: warp 1 is the dQ writer
-//                     (dq_writer: issues the dQ reduce-adds and the deterministic counter wait / release).
+//                     registers (40 with the dQ writer). Deterministic: warp 1 is the dQ writer
+//                     (dq_writer: issues the dQ reduce-adds and the counter wait / release).
 //        warpgroups 1, 2  consumers (240 registers, 232 with the dQ writer): consumer w owns keys [64w, 64w + 64)
 //                     of the block. Per query
 //                     block, with the products transposed so the key dimension is the wgmma M dimension:
@@ -20,26 +20,24 @@
 //                     dK, dV stay in registers for the whole tile, then leave through shared memory and TMA
 //                     stores (4-byte pair stores where TMA cannot describe dk / dv); dQ goes through shared memory and a bulk
 //                     reduce-add (cp.reduce.async.bulk .add.f32) into dq_accum, issued by the consumer's tid 0
-//                     (kDqConsumer) or by the writer warp (bar_dq_full / bar_dq_empty hand-off; two staging
-//                     buffers per consumer where shared memory allows: d128, d64 is one).
+//                     (default) or by the writer warp (deterministic: bar_dq_full / bar_dq_empty hand-off; two
+//                     staging buffers per consumer where shared memory allows: d128, d64 is one).
 //      dQ split (DqSplitKeys): false: both consumers' dS^T go to shared memory, a 256-thread barrier, and
 //      consumer w computes columns [w d/2, w d/2 + d/2) over all kBlockN keys (N = d/2); true: consumer w
 //      computes all d columns over its own 64 keys only (no cross-warpgroup barrier, twice the reduce traffic).
-//      Step order (BwdKernel's Order; the wgmma groups after the softmax, and what the warpgroup waits for before
-//      it stages dQ):
-//        kOrderPlain:   dV + dK (one group) | dS^T store, barrier | dQ | wait for all | dQ out.
-//        kOrderDkLast:  dV | dS^T store, barrier | dQ | dK | wait for dV, dQ | dQ out while dK runs | wait for dK.
-//        kOrderOverlap: as plain, but S^T / dP^T of step i + 1 are issued before dQ of step i goes out (needs the
-//                       registers of both: not for d128).
+//      Step order (BwdKernel's DkLast; the wgmma groups after the softmax, and what the warpgroup waits for
+//      before it stages dQ):
+//        plain:   dV + dK (one group) | dS^T store, barrier | dQ | wait for all | dQ out.
+//        DkLast:  dV | dS^T store, barrier | dQ | dK | wait for dV, dQ | dQ out while dK runs | wait for dK.
 //   3. bwd_convert_dq_sm90: dq = dq_accum * scale -> element type (un-permuting the accumulation layout).
 //      (Converting each block in the main kernel, by the writer of its last contributing key block, measured
 //      13-31% slower, 2026-11-21: removed; see NOTES.md.)
-// Defaults (bwd_launch.cuh): consumers issue the reduces in the default mode (the writer warp measured within
-// noise there); the deterministic mode uses the writer warp (kDqWriter: +14..46% over the consumer-side wait).
-// Deterministic mode (DetMode != kDetOff, params.deterministic): the reduce-adds into each dq_accum block are
+// The consumers issue the dQ reduces in the default mode (the writer warp measured within noise there); the
+// deterministic mode uses the writer warp (+14..46% over a consumer-side wait; NOTES.md).
+// Deterministic mode (Deterministic, params.deterministic): the reduce-adds into each dq_accum block are
 // ordered by key block through an int32 counter per (batch, head, query block) in params.dq_semaphore (zeroed by
 // the preprocess kernel), and the query blocks are visited in descending order so the CTAs run in lockstep:
-// see step_coords and det_flush (consumer-side: two increments per CTA) or dq_writer (one per CTA).
+// see step_coords and dq_writer (one increment per CTA per step).
 //
 // dq_accum layout (workspace, private to these kernels): per (batch, head, m_block) a contiguous block of
 // kBlockM x kHeadDim floats, in the consumers' register order so that the shared-memory staging is
@@ -50,6 +48,7 @@
 #include "../mask.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
+#include "../seqinfo.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -86,16 +85,18 @@ __host__ __device__ __forceinline__ int dq_accum_index(int row, int col, int n_d
 template <typename T, int kNCols>
 __device__ __forceinline__ void store_dkdv_pairs(const BwdParams& p, const float (&dk_reg)[kNCols / 2],
                                                  const float (&dv_reg)[kNCols / 2], int key0, int col0, int t,
-                                                 int batch, int head_k) {
+                                                 const SeqInfo& seq, int head_k) {
   T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
   T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
   const float scale = p.scale_softmax;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int key = key0 + 8 * h;
-    if (key >= p.seqlen_k) continue;
-    const int64_t ok = batch * p.dk_batch_stride + key * p.dk_row_stride + head_k * p.dk_head_stride;
-    const int64_t ov = batch * p.dv_batch_stride + key * p.dv_row_stride + head_k * p.dv_head_stride;
+    if (key >= seq.seqlen_k) continue;
+    const int64_t ok = seq.k_offset(p.dk_batch_stride, p.dk_row_stride) + key * p.dk_row_stride +
+                       head_k * p.dk_head_stride;
+    const int64_t ov = seq.k_offset(p.dv_batch_stride, p.dv_row_stride) + key * p.dv_row_stride +
+                       head_k * p.dv_head_stride;
 #pragma unroll
     for (int j = 0; j < kNCols / 8; ++j) {
       const int c = col0 + 8 * j + 2 * t;
@@ -135,15 +136,16 @@ __device__ __forceinline__ float dot2(uint32_t a, uint32_t b) {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // launched on compute capability 9.0 only
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
+  const int m_block = blockIdx.x, h = blockIdx.y;
+  const SeqInfo seq(p, blockIdx.z);
+  const int64_t row_base = seq.row_offset(h, p.nheads, p.seqlen_q_rounded) + m_block * 64;
   // Zero this block's dq_accum rows (64 x kHeadDim floats, contiguous).
   float4* acc = reinterpret_cast<float4*>(p.dq_accum + row_base * kHeadDim);
   for (int i = threadIdx.x; i < 64 * kHeadDim / 4; i += 256) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   // Deterministic mode: zero this block's dQ counter (one per 64 rows; the main kernel, later on the same
   // stream, indexes them per kBlockM rows, which is at most as many).
   if (p.dq_semaphore != nullptr && threadIdx.x == 0) {
-    p.dq_semaphore[(static_cast<int64_t>(b) * p.nheads + h) * (p.seqlen_q_rounded / 64) + m_block] = 0;
+    p.dq_semaphore[seq.row_offset(h, p.nheads, p.seqlen_q_rounded / 64) + m_block] = 0;
   }
   constexpr int kTPR = kHeadDim / 8;            // threads per row (8 columns each): 8, 16, 32
   constexpr int kRowsPerPass = 256 / kTPR;      // 32, 16, 8
@@ -159,11 +161,12 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
     for (int i = 0; i < kGroup; ++i) {
       const int row = m_block * 64 + (i0 + i) * kRowsPerPass + r_in;
       ov[i] = dv[i] = make_uint4(0u, 0u, 0u, 0u);
-      if (row < p.seqlen_q && c < p.head_dim) {
-        ov[i] = __ldg(reinterpret_cast<const uint4*>(o_ptr + b * p.o_batch_stride + row * p.o_row_stride +
-                                                     h * p.o_head_stride + c));
-        dv[i] = __ldg(reinterpret_cast<const uint4*>(do_ptr + b * p.do_batch_stride + row * p.do_row_stride +
-                                                     h * p.do_head_stride + c));
+      const SeqInfo seq_row(p, seq.b);  // (built here: a bound hoisted to the top costs registers)
+      if (row < seq_row.seqlen_q && c < p.head_dim) {
+        ov[i] = __ldg(reinterpret_cast<const uint4*>(o_ptr + seq.q_offset(p.o_batch_stride, p.o_row_stride) +
+                                                     row * p.o_row_stride + h * p.o_head_stride + c));
+        dv[i] = __ldg(reinterpret_cast<const uint4*>(do_ptr + seq.q_offset(p.do_batch_stride, p.do_row_stride) +
+                                                     row * p.do_row_stride + h * p.do_head_stride + c));
       }
     }
 #pragma unroll
@@ -175,14 +178,15 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
       if (threadIdx.x % kTPR == 0) {
         const int r = (i0 + i) * kRowsPerPass + r_in, row = m_block * 64 + r;
         p.dsoftmax_sum[row_base + r] = sum;
-        float l = row < p.seqlen_q ? p.lse[(static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q + row] : INFINITY;
+        const SeqInfo seq_row(p, seq.b);
+        float l = row < seq_row.seqlen_q ? p.lse[seq.row_offset(h, p.nheads, p.seqlen_q) + row] : INFINITY;
         p.lse_log2[row_base + r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
       }
     }
   }
   // The persistent causal kernel's tile counter (DynamicSched), read by the main kernel later on the stream. (Here,
   // after the loads: at the top, ptxas spilled 4 bytes in the bf16 d256 instance.)
-  if (threadIdx.x == 0 && (m_block | h | b) == 0 && p.tile_counter != nullptr) *p.tile_counter = 0;
+  if (threadIdx.x == 0 && (m_block | h | seq.b) == 0 && p.tile_counter != nullptr) *p.tile_counter = 0;
 #endif
 }
 
@@ -200,10 +204,11 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_sm90(const __grid_constant
   constexpr int kRuns = kHeadDim / 8;
   constexpr int kStride = kHeadDim + 8;
   __shared__ __align__(16) float tile[16 * kStride];
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y;
+  const SeqInfo seq(p, blockIdx.z);
   const int m_block = blockIdx.x / 4, w = blockIdx.x % 4;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_base = (static_cast<int64_t>(b) * p.nheads + h) * p.seqlen_q_rounded + m_block * 64;
+  const int64_t row_base = seq.row_offset(h, p.nheads, p.seqlen_q_rounded) + m_block * 64;
   const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + row_base * kHeadDim);  // 64 x kHeadDim floats
   float4 a[kRuns / 4];
 #pragma unroll
@@ -227,12 +232,13 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_sm90(const __grid_constant
 #pragma unroll
   for (int r = threadIdx.x / kTPR; r < 16; r += kRowsPerPass) {
     const int row = m_block * 64 + w * 16 + r;
-    if (row < p.seqlen_q && c < p.head_dim) {
+    if (row < seq.seqlen_q && c < p.head_dim) {
       const float4 x = *reinterpret_cast<const float4*>(&tile[r * kStride + c]);
       uint2 o;
       o.x = pack2<T>(x.x * scale, x.y * scale);
       o.y = pack2<T>(x.z * scale, x.w * scale);
-      *reinterpret_cast<uint2*>(dq + b * p.dq_batch_stride + row * p.dq_row_stride + h * p.dq_head_stride + c) = o;
+      *reinterpret_cast<uint2*>(dq + seq.q_offset(p.dq_batch_stride, p.dq_row_stride) + row * p.dq_row_stride +
+                                h * p.dq_head_stride + c) = o;
     }
   }
 #endif
@@ -249,19 +255,10 @@ inline void launch_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-// Deterministic dQ (BwdKernel's DetMode): off (reduce-adds in arrival order), or ordered reduce-adds with the
-// counter wait / reduce / completion / release done right after dQ is staged (eager), or deferred until the
-// next step's S^T / dP^T wgmmas are issued, so that the tensor cores work meanwhile (deferred).
-constexpr int kDetOff = 0, kDetEager = 1, kDetDeferred = 2;
-// Who issues the dQ reduce-adds (BwdKernel's DqMode): the consumers themselves (tid 0 of each consumer
-// warpgroup, plus the counter wait / release in deterministic mode: DetMode picks eager or deferred), or the
-// dQ-writer warp (warp 1 of the producer warpgroup; DetMode then only says deterministic or not).
-constexpr int kDqConsumer = 0, kDqWriter = 1;
-// Step order inside the consumer's query-block loop (BwdKernel's Order; see the header).
-constexpr int kOrderPlain = 0, kOrderOverlap = 1, kOrderDkLast = 2;
-
-template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, int Order_,
-          int DetMode_ = kDetOff, int DqMode_ = kDqConsumer, bool Persistent_ = false>
+// DkLast: the step order of the header (else plain). Deterministic: dQ reduce-adds ordered by key block, issued by
+// the dQ-writer warp (else by the consumers, in arrival order).
+template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool DkLast_,
+          bool Deterministic_ = false, bool Persistent_ = false>
 struct BwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -271,16 +268,11 @@ struct BwdKernel {
   static constexpr int kStages = kStages_;
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool DqSplitKeys = DqSplitKeys_;
-  static constexpr int Order = Order_;
-  static_assert(Order >= kOrderPlain && Order <= kOrderDkLast, "Order");
-  static constexpr bool Overlap = Order == kOrderOverlap;
-  static constexpr int DetMode = DetMode_;
-  static constexpr bool Deterministic = DetMode != kDetOff;
-  static_assert(DetMode == kDetOff || DetMode == kDetEager || DetMode == kDetDeferred, "DetMode");
-  static constexpr int DqMode = DqMode_;
-  static constexpr bool DqWriter = DqMode != kDqConsumer;  // warp 1 issues the dQ reduce-adds
-  static_assert(DqMode == kDqConsumer || DqMode == kDqWriter, "DqMode");
-  static_assert(!(Deterministic && Overlap), "deterministic mode is implemented for the non-overlapped loop");
+  static constexpr bool DkLast = DkLast_;
+  static constexpr bool Deterministic = Deterministic_;
+  static constexpr bool DqWriter = Deterministic;  // warp 1 issues the dQ reduce-adds
+  // (The writer orders the two consumers' parts by columns: split by keys they would add into the same elements.)
+  static_assert(!(Deterministic && DqSplitKeys), "deterministic mode is implemented for the dQ split by columns");
   // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles in the grid's order (key blocks
   // fastest); the pipeline position runs on across tiles, and the next tile's K / V (and first Q / dO) load while
   // the consumers store this tile's dK / dV (bar_kv_empty frees K / V after the last wgmma). Non-causal tiles are
@@ -291,13 +283,11 @@ struct BwdKernel {
   // arrival (a tile index >= the number of tiles: no more work).
   static constexpr bool Persistent = Persistent_;
   static constexpr bool DynamicSched = Persistent && IsCausal;
-  static_assert(!Persistent || (!Deterministic && DqMode_ == kDqConsumer && !Overlap),
-                "the persistent loop is implemented for the default (non-deterministic, consumer dQ) kernel");
+  static_assert(!Persistent || !Deterministic, "the persistent loop is implemented for the default kernel");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   // Register budget: the kernel starts at 168 per thread (384 x 168 = 64512); 24*128 + 240*256 = 64512, and
-  // with the writer warp 40*128 + 232*256 = 64512 (the split its measurements used; it was sized for a fused
-  // conversion in the writer, since removed).
+  // with the writer warp 40*128 + 232*256 = 64512 (the split its measurements used).
   // (A d64 causal persistent kernel spilled 8 bytes at 24 / 240; it ran at 40 / 232 in its measurement, NOTES.md.)
   static constexpr int kProducerRegs = DqWriter ? 40 : 24;
   static constexpr int kConsumerRegs = DqWriter ? 232 : 240;
@@ -381,23 +371,33 @@ struct BwdKernel {
       }
     }
   }
-  __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, int m_block_min, int it, int& hh,
-                                                     int& m_block) {
+  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max). Today's policies bound
+  // it by seqlen_q alone, the same for every key block: the launcher evaluates it once (args.num_m_blocks, read
+  // here from the constant bank; computing mask.m_block_max in the kernel spilled 8 bytes in two d64 / d128
+  // kernels). A policy whose bound depends on n_block returns mask.template m_block_max<kBlockM, kBlockN>(n_block).
+  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const Mask<IsCausal>& /*mask*/,
+                                                       int /*n_block*/) {
+    return args.num_m_blocks;
+  }
+  __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, const Mask<IsCausal>& mask, int n_block,
+                                                     int m_block_min, int it, int& hh, int& m_block) {
     const int ratio = args.params.h_h_k_ratio;
+    const int m_block_max = m_block_max_of(args, mask, n_block);
     if constexpr (Deterministic) {
       hh = it % ratio;
-      m_block = args.num_m_blocks - 1 - it / ratio;
+      m_block = m_block_max - 1 - it / ratio;
     } else {
-      const int n_m = args.num_m_blocks - m_block_min;
+      const int n_m = m_block_max - m_block_min;
       hh = it / n_m;
       m_block = m_block_min + it % n_m;
     }
   }
 
-  // Pipeline steps of a key block whose first visible query block is m_block_min: every (head of the GQA group,
-  // query block >= m_block_min). Producer, writer, consumers and the persistent tile loop all count with this.
-  __device__ static __forceinline__ int num_steps(const BwdTmaArgs& args, int m_block_min) {
-    return (args.num_m_blocks - m_block_min) * args.params.h_h_k_ratio;
+  // Pipeline steps of a key block whose query blocks are [m_block_min, m_block_max): every (head of the GQA group,
+  // query block of the range). Producer, writer, consumers and the persistent tile loop all count with this.
+  __device__ static __forceinline__ int num_steps(const BwdTmaArgs& args, const Mask<IsCausal>& mask, int n_block,
+                                                  int m_block_min) {
+    return (m_block_max_of(args, mask, n_block) - m_block_min) * args.params.h_h_k_ratio;
   }
 
   // ------------------------------------------------------------------------------------------ producer
@@ -407,7 +407,8 @@ struct BwdKernel {
                                   int batch, int g0 = 0, int tile_iter = 0, int sched_tile = 0) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
     if (lane == 0) {
@@ -424,17 +425,17 @@ struct BwdKernel {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         tma_load_4d(smem + kOffK + c * kKVChunkBytes, &args.k_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
         tma_load_4d(smem + kOffV + c * kKVChunkBytes, &args.v_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
       }
     }
-    const int n_iters = num_steps(args, m_block_min);
+    const int n_iters = num_steps(args, mask, n_block, m_block_min);
     for (int it = 0; it < n_iters; ++it) {
       int hh, m_block;
-      step_coords(args, m_block_min, it, hh, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
-      const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
+      const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
       const int stage = (g0 + it) % kStages, phase = ((g0 + it) / kStages) & 1;
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
@@ -442,9 +443,9 @@ struct BwdKernel {
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffQ + stage * kQBytes + c * kQChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
-                      m_block * kBlockM, head, batch);
+                      m_block * kBlockM, head, seq.b);
           tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
-                      c * 64, m_block * kBlockM, head, batch);
+                      c * 64, m_block * kBlockM, head, seq.b);
         }
         // lse_log2 and D rows of the step (rows up to seqlen_q_rounded exist: written by the preprocess).
         const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
@@ -455,34 +456,49 @@ struct BwdKernel {
   }
 
   // ------------------------------------------------------------------------------------------ dQ writer
-  // Writer mode (DqMode == kDqWriter), warp 1 of the producer warpgroup. Per step, lane 0: (deterministic: wait
-  // until the step's counter reaches n_block, i.e. every lower key block's adds are complete), wait for each
-  // consumer's staged dQ part (bar_dq_full), issue its bulk reduce-add, wait until the reduces have READ the
-  // staging buffer and hand it back (bar_dq_empty). Deterministic: then wait for the reduces to COMPLETE, proxy
-  // fence, and release-increment the counter: one increment per CTA per (head, query block). The counters are
-  // per (batch, head, kBlockM-row block) (entries m_block of the 64-row array, as in the consumer deterministic
-  // mode). Deadlock freedom: the writer of CTA n waits only for CTAs of lower blockIdx.x of the same (head_k,
-  // batch) (launched no later, see det_flush), the consumers only for their own writer (bar_dq_empty) and
-  // producer, and the producer only for its consumers.
+  // Deterministic mode, warp 1 of the producer warpgroup. Per step, lane 0: wait until the step's counter reaches
+  // n_block - n_block_min(m_block) (the policy's first contributing key block of the query block), i.e. every
+  // lower contributing key block's adds are complete, wait for each consumer's staged dQ part
+  // (bar_dq_full), issue its bulk reduce-add, wait until the reduces have READ the staging buffer and hand it back
+  // (bar_dq_empty); then wait for the reduces to COMPLETE, proxy fence, and release-increment the counter: one
+  // increment per CTA per (head, query block). The counters are per (batch, head, kBlockM-row block) (entries
+  // m_block of the 64-row array). Why the adds then run in key-block order, bitwise the same sums every run:
+  //   - The contributors of query block m are the key blocks [n_block_min(m), n_block_max(m)) of the policy (today
+  //     n_block_min is 0: causal bottom-right, a row that sees key block n sees every block < n), and CTA n visits
+  //     every m of [m_block_min(n), m_block_max(n)). So if CTA n visits m, all CTAs n' in [n_block_min(m), n) of
+  //     the same (head_k, batch) do too, each increments once, and the first n - n_block_min(m) increments can
+  //     only come from them. With GQA every query head of the group has the same pattern (its own counters);
+  //     query blocks no key block sees have no contributors. (No step tests for the last contributor,
+  //     n_block_max(m) - 1: its increment simply has no waiter.)
+  //   - The two consumers' parts (dQ split by columns) are disjoint columns: their relative order is free.
+  //   - Deadlock freedom: the writer of CTA n waits only for CTAs of the same (head_k, batch) with a lower
+  //     blockIdx.x; x is the fastest grid dimension, so those have lower linear block indices and are launched no
+  //     later (resident or finished). The consumers wait only for their own writer (bar_dq_empty) and producer,
+  //     the producer only for its consumers.
+  //   - Memory ordering: the reduce-adds are async-proxy writes; wait_group 0 completes them and
+  //     fence.proxy.async.global orders them before the generic-proxy release (red.release.gpu); on the other
+  //     side ld.acquire.gpu, then the same proxy fence before the writer issues its own reduce.
   __device__ static void dq_writer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
                                    int batch) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_iters = num_steps(args, m_block_min);
+    const int n_iters = num_steps(args, mask, n_block, m_block_min);
     if (lane != 0) return;
     for (int it = 0; it < n_iters; ++it) {
       int hh, m_block;
-      step_coords(args, m_block_min, it, hh, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const int buf = it % kDqBufs;
       const uint32_t par = (it / kDqBufs) & 1;
-      const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
-      int* sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) +
+      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
+      int* sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) +
                  m_block;  // only dereferenced when deterministic (then not null)
       if constexpr (Deterministic) {
-        wait_counter_geq(sem, n_block);
+        // Key blocks [n_block_min, n_block) of this query block add before this one: one increment each.
+        wait_counter_geq(sem, n_block - mask.template n_block_min<kBlockM, kBlockN>(m_block));
         fence_proxy_async_global();
       }
 #pragma unroll
@@ -491,13 +507,6 @@ struct BwdKernel {
         mbar_wait(bar_dq_full(bars, cw, buf), par);
         reduce_dq_part(p, row, cw, dq_s);
         tma_store_commit();
-        if constexpr (Deterministic && DqSplitKeys) {
-          // Split by keys both parts add into the same elements: consumer 1's after consumer 0's.
-          if (cw == 0) {
-            bulk_wait_all();
-            fence_proxy_async_global();
-          }
-        }
       }
       tma_store_wait_read();
       mbar_arrive(bar_dq_empty(bars, 0, buf));
@@ -518,9 +527,10 @@ struct BwdKernel {
     const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
     const int warp_in_wg = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_iters = num_steps(args, m_block_min);
+    const int n_iters = num_steps(args, mask, n_block, m_block_min);
     const float scale_log2 = p.scale_softmax_log2;
     // This thread's key rows (global): key0 and key0 + 8.
     const int key0 = n_block * kBlockN + cw * 64 + warp_in_wg * 16 + g;
@@ -571,11 +581,14 @@ struct BwdKernel {
     auto softmax = [&](int it) {
       const int stage = (g0 + it) % kStages;
       int hh_unused, m_block;
-      step_coords(args, m_block_min, it, hh_unused, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh_unused, m_block);
       wgmma_wait<1>();
       fence_regs(s_reg);
       // P^T = exp2(S^T scale_log2 - lse_log2[col]) (0 where masked)
-      const bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      if constexpr (Mask<IsCausal>::kHasLeftBound) {
+        need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
+      }
 #pragma unroll
       for (int j = 0; j < kBlockM / 8; ++j) {
         float2 l2;
@@ -592,9 +605,10 @@ struct BwdKernel {
         for (int j = 0; j < kBlockM / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int lim = mask.col_limit(m_block * kBlockM + 8 * j + 2 * t + e);
-            if (key0 >= lim) s_reg[4 * j + e] = 0.f;
-            if (key0 + 8 >= lim) s_reg[4 * j + 2 + e] = 0.f;
+            const int row = m_block * kBlockM + 8 * j + 2 * t + e;
+            const int lo = mask.col_min(row), hi = mask.col_limit(row);
+            if (!Mask<IsCausal>::visible_in(key0, lo, hi)) s_reg[4 * j + e] = 0.f;
+            if (!Mask<IsCausal>::visible_in(key0 + 8, lo, hi)) s_reg[4 * j + 2 + e] = 0.f;
           }
         }
       }
@@ -676,7 +690,7 @@ struct BwdKernel {
       mma_rs(dk_reg, ds_frag, q_stage(it));
       wgmma_commit();
     };
-    // (kOrderDkLast: dV and dK in groups of their own.)
+    // (DkLast: dV and dK in groups of their own.)
     auto issue_rs_group = [&](float (&acc)[kHeadDim / 2], uint32_t (&frag)[kBlockM / 16][4], uint32_t b_smem) {
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) fence_regs(frag[kk]);
@@ -737,56 +751,15 @@ struct BwdKernel {
     // ---- bulk reduce-add of the staged dQ part of step it into dq_accum (one thread: tid 0).
     auto reduce_dq = [&](int it) {
       int hh, m_block;
-      step_coords(args, m_block_min, it, hh, m_block);
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
-      const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
+      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
       reduce_dq_part(p, row, cw, dq_s);
       tma_store_commit();
     };
-    // ---- Deterministic mode (tid 0): the reduce-adds into one dq_accum block happen in a fixed order, key
-    // block by key block, through the block's counter in dq_semaphore (one per (batch, head, m_block)):
-    //   wait until counter >= target, reduce, wait for the reduce to COMPLETE (its global writes done, not
-    //   only its shared-memory reads), then release-increment the counter by 1.
-    // Each consumer warpgroup of every key-block CTA that visits the block increments once, so with
-    // target = 2 n_block (+ cw when split by keys) the adds run in the order (n_block, cw) — bitwise the same
-    // sums every run:
-    //   - The contributors of query block m are a prefix of the key blocks: m_block_min(n) is nondecreasing
-    //     in n (causal bottom-right: a row that sees key block n sees every block < n; non-causal: 0), and
-    //     CTA n visits every m >= m_block_min(n). So if CTA n visits m, all CTAs n' < n of the same
-    //     (head_k, batch) do too, each increments exactly twice, and the first 2n increments can only come
-    //     from them (increment number i of consumer (n, c) needs counter >= 2n (+c) first, so i > 2n (+c)).
-    //     With GQA every query head of the group has the same pattern (its own counters); query blocks that
-    //     no key block sees (rows that see no key) have no contributors and nobody waits on them.
-    //   - Split by columns the two consumers write disjoint columns, so their relative order does not
-    //     matter and both wait for 2n; split by keys they add into the same columns: consumer 1 also waits
-    //     for consumer 0 of its own CTA (target 2n + 1).
-    //   - Deadlock freedom: a CTA only ever waits for CTAs of the same (head_k, batch) with a lower
-    //     blockIdx.x; x is the fastest grid dimension, so those have lower linear block indices and are
-    //     launched no later (resident or finished) — CTA 0 never waits, and by induction each CTA finishes.
-    //     The producer never waits on a counter.
-    //   - Memory ordering: the reduce-adds are async-proxy writes; wait_group 0 completes them and
-    //     fence.proxy.async.global orders them before the generic-proxy release (red.release.gpu); on the
-    //     other side ld.acquire.gpu, then the same proxy fence before this thread issues its own reduce.
-    //     Only tid 0 issues the reduce, so no barrier is needed for the warpgroup after the wait (the
-    //     staging of dQ into shared memory does not depend on the counter).
-    auto det_flush = [&](int it) {
-      if (tid == 0) {
-        int hh, m_block;
-        step_coords(args, m_block_min, it, hh, m_block);
-        const int head = head_k * p.h_h_k_ratio + hh;
-        int* sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) +
-                   m_block;
-        wait_counter_geq(sem, 2 * n_block + (DqSplitKeys ? cw : 0));
-        fence_proxy_async_global();
-        reduce_dq(it);
-        bulk_wait_all();
-        fence_proxy_async_global();
-        red_release_gpu_add(sem, 1);
-      }
-    };
-    // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum (deterministic
-    // deferred: the reduce is issued by det_flush, after the next step's issue_sdp).
+    // ---- dQ part -> shared memory (register order) -> bulk reduce-add into dq_accum (by tid 0, or by the
+    // writer warp).
     // This thread's dQ registers into a staging buffer, in register order (16-byte stores, conflict-free).
     auto stage_dq = [&](uint32_t dq_s) {
 #pragma unroll
@@ -819,65 +792,33 @@ struct BwdKernel {
       stage_dq(dq_s);
       fence_proxy_async_smem();
       named_bar_sync(kBarDq + cw, 128);
-      if constexpr (DetMode == kDetOff) {
-        if (tid == 0) reduce_dq(it);
-      } else if constexpr (DetMode == kDetEager) {
-        det_flush(it);
-      }
+      if (tid == 0) reduce_dq(it);
     };
     auto wait_full = [&](int it) { mbar_wait(bar_full(bars, (g0 + it) % kStages), ((g0 + it) / kStages) & 1); };
 
     mbar_wait(bar_kv(bars), tile_iter & 1);
-    if constexpr (Overlap) {
-      // S^T / dP^T of step it + 1 run on the tensor cores while this warpgroup writes dQ of step it.
-      if (n_iters > 0) {
-        wait_full(0);
-        issue_sdp(0);
-        softmax(0);
-      }
-      for (int it = 0; it < n_iters; ++it) {
+    for (int it = 0; it < n_iters; ++it) {
+      wait_full(it);
+      issue_sdp(it);
+      softmax(it);
+      if constexpr (DkLast) {
+        issue_dv(it);  // (runs while dS^T is stored)
+        store_ds(it);
+        issue_dq(it);
+        issue_dk(it);
+        wgmma_wait<1>();  // dV and dQ complete; dK runs on while dQ is staged
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
+        store_dq(it);
+        wgmma_wait<0>();
+        grads_done(it);
+      } else {
         issue_dkdv(it);
         store_ds(it);
         issue_dq(it);
         wgmma_wait<0>();
         grads_done(it);
-        if (it + 1 < n_iters) {
-          wait_full(it + 1);
-          issue_sdp(it + 1);
-        }
         store_dq(it);
-        if (it + 1 < n_iters) softmax(it + 1);
-      }
-    } else {
-      for (int it = 0; it < n_iters; ++it) {
-        wait_full(it);
-        issue_sdp(it);
-        if constexpr (DetMode == kDetDeferred && !DqWriter) {
-          if (it > 0) det_flush(it - 1);  // step it - 1's dQ, while S^T / dP^T of step it run
-        }
-        softmax(it);
-        if constexpr (Order == kOrderDkLast) {
-          issue_dv(it);  // (runs while dS^T is stored)
-          store_ds(it);
-          issue_dq(it);
-          issue_dk(it);
-          wgmma_wait<1>();  // dV and dQ complete; dK runs on while dQ is staged
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
-          store_dq(it);
-          wgmma_wait<0>();
-          grads_done(it);
-        } else {
-          issue_dkdv(it);
-          store_ds(it);
-          issue_dq(it);
-          wgmma_wait<0>();
-          grads_done(it);
-          store_dq(it);
-        }
-      }
-      if constexpr (DetMode == kDetDeferred && !DqWriter) {
-        if (n_iters > 0) det_flush(n_iters - 1);
       }
     }
     if constexpr (Persistent) {
@@ -923,13 +864,13 @@ struct BwdKernel {
         const int key_row = n_block * kBlockN + cw * 64;
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
-          tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, key_row, head_k, batch);
-          tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, key_row, head_k, batch);
+          tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, key_row, head_k, seq.b);
+          tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, key_row, head_k, seq.b);
         }
         tma_store_commit();
       }
     } else {
-      store_dkdv_pairs<T, kHeadDim>(p, dk_reg, dv_reg, key0, 0, t, batch, head_k);
+      store_dkdv_pairs<T, kHeadDim>(p, dk_reg, dv_reg, key0, 0, t, seq, head_k);
     }
     // Not persistent: the CTA exits after this; the bulk operations of tid 0 (dQ reduce-adds in consumer mode,
     // the dK / dV stores) must have read their shared-memory sources first (the persistent loop waits at its end).
@@ -982,7 +923,7 @@ struct BwdKernel {
           int nb, hk, bb;
           coords(tile, nb, hk, bb);
           body(nb, hk, bb, g0, tile_iter);
-          g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+          g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
         }
       };
       if (warp < 4) {
@@ -995,7 +936,7 @@ struct BwdKernel {
               int nb, hk, bb;
               coords(tile, nb, hk, bb);
               producer(args, smem, bars, nb, hk, bb, g0, tile_iter, tile);
-              g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+              g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
               int next = 0;
               if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
               tile = __shfl_sync(0xffffffffu, next, 0);
@@ -1022,7 +963,7 @@ struct BwdKernel {
             int nb, hk, bb;
             coords(tile, nb, hk, bb);
             consumer(args, smem, bars, warp / 4 - 1, nb, hk, bb, g0, tile_iter);
-            g0 += num_steps(args, mask.template m_block_min<kBlockM, kBlockN>(nb));
+            g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
           }
         } else {
           for_tiles([&](int nb, int hk, int bb, int g0, int ti) {

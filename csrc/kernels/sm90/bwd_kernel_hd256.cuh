@@ -8,7 +8,7 @@
 //
 // One CTA per (64-key block, kv head, batch): K, V (64 x 256 each) loaded once by TMA; loop over the query heads
 // of the GQA group and the 64-row query blocks that see the key block; Q (+ the lse_log2 / D rows: 1-D bulk
-// copies) and dO (TMA) stream through mbarrier pipelines (Q 2 slots; dO 2 slots, or 1 with DqBulk). kNWarps = 12:
+// copies) and dO (TMA) stream through mbarrier pipelines (2 slots each). kNWarps = 12:
 //   warpgroup 0  producer: lane 0 of warp 0 issues the loads; setmaxnreg lowers the warpgroup to 24 registers.
 //   warpgroups 1, 2  consumers (240 registers); consumer w per query block:
 //     S^T_w  (64 keys x 32 queries) = K Q_w^T    SS wgmma, N = 32 (queries [32w, 32w + 32)), K-dim = 256
@@ -17,36 +17,35 @@
 //     P^T_w, dS^T_w (16-bit) -> shared memory (its 32 query columns of the 64 x 64 tiles); 256-thread barrier
 //     dV[:, 128w : 128w + 128] += P^T dO[:, cols w]   SS wgmma, M = 64 keys, N = 128, K-dim = 64 queries
 //     dK[:, 128w : 128w + 128] += dS^T Q[:, cols w]   SS wgmma
-//     dQ[:, 128w : 128w + 128]  = dS K[:, cols w]      SS wgmma (dS^T read MN-major), then into dq_accum:
-//        default: red.global.add.v4.f32 straight from registers (16 per thread; Det: ordered by key block, see Det);
-//        DqBulk: staged in shared memory in two 16 KiB halves, each one cp.reduce.async.bulk (the staging takes
-//        the second dO slot). Measured no faster (H200, 2026-11-21; NOTES.md).
-//     (DkLast, the default: the three are issued as dV, dQ, dK, and dQ's adds run while dK is on the tensor cores.)
+//     dQ[:, 128w : 128w + 128]  = dS K[:, cols w]      SS wgmma (dS^T read MN-major), then into dq_accum by
+//        red.global.add.v4.f32 straight from registers (16 per thread; Det: ordered by key block, see Det; a bulk
+//        reduce through shared memory measured no faster, H200, NOTES.md).
+//     The three are issued as dV, dQ, dK, and dQ's adds run while dK is on the tensor cores.
 //   dK, dV (64 + 64 registers) stay in registers for the whole CTA (fixed accumulation order: bitwise
 //   reproducible). P^T / dS^T tiles are double-buffered (step parity) so a consumer may write step i + 1 while
 //   the other still reads step i. The first k-step of S^T, dP^T and dQ uses ss_z (accumulators write-only), so
 //   those accumulators are dead between steps: peak 192 accumulator registers, no spills.
 //   Stagger: the query blocks are visited starting at n_block mod their count (neighbouring CTAs add into
-//   different dq_accum blocks at a time). StagedEpilogue: dK, dV leave through shared memory with 16-byte
-//   stores (else 4-byte pairs straight from registers).
+//   different dq_accum blocks at a time). dK, dV leave through shared memory with 16-byte stores (4-byte pairs
+//   straight from registers where dk / dv are not 16-byte aligned).
 //
 // Measured bottleneck (NOTES.md): the dq_accum reduction. Every CTA adds 64 x 256 fp32 (64 KiB) per step of
-// 10.5 MFLOP, twice the traffic per FLOP of the d128 kernel (128-key CTAs); skipping it (timing ablation
-// kAblate & 1) makes the backward ~1.4-1.7x faster. Bigger key blocks per CTA (e.g. a 2-CTA cluster summing dQ in
+// 10.5 MFLOP, twice the traffic per FLOP of the d128 kernel (128-key CTAs); skipping it (a timing ablation, since
+// removed) made the backward ~1.4-1.7x faster. Bigger key blocks per CTA (e.g. a 2-CTA cluster summing dQ in
 // distributed shared memory first) are the next step.
 //
 // dq_accum layout: that of bwd_kernel.cuh with n_dq = 128 (dq_accum_index(row, col, 128)): per (batch, head,
 // 64-row block) 64 x 256 floats; consumer w's part at w * 8192, register group j (n8 block) of thread tid at
 // j * 512 + tid * 4: one 16-byte red per (thread, j), a warp's 32 reds cover 512 contiguous bytes.
 //
-// Shared memory: K 32 KiB, V 32 KiB, Q 2 x 32 KiB, dO 2 x 32 KiB (DqBulk: 32 KiB + dQ staging 2 x 16 KiB),
-// P^T 2 x 8 KiB, dS^T 2 x 8 KiB, lse / D 1 KiB, barriers: 225 KiB + 1 KiB alignment slack, of 227 KiB.
+// Shared memory: K 32 KiB, V 32 KiB, Q 2 x 32 KiB, dO 2 x 32 KiB, P^T 2 x 8 KiB, dS^T 2 x 8 KiB, lse / D 1 KiB, barriers: 225 KiB + 1 KiB alignment slack, of 227 KiB.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
 #include "../mask.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
+#include "../seqinfo.cuh"
 #include "bwd_kernel.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -61,39 +60,29 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-template <typename T_, bool DqBulk_, bool IsCausal_, bool StagedEpilogue_, bool Stagger_, int kAblate_ = 0,
-          bool Det_ = false, bool DkLast_ = false>
+template <typename T_, bool IsCausal_, bool Stagger_, bool Det_ = false>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
   static constexpr int kBlockM = 64;  // query rows per pipeline step
   static constexpr int kBlockN = 64;  // keys per CTA, shared by both consumers
-  // DqBulk: dQ staged in shared memory (two 16 KiB halves per consumer) and added by cp.reduce.async.bulk; dO then
-  // has one pipeline slot (the staging takes the second). Otherwise red.global.add.v4.f32 from registers, 2 slots.
-  static constexpr bool DqBulk = DqBulk_;
-  static constexpr int kStages = 2;                 // Q (+ lse, D) slots
-  static constexpr int kDoStages = DqBulk ? 1 : 2;  // dO slots
+  static constexpr int kStages = 2;    // Q (+ lse, D) slots
+  static constexpr int kDoStages = 2;  // dO slots
   static constexpr bool IsCausal = IsCausal_;
-  // Timing ablations only (wrong results): bit 0 skips the dq reduction, bit 1 the Q / dO loads after the first
-  // kStages steps (the steps reuse stale tiles).
-  static constexpr int kAblate = kAblate_;
-  static constexpr bool StagedEpilogue = StagedEpilogue_;
   // Stagger: the CTA of key block n_block visits its query blocks starting at (n_block mod their count) and wraps,
   // so that concurrently running CTAs (neighbouring key blocks) add into different dq_accum blocks instead of all
   // into the same one at the same time.
   static constexpr bool Stagger = Stagger_;
   // Deterministic (params.deterministic): the dQ adds into each dq_accum block happen in key-block order, through
   // the block's counter in params.dq_semaphore (zeroed by the preprocess kernel), as in the d64 / d128 kernel
-  // (det_flush in bwd_kernel.cuh, split by columns): consumer w of key block n waits until the counter reaches 2n
-  // (both consumers of every lower key block have added; their columns are disjoint), adds, and increments it once.
+  // (dq_writer in bwd_kernel.cuh): consumer w of key block n waits until the counter reaches 2 (n - n_block_min(m))
+  // (both consumers of every lower contributing key block have added; their columns are disjoint), adds, and
+  // increments it once.
   // The query blocks are visited in descending order with the heads inner (step_coords), so the key-block CTAs
   // of a (kv head, batch) run in lockstep; a CTA waits only for lower key blocks, launched no later (x is the
   // fastest grid dimension), so the chain cannot deadlock.
   static constexpr bool Det = Det_;
-  // DkLast: dV, dQ, dK in three groups, in that order; dQ goes into dq_accum while dK still runs on the tensor
-  // cores (else dV, dK, dQ, and dQ leaves after all three).
-  static constexpr bool DkLast = DkLast_;
-  static_assert(!Det || (!Stagger && !DqBulk && kAblate_ == 0), "deterministic: plain order, red adds");
+  static_assert(!Det || !Stagger, "deterministic: the descending lockstep order");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kProducerRegs = 24;  // 24*128 + 240*256 = 64512 <= 65536
@@ -113,9 +102,7 @@ struct BwdKernelHd256 {
   static constexpr int kOffDo = kOffQ + kStages * kQBytes;    // kDoStages slots
   static constexpr int kOffP = kOffDo + kDoStages * kQBytes;   // 2 buffers (step parity)
   static constexpr int kOffDs = kOffP + 2 * kPBytes;           // 2 buffers
-  static constexpr int kDqHalfBytes = 64 * kNDq * 4 / 2;       // half of one consumer's dQ (16 KiB)
-  static constexpr int kOffDq = kOffDs + 2 * kPBytes;          // DqBulk: one half-buffer per consumer
-  static constexpr int kOffLse = kOffDq + (DqBulk ? 2 * kDqHalfBytes : 0);  // kStages x kBlockM floats (lse log2 e)
+  static constexpr int kOffLse = kOffDs + 2 * kPBytes;         // kStages x kBlockM floats (lse log2 e)
   static constexpr int kOffD = kOffLse + kStages * kBlockM * 4;
   static constexpr int kOffBar = kOffD + kStages * kBlockM * 4;
   static_assert(kOffLse % 16 == 0 && kOffD % 16 == 0, "bulk copy destinations are 16-byte aligned");
@@ -123,7 +110,7 @@ struct BwdKernelHd256 {
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
   static constexpr int kBarPds = 1;  // named barrier: P^T / dS^T of both consumers written
-  static constexpr int kBarDq = 2;   // 2, 3: dQ staging of consumer w
+  static constexpr int kBarDq = 2;   // 2, 3: consumer w's dQ adds (Det)
 
   // mbarriers: K / V; Q (+ lse, D) full / empty per Q slot; dO full / empty per dO slot.
   __device__ static __forceinline__ uint32_t bar_kv(uint32_t b) { return b; }
@@ -134,12 +121,20 @@ struct BwdKernelHd256 {
     return b + 8 * (1 + 2 * kStages + kDoStages + s);
   }
 
+  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max): evaluated once by the
+  // launcher (args.num_m_blocks), as in bwd_kernel.cuh's BwdKernel::m_block_max_of, which says why.
+  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const Mask<IsCausal>& /*mask*/,
+                                                       int /*n_block*/) {
+    return args.num_m_blocks;
+  }
+
   // ------------------------------------------------------------------------------------------ producer
   __device__ static void producer(const BwdTmaArgs& args, uint32_t smem, uint32_t bars, int n_block, int head_k,
                                   int batch) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     if (lane == 0) {
       tma_prefetch_desc(&args.q_map);
@@ -148,25 +143,22 @@ struct BwdKernelHd256 {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         tma_load_4d(smem + kOffK + c * kChunkBytes, &args.k_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
         tma_load_4d(smem + kOffV + c * kChunkBytes, &args.v_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    batch);
+                    seq.b);
       }
     }
     // Step it loads Q (+ lse, D) and dO of (head, m_block).
     auto load_step = [&](int it, int head, int m_block) {
-      const int64_t d_base = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded;
+      const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
       const int stage = it % kStages, phase = (it / kStages) & 1;
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
-      const bool skip = (kAblate & 2) && it >= kStages;
-      if (lane == 0 && skip) {
-        mbar_arrive(bar_full(bars, stage));
-      } else if (lane == 0) {
+      if (lane == 0) {
         mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes + 2 * kBlockM * 4);
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffQ + stage * kQBytes + c * kChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
-                      m_block * kBlockM, head, batch);
+                      m_block * kBlockM, head, seq.b);
         }
         // lse_log2 (lse * log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D
         // rows of the step, written by the preprocess kernel up to seqlen_q_rounded.
@@ -174,31 +166,30 @@ struct BwdKernelHd256 {
         bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
         bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
       }
-      // dO: its slot frees after the dV products of the step kDoStages back (a single slot: mid-step).
+      // dO: its slot frees after the dV products of the step kDoStages back.
       const int dstage = it % kDoStages, dphase = (it / kDoStages) & 1;
       mbar_wait(bar_do_empty(bars, dstage), dphase ^ 1);
-      if (lane == 0 && skip) {
-        mbar_arrive(bar_do_full(bars, dstage));
-      } else if (lane == 0) {
+      if (lane == 0) {
         mbar_arrive_expect_tx(bar_do_full(bars, dstage), kQBytes);
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffDo + dstage * kQBytes + c * kChunkBytes, &args.do_map, bar_do_full(bars, dstage),
-                      c * 64, m_block * kBlockM, head, batch);
+                      c * 64, m_block * kBlockM, head, seq.b);
         }
       }
     };
     if constexpr (Det) {
       // Query blocks descending from the last, heads inner (see Det).
-      const int n_iters = (args.num_m_blocks - m_block_min) * p.h_h_k_ratio;
+      const int n_iters = (m_block_max_of(args, mask, n_block) - m_block_min) * p.h_h_k_ratio;
       for (int it = 0; it < n_iters; ++it) {
-        load_step(it, head_k * p.h_h_k_ratio + it % p.h_h_k_ratio, args.num_m_blocks - 1 - it / p.h_h_k_ratio);
+        load_step(it, head_k * p.h_h_k_ratio + it % p.h_h_k_ratio,
+                  m_block_max_of(args, mask, n_block) - 1 - it / p.h_h_k_ratio);
       }
     } else {
       int it = 0;
       for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
         const int head = head_k * p.h_h_k_ratio + hh;
-        const int n_m = args.num_m_blocks - m_block_min;
+        const int n_m = m_block_max_of(args, mask, n_block) - m_block_min;
         const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;
         for (int i = 0; i < n_m; ++i, ++it) {
           load_step(it, head, m_block_min + (i + rot < n_m ? i + rot : i + rot - n_m));
@@ -214,14 +205,15 @@ struct BwdKernelHd256 {
     const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
     const int warp_in_wg = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    const int n_m = args.num_m_blocks - m_block_min;  // query blocks per head
+    const int n_m = m_block_max_of(args, mask, n_block) - m_block_min;  // query blocks per head
     const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;  // see Stagger
     // Step it -> query block and head of the GQA group. Default: heads outer, query blocks ascending from
     // m_block_min (rotated by Stagger). Det: query blocks descending from the last, heads inner.
     auto m_block_of = [&](int it) {
-      if constexpr (Det) return args.num_m_blocks - 1 - it / p.h_h_k_ratio;
+      if constexpr (Det) return m_block_max_of(args, mask, n_block) - 1 - it / p.h_h_k_ratio;
       const int i = it % n_m + rot;
       return m_block_min + (i < n_m ? i : i - n_m);
     };
@@ -281,7 +273,10 @@ struct BwdKernelHd256 {
       const int m_block = m_block_of(it);
       wgmma_wait<1>();
       fence_regs(s_reg);
-      const bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+      if constexpr (Mask<IsCausal>::kHasLeftBound) {
+        need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
+      }
 #pragma unroll
       for (int j = 0; j < kQh / 8; ++j) {
         float2 l2;
@@ -298,9 +293,10 @@ struct BwdKernelHd256 {
         for (int j = 0; j < kQh / 8; ++j) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int lim = mask.col_limit(m_block * kBlockM + cw * kQh + 8 * j + 2 * t + e);
-            if (key0 >= lim) s_reg[4 * j + e] = 0.f;
-            if (key0 + 8 >= lim) s_reg[4 * j + 2 + e] = 0.f;
+            const int row = m_block * kBlockM + cw * kQh + 8 * j + 2 * t + e;
+            const int lo = mask.col_min(row), hi = mask.col_limit(row);
+            if (!Mask<IsCausal>::visible_in(key0, lo, hi)) s_reg[4 * j + e] = 0.f;
+            if (!Mask<IsCausal>::visible_in(key0 + 8, lo, hi)) s_reg[4 * j + 2 + e] = 0.f;
           }
         }
       }
@@ -396,53 +392,30 @@ struct BwdKernelHd256 {
       __syncwarp();
       if (lane == 0) mbar_arrive(bar_empty(bars, it % kStages));
     };
-    // ---- dQ_w -> dq_accum, in register order (see the header): DqBulk: two halves (registers of n8 blocks
-    // j = 0..7, then 8..15: 16 KiB, contiguous in dq_accum) through this consumer's staging buffer, each added by
-    // one cp.reduce.async.bulk; else 16 red.global.add.v4.f32 per thread.
+    // ---- dQ_w -> dq_accum, in register order (see the header): 16 red.global.add.v4.f32 per thread.
     auto store_dq = [&](int it) {
       fence_regs(dq_reg);
       const int head = head_k * p.h_h_k_ratio + hh_of(it);
       const int m_block = m_block_of(it);
-      const int64_t row = (static_cast<int64_t>(batch) * p.nheads + head) * p.seqlen_q_rounded + m_block * kBlockM;
+      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
       float* dst = p.dq_accum + row * kHeadDim + cw * (64 * kNDq);
-      if constexpr (DqBulk) {
-        const uint32_t buf = smem + kOffDq + cw * kDqHalfBytes;
+      // Det: wait for the lower key blocks' adds into this block (tid 0 acquires, the barrier passes it on to
+      // the warpgroup), add, then (barrier: every thread's adds are issued before it) tid 0 release-increments.
+      int* sem = nullptr;
+      if constexpr (Det) {
+        sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) + m_block;
+        // Key blocks [n_block_min, n_block) of this query block add first: two increments each.
+        if (tid == 0) wait_counter_geq(sem, 2 * (n_block - mask.template n_block_min<kBlockM, kBlockN>(m_block)));
+        named_bar_sync(kBarDq + cw, 128);
+      }
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          if (tid == 0) tma_store_wait_read();  // the previous reduce has read the buffer
-          named_bar_sync(kBarDq + cw, 128);
-#pragma unroll
-          for (int jj = 0; jj < kNDq / 16; ++jj) {
-            const int j = half * (kNDq / 16) + jj;
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(buf + (jj * 512 + tid * 4) * 4),
-                         "f"(dq_reg[4 * j]), "f"(dq_reg[4 * j + 1]), "f"(dq_reg[4 * j + 2]), "f"(dq_reg[4 * j + 3])
-                         : "memory");
-          }
-          fence_proxy_async_smem();
-          named_bar_sync(kBarDq + cw, 128);
-          if (tid == 0) {
-            bulk_reduce_add_f32(dst + half * (kDqHalfBytes / 4), buf, kDqHalfBytes);
-            tma_store_commit();
-          }
-        }
-      } else {
-        // Det: wait for the lower key blocks' adds into this block (tid 0 acquires, the barrier passes it on to
-        // the warpgroup), add, then (barrier: every thread's adds are issued before it) tid 0 release-increments.
-        int* sem = nullptr;
-        if constexpr (Det) {
-          sem = p.dq_semaphore + (static_cast<int64_t>(batch) * p.nheads + head) * (p.seqlen_q_rounded / 64) + m_block;
-          if (tid == 0) wait_counter_geq(sem, 2 * n_block);
-          named_bar_sync(kBarDq + cw, 128);
-        }
-#pragma unroll
-        for (int j = 0; j < kNDq / 8; ++j) {
-          red_add_v4_f32(dst + j * 512 + tid * 4, dq_reg[4 * j], dq_reg[4 * j + 1], dq_reg[4 * j + 2],
-                         dq_reg[4 * j + 3]);
-        }
-        if constexpr (Det) {
-          named_bar_sync(kBarDq + cw, 128);
-          if (tid == 0) red_release_gpu_add(sem, 1);  // (the last key block's increment has no waiter)
-        }
+      for (int j = 0; j < kNDq / 8; ++j) {
+        red_add_v4_f32(dst + j * 512 + tid * 4, dq_reg[4 * j], dq_reg[4 * j + 1], dq_reg[4 * j + 2],
+                       dq_reg[4 * j + 3]);
+      }
+      if constexpr (Det) {
+        named_bar_sync(kBarDq + cw, 128);
+        if (tid == 0) red_release_gpu_add(sem, 1);  // (the last key block's increment has no waiter)
       }
     };
     auto wait_full = [&](int it) { mbar_wait(bar_full(bars, it % kStages), (it / kStages) & 1); };
@@ -452,85 +425,67 @@ struct BwdKernelHd256 {
     for (int it = 0; it < n_iters; ++it) {
       wait_full(it);
       issue_s(it);
-      wait_do(it);  // a single dO slot may still be loading: S^T runs meanwhile
+      wait_do(it);  // (S^T runs while dO may still be loading)
       issue_dp(it);
       softmax(it);  // waits for S^T, then dP^T: no other group is in flight
       store_pds(it);
-      if constexpr (DkLast) {
-        issue_dv(it);
-        issue_dq(it);
-        issue_dk(it);
-        wgmma_wait<2>();
-        release_do(it);
-        wgmma_wait<1>();
-        fence_regs(dq_reg);
-        if constexpr (!(kAblate & 1)) store_dq(it);
-        wgmma_wait<0>();
-        release_q(it);
-      } else {
-        issue_dv(it);
-        issue_dk(it);
-        issue_dq(it);
-        wgmma_wait<2>();
-        release_do(it);
-        wgmma_wait<1>();
-        release_q(it);
-        wgmma_wait<0>();
-        fence_regs(dq_reg);
-        if constexpr (!(kAblate & 1)) store_dq(it);
-      }
-    }
-    if constexpr (DqBulk) {
-      if (tid == 0) bulk_wait_all();  // the reduces have read the staging buffers (and completed)
+      issue_dv(it);
+      issue_dq(it);
+      issue_dk(it);
+      wgmma_wait<2>();
+      release_do(it);
+      wgmma_wait<1>();
+      fence_regs(dq_reg);
+      store_dq(it);
+      wgmma_wait<0>();
+      release_q(it);
     }
 
     // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
     T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
     T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
     const float scale = p.scale_softmax;
-    if constexpr (StagedEpilogue) {
-      // Through shared memory (the Q stages: free once both consumers' wgmmas are done), then 16-byte stores, a
-      // warp per 512-byte row. Staging layout: row = key (512 bytes), 16-byte chunk index XOR (row % 8).
-      const bool vec_ok = ((reinterpret_cast<uintptr_t>(dk_ptr) | reinterpret_cast<uintptr_t>(dv_ptr)) % 16 == 0) &&
-                          ((p.dk_batch_stride | p.dk_row_stride | p.dk_head_stride | p.dv_batch_stride |
-                            p.dv_row_stride | p.dv_head_stride) % 8 == 0);
-      if (vec_ok) {
-        const uint32_t st_k = smem + kOffQ, st_v = smem + kOffQ + kQBytes;
-        named_bar_sync(kBarPds, 256);  // the other consumer's wgmmas no longer read the Q stages
+    // Through shared memory (the Q stages: free once both consumers' wgmmas are done), then 16-byte stores, a
+    // warp per 512-byte row. Staging layout: row = key (512 bytes), 16-byte chunk index XOR (row % 8).
+    const bool vec_ok = ((reinterpret_cast<uintptr_t>(dk_ptr) | reinterpret_cast<uintptr_t>(dv_ptr)) % 16 == 0) &&
+                        ((p.dk_batch_stride | p.dk_row_stride | p.dk_head_stride | p.dv_batch_stride |
+                          p.dv_row_stride | p.dv_head_stride) % 8 == 0);
+    if (vec_ok) {
+      const uint32_t st_k = smem + kOffQ, st_v = smem + kOffQ + kQBytes;
+      named_bar_sync(kBarPds, 256);  // the other consumer's wgmmas no longer read the Q stages
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = r0 + 8 * h;
+      for (int h = 0; h < 2; ++h) {
+        const int row = r0 + 8 * h;
 #pragma unroll
-          for (int j = 0; j < kNDq / 8; ++j) {
-            const int chunk = cw * (kNDq / 8) + j;
-            const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4) + 4 * t;
-            st_shared_dkdv_pair<T>(st_k, st_v, off, dk_reg[4 * j + 2 * h], dk_reg[4 * j + 2 * h + 1],
-                                   dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1], scale);
-          }
+        for (int j = 0; j < kNDq / 8; ++j) {
+          const int chunk = cw * (kNDq / 8) + j;
+          const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4) + 4 * t;
+          st_shared_dkdv_pair<T>(st_k, st_v, off, dk_reg[4 * j + 2 * h], dk_reg[4 * j + 2 * h + 1],
+                                 dv_reg[4 * j + 2 * h], dv_reg[4 * j + 2 * h + 1], scale);
         }
-        named_bar_sync(kBarPds, 256);
-        const int tid2 = threadIdx.x - 128;  // 0..255 over both consumers
-#pragma unroll
-        for (int i = 0; i < 64 * 32 / 256; ++i) {
-          const int idx = i * 256 + tid2, row = idx / 32, chunk = idx % 32;
-          const int key = n_block * kBlockN + row, c = chunk * 8;
-          if (key < p.seqlen_k && c < p.head_dim) {
-            const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4);
-            uint4 vk, vv;
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(st_k + off));
-            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                         : "=r"(vv.x), "=r"(vv.y), "=r"(vv.z), "=r"(vv.w) : "r"(st_v + off));
-            *reinterpret_cast<uint4*>(dk_ptr + batch * p.dk_batch_stride + key * p.dk_row_stride +
-                                      head_k * p.dk_head_stride + c) = vk;
-            *reinterpret_cast<uint4*>(dv_ptr + batch * p.dv_batch_stride + key * p.dv_row_stride +
-                                      head_k * p.dv_head_stride + c) = vv;
-          }
-        }
-        return;
       }
+      named_bar_sync(kBarPds, 256);
+      const int tid2 = threadIdx.x - 128;  // 0..255 over both consumers
+#pragma unroll
+      for (int i = 0; i < 64 * 32 / 256; ++i) {
+        const int idx = i * 256 + tid2, row = idx / 32, chunk = idx % 32;
+        const int key = n_block * kBlockN + row, c = chunk * 8;
+        if (key < seq.seqlen_k && c < p.head_dim) {
+          const uint32_t off = row * 512 + ((chunk ^ (row % 8)) << 4);
+          uint4 vk, vv;
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(vk.x), "=r"(vk.y), "=r"(vk.z), "=r"(vk.w) : "r"(st_k + off));
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                       : "=r"(vv.x), "=r"(vv.y), "=r"(vv.z), "=r"(vv.w) : "r"(st_v + off));
+          *reinterpret_cast<uint4*>(dk_ptr + seq.k_offset(p.dk_batch_stride, p.dk_row_stride) +
+                                    key * p.dk_row_stride + head_k * p.dk_head_stride + c) = vk;
+          *reinterpret_cast<uint4*>(dv_ptr + seq.k_offset(p.dv_batch_stride, p.dv_row_stride) +
+                                    key * p.dv_row_stride + head_k * p.dv_head_stride + c) = vv;
+        }
+      }
+      return;
     }
-    store_dkdv_pairs<T, kNDq>(p, dk_reg, dv_reg, key0, cw * kNDq, t, batch, head_k);
+    store_dkdv_pairs<T, kNDq>(p, dk_reg, dv_reg, key0, cw * kNDq, t, seq, head_k);
   }
 
   __device__ static __forceinline__ void run(const BwdTmaArgs& args) {
