@@ -40,13 +40,13 @@ struct Variant {
 };
 template <int D>
 void run_default(const FwdParams& p, cudaStream_t s) { run_fwd_sm90<D>(p, s); }
-template <int D, int N, int S, bool PP, bool DP, int kGridLimit = 0, int kSw = 0, bool kChain = false, int kWG = 2,
-          bool kCross = false, int kPaired = -1, int kGroup = 0, bool kSkip = false>
+template <int D, int N, int S, bool PP, bool DP, int kGridLimit = 0, bool kChain = false, int kWG = 2,
+          int kPaired = -1, int kGroup = 0, bool kSkip = false>
 void run_cfg(const FwdParams& p, cudaStream_t s) {
   DTYPE_SWITCH(p.is_bf16, [&] {
     BOOL_SWITCH(p.is_causal, IsCausal, [&] {
-      sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP, kSw, kChain, kWG, kCross, kSkip>(p, s, kGridLimit,
-                                                                                                  kPaired, kGroup);
+      sm90::launch_fwd_sm90<elem_type, D, N, S, IsCausal, PP, DP, kChain, kWG, kSkip>(p, s, kGridLimit, kPaired,
+                                                                                      kGroup);
     });
   });
 }
@@ -58,44 +58,37 @@ static const Variant kVariants[] = {
     {"default", 256, run_default<256>},
     {"wg2", 64, run_cfg<64, 128, 2, true, true>},  // the 2-warpgroup d64 default before 3 warpgroups
     {"wg2np", 64, run_cfg<64, 128, 2, true, true, kNoPersist>},
-    {"wg2chain", 64, run_cfg<64, 128, 2, true, true, 0, 0, true>},
-    {"wg2sw88", 64, run_cfg<64, 128, 2, true, false, 0, 0x88, true>},  // software exp2 for 1/4 of P
-    {"wg3pp", 64, run_cfg<64, 128, 2, true, false, 0, 0, true, 3>},
-    {"wg3pp0", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3>},
-    {"wg3p", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3>},
+    {"wg2chain", 64, run_cfg<64, 128, 2, true, true, 0, true>},
+    {"wg3pp", 64, run_cfg<64, 128, 2, true, false, 0, true, 3>},
+    {"wg3pp0", 64, run_cfg<64, 128, 2, false, false, 0, false, 3>},
+    {"wg3p", 64, run_cfg<64, 128, 2, true, false, kPersist, true, 3>},
     {"wg2p", 64, run_cfg<64, 128, 2, true, true, kPersist>},  // the short causal default, persistent at any length
     // WgSkip (each warpgroup skips the key blocks its 64 rows cannot see), sixth session: the 3-warpgroup causal
     // kernel with it (default above 1k; "wg3pp" is that kernel without), forced persistent, and with 2 warpgroups.
-    {"wg3s", 64, run_cfg<64, 128, 2, true, false, 0, 0, true, 3, false, -1, 0, true>},
-    {"wg3sp", 64, run_cfg<64, 128, 2, true, false, kPersist, 0, true, 3, false, -1, 0, true>},
-    {"wg2s", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, -1, 0, true>},
-    {"skip", 256, run_cfg<256, 80, 2, false, false, 0, 0, false, 2, false, -1, 0, true>},  // default + WgSkip
+    {"wg3s", 64, run_cfg<64, 128, 2, true, false, 0, true, 3, -1, 0, true>},
+    {"wg3sp", 64, run_cfg<64, 128, 2, true, false, kPersist, true, 3, -1, 0, true>},
+    {"wg2s", 64, run_cfg<64, 128, 2, true, true, 0, false, 2, -1, 0, true>},
+    {"skip", 256, run_cfg<256, 80, 2, false, false, 0, false, 2, -1, 0, true>},  // default + WgSkip
     // K / V stages (sixth session, after ncu showed cuDNN's d64 forward with ~134 KB of shared memory): the short
     // causal kernel with 3 and 4 stages, the 3-warpgroup causal (WgSkip) and non-causal kernels with 3.
     {"wg2st3", 64, run_cfg<64, 128, 3, true, true>},
     {"wg2st4", 64, run_cfg<64, 128, 4, true, true>},
-    {"wg3st3", 64, run_cfg<64, 128, 3, true, false, 0, 0, true, 3, false, -1, 0, true>},
-    {"nc3st3", 64, run_cfg<64, 128, 3, false, false, 0, 0, false, 3>},
-    // CrossTile (next tile's first S before this tile's epilogue, two Q buffers), 2026-11-21 third series.
-    {"x2", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true>},
-    {"x", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true>},
-    {"xdp0", 128, run_cfg<128, 128, 2, true, false, 0, 0, false, 2, true>},
+    {"wg3st3", 64, run_cfg<64, 128, 3, true, false, 0, true, 3, -1, 0, true>},
+    {"nc3st3", 64, run_cfg<64, 128, 3, false, false, 0, false, 3>},
     // Causal schedule: paired (tiles m and num_m_blocks - 1 - m back to back on one CTA, the default where
     // persistent) vs the zig-zag rounds before it; same kernels.
-    {"wg2zz", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, 0>},
-    {"x2zz", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, true, 0>},
-    {"zigzag", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, 0>},
-    {"xzz", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, true, 0>},
-    {"perspair", 256, run_cfg<256, 80, 2, false, false, kPersist, 0, false, 2, false, 1>},
+    {"wg2zz", 64, run_cfg<64, 128, 2, true, true, 0, false, 2, 0>},
+    {"zigzag", 128, run_cfg<128, 128, 2, true, true, 0, false, 2, 0>},
+    {"perspair", 256, run_cfg<256, 80, 2, false, false, kPersist, false, 2, 1>},
     // L2 grouping of the tile order: (head, batch) pairs per group forced to 1, 2, 4 or 8 (default: 1 when not
     // causal, else 32 MiB of K/V); g1 at d64 / d256 (d64: the non-causal default's flags, so causal rows differ).
-    {"g1", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 1>},
-    {"g8", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 8>},
-    {"g2", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 2>},
-    {"g4", 128, run_cfg<128, 128, 2, true, true, 0, 0, false, 2, false, -1, 4>},
-    {"g1s", 64, run_cfg<64, 128, 2, true, true, 0, 0, false, 2, false, -1, 1>},  // = the short causal default
-    {"g1nc", 64, run_cfg<64, 128, 2, false, false, 0, 0, false, 3, false, -1, 1>},  // = default when not causal
-    {"g1", 256, run_cfg<256, 80, 2, false, false, 0, 0, false, 2, false, -1, 1>},
+    {"g1", 128, run_cfg<128, 128, 2, true, true, 0, false, 2, -1, 1>},
+    {"g8", 128, run_cfg<128, 128, 2, true, true, 0, false, 2, -1, 8>},
+    {"g2", 128, run_cfg<128, 128, 2, true, true, 0, false, 2, -1, 2>},
+    {"g4", 128, run_cfg<128, 128, 2, true, true, 0, false, 2, -1, 4>},
+    {"g1s", 64, run_cfg<64, 128, 2, true, true, 0, false, 2, -1, 1>},  // = the short causal default
+    {"g1nc", 64, run_cfg<64, 128, 2, false, false, 0, false, 3, -1, 1>},  // = default when not causal
+    {"g1", 256, run_cfg<256, 80, 2, false, false, 0, false, 2, -1, 1>},
     {"n144", 128, run_cfg<128, 144, 2, true, true>},  // kBlockN 144 (FA3 uses 176 for d128 non-causal)
     {"n144dp0", 128, run_cfg<128, 144, 2, true, false>},
     {"nonpersist", 128, run_cfg<128, 128, 2, true, true, kNoPersist>},

@@ -23,9 +23,8 @@
 // its own buffer: Q is released (q_empty) as soon as the tile's last S GEMM is done, so the producer loads
 // the next tile's Q during this tile's last P V and epilogue. Otherwise (kHeadDim = 256) O reuses the
 // warpgroup's own Q rows and Q is released once the stores have read them.
-// CrossTile (an option, kHeadDim <= 128, not a default: see NOTES.md 2026-11-21 third series): two Q buffers,
-// O staged in the tile's own Q buffer, and the next tile's first S GEMM issued with this tile's last P V, so
-// the epilogue overlaps it (consumer_cross).
+// Variants measured and removed (software exp2 for part of P, the next tile's first S before this tile's
+// epilogue): csrc/kernels/sm90/NOTES.md.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -58,33 +57,14 @@ struct FwdTmaArgs {
   int paired;
 };
 
-// 2^x on the FMA pipe (for a share of the softmax exponentials: the MUFU unit does 16 ex2 / clk / SM, which
-// is the bound at head dim 64). x <= 0 in the softmax (x slightly > 0 by rounding is fine). 2^x = 2^j 2^f,
-// j = floor(x) (the add rounding down leaves it in the low mantissa bits of 1.5 * 2^23 + j), f in [0, 1),
-// 2^f by a degree-3 polynomial (minimax in relative error with p(0) = 1 exactly: max rel. error 8.6e-5,
-// below the 2^-9 / 2^-12 rounding of bf16 / fp16 P), j added to the exponent field by an integer add.
-// x is clamped to -127 first: -inf (masked) -> j = -127, f = 0, p = 1 -> bits 0x3f800000 - (127 << 23) = 0,
-// an exact 0 like ex2.approx.ftz gives. x in (-127, -126) gives a denormal below 2^-126 instead of 2^x.
-__device__ __forceinline__ float soft_exp2(float x) {
-  x = fmaxf(x, -127.f);
-  float r;
-  asm("add.rm.f32 %0, %1, 0f4B400000;\n" : "=f"(r) : "f"(x));  // 12582912 + floor(x)
-  const float f = x - (r - 12582912.f);                           // both subtractions exact
-  const float p = fmaf(fmaf(fmaf(0.07706803f, f, 0.22764353f), f, 0.6951173f), f, 1.f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(r) << 23));  // low 9 bits of r hold j
-}
-
-// kSwExpMask: bit b set -> the columns of n8 blocks j with j % 8 == b take soft_exp2 instead of ex2.approx.
 // ChainTiles (with PingPong): the scheduling token passes on across tile boundaries, so one consumer starts
 // the next tile's first GEMM while the other still finishes its epilogue (otherwise the token restarts at
 // consumer 0 on every tile, which waits for consumer 1's epilogue).
-// CrossTile (persistent launches, kHeadDim <= 128): two Q buffers, and the next tile's first S GEMM is issued
-// together with this tile's last P V, before this tile's epilogue (see consumer_cross).
 // WgSkip: each consumer warpgroup skips the key blocks its own 64 rows cannot see (causal: the blocks past its
 // diagonal, which the tile's lower warpgroups do need; all of them when its rows are >= seqlen_q): it only frees
 // their K / V slots and takes its ping-pong turns. Without it every warpgroup visits every key block of the tile.
 template <typename T_, int kHeadDim_, int kBlockN_, int kStages_, bool IsCausal_, bool PingPong_, bool DoubleP_,
-          int kSwExpMask_ = 0, bool ChainTiles_ = false, int kNumWG_ = 2, bool CrossTile_ = false, bool WgSkip_ = false>
+          bool ChainTiles_, int kNumWG_, bool WgSkip_>
 struct FwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -96,11 +76,8 @@ struct FwdKernel {
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool PingPong = PingPong_;
   static constexpr bool DoubleP = DoubleP_;
-  static constexpr int kSwExpMask = kSwExpMask_;
   static constexpr bool ChainTiles = ChainTiles_;
-  static constexpr bool CrossTile = CrossTile_;
   static constexpr bool WgSkip = WgSkip_;
-  static_assert(!(CrossTile && WgSkip), "consumer_cross visits every key block of a tile");
   // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
   // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
   // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
@@ -122,15 +99,14 @@ struct FwdKernel {
   static constexpr int kKVChunkBytes = kBlockN * 128;
   // Layout of dynamic shared memory (offsets from a 1024-aligned base):
   static constexpr int kOffQ = 0;                                  // kChunks x kBlockM x 64, SW128
-  // CrossTile: Q buffers 0 and 1 (tile_iter & 1), each also the O staging of its own tile.
-  static constexpr int kOffK = kOffQ + (CrossTile ? 2 : 1) * kQBytes;  // kStages x kChunks x kBlockN x 64
+  static constexpr int kOffK = kOffQ + kQBytes;                    // kStages x kChunks x kBlockN x 64
   static constexpr int kOffV = kOffK + kStages * kKVBytes;         // kStages x kChunks x kBlockN x 64
   // O staging: own buffer (kBlockM x kHeadDim, SW128) when it fits in the 227 KiB, else the Q buffer.
   static constexpr int kOBytesIfSeparate = kQBytes;
-  static constexpr bool SeparateO = !CrossTile && kOffV + kStages * kKVBytes + kOBytesIfSeparate + 2048 <= 227 * 1024;
+  static constexpr bool SeparateO = kOffV + kStages * kKVBytes + kOBytesIfSeparate + 2048 <= 227 * 1024;
   static constexpr int kOffO = SeparateO ? kOffV + kStages * kKVBytes : kOffQ;
   static constexpr int kOffBar = kOffV + kStages * kKVBytes + (SeparateO ? kOBytesIfSeparate : 0);  // mbarriers
-  static constexpr int kNumBars = (CrossTile ? 4 : 2) + 4 * kStages;
+  static constexpr int kNumBars = 2 + 4 * kStages;
   static constexpr int kSmemBytes = kOffBar + kNumBars * 8 + 1024;  // + slack for aligning the base
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
   static constexpr int kConsumerWarps = 4 * kNumWG;  // arrivals that free a K or V slot, or Q (q_empty)
@@ -145,11 +121,6 @@ struct FwdKernel {
   __device__ static __forceinline__ uint32_t bar_k_empty(uint32_t b, int s) { return b + 8 * (1 + kStages + s); }
   __device__ static __forceinline__ uint32_t bar_v_full(uint32_t b, int s) { return b + 8 * (1 + 2 * kStages + s); }
   __device__ static __forceinline__ uint32_t bar_v_empty(uint32_t b, int s) { return b + 8 * (1 + 3 * kStages + s); }
-  // CrossTile: full / empty barriers of Q buffer `buf` (buffer 0 uses bar_q / bar_q_empty).
-  __device__ static __forceinline__ uint32_t bar_qf(uint32_t b, int buf) { return buf ? b + 8 * (2 + 4 * kStages) : b; }
-  __device__ static __forceinline__ uint32_t bar_qe(uint32_t b, int buf) {
-    return buf ? b + 8 * (3 + 4 * kStages) : bar_q_empty(b);
-  }
 
   // ------------------------------------------------------------------------------------------ consumer
   // S (64 x kBlockN) = Q (this warpgroup's 64 rows) K^T, kHeadDim/16 wgmma k-steps.
@@ -249,13 +220,8 @@ struct FwdKernel {
       for (int j = 0; j < kBlockN / 8; ++j) {
         const float x0 = fmaf(s_reg[4 * j + 2 * h], scale_log2, -m_scaled);
         const float x1 = fmaf(s_reg[4 * j + 2 * h + 1], scale_log2, -m_scaled);
-        if ((kSwExpMask >> (j % 8)) & 1) {
-          s_reg[4 * j + 2 * h] = soft_exp2(x0);
-          s_reg[4 * j + 2 * h + 1] = soft_exp2(x1);
-        } else {
-          s_reg[4 * j + 2 * h] = fast_exp2(x0);
-          s_reg[4 * j + 2 * h + 1] = fast_exp2(x1);
-        }
+        s_reg[4 * j + 2 * h] = fast_exp2(x0);
+        s_reg[4 * j + 2 * h + 1] = fast_exp2(x1);
       }
 #pragma unroll
       for (int a = 0; a < kRedAcc; ++a) t[a] = 0.f;
@@ -585,265 +551,6 @@ struct FwdKernel {
     if (threadIdx.x % 128 == 0) tma_store_wait_read();
   }
 
-  // ------------------------------------------------------------------------------------------ CrossTile consumer
-  // The consumer's GEMM issues form one stream over all tiles of the CTA: tile i's last slot issues O += P V of
-  // its last key block and then S = Q' K'^T of tile i + 1's first key block (Q' from the other Q buffer, loaded
-  // during tile i); after waiting for the P V only, tile i's epilogue (O / l to shared memory, TMA store, lse)
-  // runs while the tensor cores compute tile i + 1's first S; then the softmax of that S starts tile i + 1.
-  // Inside a tile the order (S(n+1) with P(n) V(n), softmax during P V) is the one of consumer_tile. O is staged
-  // in the tile's own Q buffer (its last S GEMM has read it); the issuing thread releases the buffer
-  // (q_empty) after the store has read it, deferred until the next tile's first softmax is done so the
-  // wait overlaps that work. The ping-pong token runs on over tile boundaries (both consumers see the same
-  // slots). Per-thread tile constants:
-  struct TileInfo {
-    Tile tile;
-    int n_iters, n_unmasked_end, lim0, lim1, row0;
-  };
-  __device__ static __forceinline__ TileInfo tile_info(const FwdTmaArgs& args, int t, int row_in_tile) {
-    Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
-    TileInfo ti;
-    ti.tile = tile_coord(args, t);
-    ti.n_iters = mask.template n_block_max<kBlockM, kBlockN>(ti.tile.m_block);
-    ti.n_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(ti.tile.m_block);
-    ti.row0 = ti.tile.m_block * kBlockM + row_in_tile;
-    ti.lim0 = mask.col_limit(ti.row0);
-    ti.lim1 = mask.col_limit(ti.row0 + 8);
-    return ti;
-  }
-
-  __device__ static void consumer_cross(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw) {
-    const FwdParams& p = args.params;
-    const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
-    const int warp_in_wg = tid / 32;
-    const int lane = tid % 32;
-    const int g = lane / 4, t = lane % 4;
-    const int row_in_tile = cw * 64 + warp_in_wg * 16 + g;
-    const float scale_log2 = p.scale_softmax_log2;
-    const uint32_t wg_rows = cw * 64 * 128;  // this warpgroup's 64 rows in each chunk of a Q / O buffer
-
-    float o_reg[kHeadDim / 2];
-    float m[2], l[2], alpha[2];
-    float s_reg[kBlockN / 2];
-    uint32_t p_a[kBlockN / 16][4];
-    uint32_t p_b[kBlockN / 16][4];
-
-    if (PingPong && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);  // consumer 0 issues first
-    // A tile with no visible key (n_iters = 0) runs the epilogue on this state: O = 0, lse = -inf.
-#pragma unroll
-    for (int i = 0; i < kHeadDim / 2; ++i) o_reg[i] = 0.f;
-    m[0] = m[1] = -INFINITY;
-    l[0] = l[1] = 0.f;
-
-    // Slot with only S = Q K^T of the first key block of tile `nx` (Q buffer qbuf, K/V iteration it).
-    auto slot_s = [&](const TileInfo& nx, int qbuf, int it) {
-      const int stage = it % kStages, phase = (it / kStages) & 1;
-      mbar_wait(bar_k_full(bars, stage), phase);
-      sched_wait(cw);
-      fence_regs(s_reg);
-      wgmma_fence();
-      issue_qk(s_reg, smem + kOffQ + qbuf * kQBytes + wg_rows, smem + kOffK + stage * kKVBytes);
-      wgmma_commit();
-      sched_pass(cw, false);
-    };
-    // After the first S of tile nx was issued: wait for it, free its K slot, start the online softmax, P -> p_a.
-    auto first_softmax = [&](const TileInfo& nx, int it) {
-      const int stage = it % kStages;
-      wgmma_wait<0>();
-      fence_regs(s_reg);
-      if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
-#pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) o_reg[i] = 0.f;
-      m[0] = m[1] = -INFINITY;
-      l[0] = l[1] = 0.f;
-      if (nx.n_iters - 1 >= nx.n_unmasked_end) {
-        apply_mask(s_reg, nx.n_iters - 1, t, nx.lim0, nx.lim1);
-        softmax_step(s_reg, m, l, alpha, scale_log2);
-      } else {
-        softmax_step(s_reg, m, l, alpha, scale_log2);
-      }
-      convert_p(s_reg, p_a);
-    };
-
-    int tile_iter = 0, kv_iter = 0;
-    int tix = first_tile(args);
-    if (tix < args.num_tiles) {
-      TileInfo cur = tile_info(args, tix, row_in_tile);
-      mbar_wait(bar_qf(bars, 0), 0);
-      if (cur.n_iters > 0) {
-        slot_s(cur, 0, 0);
-        first_softmax(cur, 0);
-      }
-      while (true) {
-        const int qbuf = tile_iter & 1;
-        const uint32_t q_smem = smem + kOffQ + qbuf * kQBytes + wg_rows;
-        // Slot i of the current tile: as in consumer_tile.
-        auto step = [&](const int i, uint32_t(&p_cur)[kBlockN / 16][4], uint32_t(&p_nxt)[kBlockN / 16][4]) {
-          const int n_block = cur.n_iters - 1 - i;
-          const int it = kv_iter + i;
-          const int stage = it % kStages, phase = (it / kStages) & 1;
-          const int pstage = (it - 1) % kStages, pphase = ((it - 1) / kStages) & 1;
-          mbar_wait(bar_k_full(bars, stage), phase);
-          mbar_wait(bar_v_full(bars, pstage), pphase);
-          sched_wait(cw);
-          fence_regs(s_reg);
-          fence_regs(o_reg);
-          fence_p(p_cur);
-          wgmma_fence();
-          issue_qk(s_reg, q_smem, smem + kOffK + stage * kKVBytes);
-          wgmma_commit();
-          issue_pv(o_reg, p_cur, smem + kOffV + pstage * kKVBytes);
-          wgmma_commit();
-          sched_pass(cw, false);
-          wgmma_wait<1>();
-          fence_regs(s_reg);
-          if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
-          if (n_block >= cur.n_unmasked_end) {
-            apply_mask(s_reg, n_block, t, cur.lim0, cur.lim1);
-            softmax_step(s_reg, m, l, alpha, scale_log2);
-          } else {
-            softmax_step(s_reg, m, l, alpha, scale_log2);
-          }
-          if constexpr (DoubleP) {
-            convert_p(s_reg, p_nxt);
-            fence_p(p_nxt);
-          }
-          fence_regs(s_reg);
-          fence_regs(alpha);
-          wgmma_wait<0>();
-          fence_regs(o_reg);
-          fence_p(p_cur);
-          if (lane == 0) mbar_arrive(bar_v_empty(bars, pstage));
-          rescale_o(o_reg, alpha);
-          if constexpr (!DoubleP) convert_p(s_reg, p_nxt);
-        };
-        bool last_in_b = false;  // DoubleP: the last block's P is in p_b
-        if constexpr (DoubleP) {
-          int i = 1;
-          for (; i + 1 < cur.n_iters; i += 2) {
-            step(i, p_a, p_b);
-            step(i + 1, p_b, p_a);
-          }
-          if (i < cur.n_iters) {
-            step(i, p_a, p_b);
-            last_in_b = true;
-          }
-        } else {
-          for (int i = 1; i < cur.n_iters; ++i) step(i, p_a, p_a);
-        }
-
-        // Tile boundary.
-        const int tix_next = next_tile(args, tix, tile_iter + 1);
-        const bool has_next = tix_next < args.num_tiles;
-        TileInfo nx;
-        nx.n_iters = 0;
-        if (has_next) nx = tile_info(args, tix_next, row_in_tile);
-        const int nbuf = qbuf ^ 1;
-        const int kv_next = kv_iter + cur.n_iters;
-        const bool s_next = has_next && nx.n_iters > 0;
-        if (has_next) mbar_wait(bar_qf(bars, nbuf), ((tile_iter + 1) >> 1) & 1);
-        if constexpr (DoubleP) {
-          // Nothing is in flight here; one P buffer for the last slot keeps that slot's code single (a join
-          // of two paths with a wgmma in flight makes ptxas serialize the wgmmas).
-          if (last_in_b) {
-#pragma unroll
-            for (int kk = 0; kk < kBlockN / 16; ++kk) {
-#pragma unroll
-              for (int r = 0; r < 4; ++r) p_a[kk][r] = p_b[kk][r];
-            }
-          }
-        }
-        const int lit = kv_next - 1;  // the last block's K/V iteration
-        const int lstage = lit % kStages, lphase = (lit / kStages) & 1;
-        const int nstage = kv_next % kStages, nphase = (kv_next / kStages) & 1;
-        // Epilogue of the current tile (its O, m, l), O staged in its own Q buffer.
-        auto epilogue = [&]() {
-          float inv[2], lse[2];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float sum = l[h];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            inv[h] = sum > 0.f ? 1.f / sum : 0.f;
-            lse[h] = sum > 0.f ? m[h] * p.scale_softmax + logf(sum) : -INFINITY;
-          }
-          // SW128 layout, one XOR per 16-byte piece.
-          stage_o(o_reg, inv, q_smem, warp_in_wg * 16 + g, g, t);
-          fence_proxy_async_smem();
-          named_bar_sync(kBarEpi + cw, 128);
-          if (t == 0) {
-            const int64_t lse_base = (static_cast<int64_t>(cur.tile.batch) * p.nheads + cur.tile.head) * p.seqlen_q;
-            if (cur.row0 < p.seqlen_q) p.lse[lse_base + cur.row0] = lse[0];
-            if (cur.row0 + 8 < p.seqlen_q) p.lse[lse_base + cur.row0 + 8] = lse[1];
-          }
-          if (tid == 0) {
-#pragma unroll
-            for (int c = 0; c < kChunks; ++c) {
-              tma_store_4d(&args.o_map, q_smem + c * kQChunkBytes, c * 64, cur.tile.m_block * kBlockM + cw * 64,
-                           cur.tile.head, cur.tile.batch);
-            }
-            tma_store_commit();
-          }
-        };
-        if (s_next) {
-          if (cur.n_iters > 0) {
-            // Last slot: O += P V of the last block, then S of the next tile's first block.
-            mbar_wait(bar_v_full(bars, lstage), lphase);
-            mbar_wait(bar_k_full(bars, nstage), nphase);
-            sched_wait(cw);
-            fence_regs(o_reg);
-            fence_regs(s_reg);
-            fence_p(p_a);
-            wgmma_fence();
-            issue_pv(o_reg, p_a, smem + kOffV + lstage * kKVBytes);
-            wgmma_commit();
-            issue_qk(s_reg, smem + kOffQ + nbuf * kQBytes + wg_rows, smem + kOffK + nstage * kKVBytes);
-            wgmma_commit();
-            sched_pass(cw, false);
-            wgmma_wait<1>();  // the P V is done; the next S still runs during the epilogue
-            fence_regs(o_reg);
-            fence_p(p_a);
-            if (lane == 0) mbar_arrive(bar_v_empty(bars, lstage));
-            epilogue();
-            first_softmax(nx, kv_next);
-          } else {
-            slot_s(nx, nbuf, kv_next);
-            epilogue();
-            first_softmax(nx, kv_next);
-          }
-        } else {
-          if (cur.n_iters > 0) {
-            mbar_wait(bar_v_full(bars, lstage), lphase);
-            sched_wait(cw);
-            fence_regs(o_reg);
-            fence_p(p_a);
-            wgmma_fence();
-            issue_pv(o_reg, p_a, smem + kOffV + lstage * kKVBytes);
-            wgmma_commit();
-            sched_pass(cw, false);
-            wgmma_wait<0>();
-            fence_regs(o_reg);
-            if (lane == 0) mbar_arrive(bar_v_empty(bars, lstage));
-          }
-          epilogue();
-#pragma unroll
-          for (int i = 0; i < kHeadDim / 2; ++i) o_reg[i] = 0.f;
-          m[0] = m[1] = -INFINITY;
-          l[0] = l[1] = 0.f;
-        }
-        if (tid == 0) {
-          tma_store_wait_read();
-          asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], 4;\n" ::"r"(bar_qe(bars, qbuf)) : "memory");
-        }
-        if (!has_next) break;
-        tix = tix_next;
-        cur = nx;
-        kv_iter = kv_next;
-        ++tile_iter;
-      }
-    }
-    if (PingPong && cw == 0) named_bar_sync(kBarSched + 0, 256);  // consumer kNumWG - 1's last pass
-  }
-
   // ------------------------------------------------------------------------------------------ producer
   __device__ static __forceinline__ void load_kv(const CUtensorMap* map, uint32_t dst, uint32_t full, uint32_t empty,
                                                  int phase, int n_block, int head_k, int batch) {
@@ -868,30 +575,13 @@ struct FwdKernel {
       const Tile tile = tile_coord(args, t);
       const int head_k = tile.head / p.h_h_k_ratio;
       const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
-      if constexpr (CrossTile) {
-        // Q first, into buffer tile_iter & 1 once the consumers released it (the store of tile_iter - 2 has
-        // read its O staging rows); the consumers release it early in tile tile_iter - 1, so this load overlaps
-        // that whole tile. A tile with nothing visible only needs the buffer for its (zero) O.
-        const int buf = tile_iter & 1;
-        mbar_wait(bar_qe(bars, buf), ((tile_iter >> 1) & 1) ^ 1);
-        if (n_block_max > 0) {
-          mbar_arrive_expect_tx(bar_qf(bars, buf), kQBytes);
-#pragma unroll
-          for (int c = 0; c < kChunks; ++c) {
-            tma_load_4d(smem + kOffQ + buf * kQBytes + c * kQChunkBytes, &args.q_map, bar_qf(bars, buf), c * 64,
-                        tile.m_block * kBlockM, tile.head, tile.batch);
-          }
-        } else {
-          mbar_arrive(bar_qf(bars, buf));
-        }
-      }
       for (int i = 0; i < n_block_max; ++i) {
         const int n_block = n_block_max - 1 - i;
         const int it = kv_iter + i;
         const int stage = it % kStages, phase = (it / kStages) & 1;
         load_kv(&args.k_map, smem + kOffK + stage * kKVBytes, bar_k_full(bars, stage), bar_k_empty(bars, stage), phase,
                 n_block, head_k, tile.batch);
-        if (!CrossTile && i == 0) {
+        if (i == 0) {
           // Q after the first K block: K may stream in while the previous tile's epilogue still holds Q.
           mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
           mbar_arrive_expect_tx(bar_q(bars), kQBytes);
@@ -904,7 +594,7 @@ struct FwdKernel {
         load_kv(&args.v_map, smem + kOffV + stage * kKVBytes, bar_v_full(bars, stage), bar_v_empty(bars, stage), phase,
                 n_block, head_k, tile.batch);
       }
-      if (!CrossTile && n_block_max == 0) {
+      if (n_block_max == 0) {
         // Nothing visible: no Q needed, but keep the Q barrier phases in step with the consumers.
         mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
         mbar_arrive(bar_q(bars));
@@ -921,10 +611,6 @@ struct FwdKernel {
     if (threadIdx.x == 0) {
       mbar_init(bar_q(bars), 1);
       mbar_init(bar_q_empty(bars), kConsumerWarps);
-      if (CrossTile) {
-        mbar_init(bar_qf(bars, 1), 1);
-        mbar_init(bar_qe(bars, 1), kConsumerWarps);
-      }
       for (int s = 0; s < kStages; ++s) {
         mbar_init(bar_k_full(bars, s), 1);
         mbar_init(bar_v_full(bars, s), 1);
@@ -939,11 +625,7 @@ struct FwdKernel {
       if (threadIdx.x == 0) producer(args, smem, bars);
     } else {
       setmaxnreg_inc<kConsumerRegs>();
-      if constexpr (CrossTile) {
-        consumer_cross(args, smem, bars, warp / 4 - 1);
-      } else {
-        consumer(args, smem, bars, warp / 4 - 1);
-      }
+      consumer(args, smem, bars, warp / 4 - 1);
     }
   }
 };
