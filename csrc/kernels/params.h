@@ -49,6 +49,11 @@ struct BwdParams : public FwdParams {
   int head_dim_rounded;  // kHeadDim of the instantiation that runs (multiple of 32)
 
   bool deterministic;  // dq bitwise reproducible run to run (sm80: no float atomics in dq; sm90: ordered adds)
+  // sm80 backward: the shared memory per block its launcher may assume (bytes); 0 = the device's opt-in limit.
+  // Below what the main tile configuration needs, the launcher takes the smaller fallback configuration (an
+  // A100's limit on a Hopper GPU: FLASH_EXT_SM80_SMEM_LIMIT, so the tests run the fallback kernels there).
+  // It sits in the padding after `deterministic`, so no other field's offset (nor any kernel's code) moves.
+  int sm80_smem_limit;
   // sm90 deterministic backward only (nullptr otherwise): one int32 counter per 64 query rows,
   // batch x nheads x (seqlen_q_rounded / 64), uninitialized: the sm90 preprocess kernel zeroes it.
   int* dq_semaphore;
@@ -59,11 +64,6 @@ struct BwdParams : public FwdParams {
   // sm90 backward only (nullptr otherwise): one int32, the tile counter of the persistent causal kernel's dynamic
   // schedule; uninitialized: the sm90 preprocess kernel zeroes it (the API places it after lse_log2's rows).
   int* tile_counter;
-  // sm80 backward: the shared memory per block its launcher may assume (bytes); 0 = the device's opt-in
-  // limit. Below what the main tile configuration needs, the launcher takes the smaller fallback configuration
-  // (an A100 limit on a Hopper GPU: FLASH_EXT_SM80_SMEM_LIMIT, so the tests run the fallback kernels there).
-  // Fields are appended at the end so existing kernels' parameter offsets stay as they are.
-  int sm80_smem_limit;
 };
 
 }  // namespace flash_ext
