@@ -281,11 +281,9 @@ static const Variant kVariants[] = {
     {"T-v2", 64, run_variant<BwdTiledTraits<64, 128, 128, 8, 4, 4, 4, 2, 2, 2>, DqTraits<64, 64>>, true},
     {"T-v2", 128, run_variant<BwdTiledTraits<128, 64, 128, 8, 2, 4, 2, 0, 0, 2>, DqTraits<128, 64>>, true},
     {"T-v2", 256, run_variant<BwdTiledTraits<256, 64, 64, 8, 4, 2, 2, 0, 0, 0, false>, DqTraits<256, 32>>, true},
-    // tiled with dQ staging, without / with kFuseSdP (d64, d128 defaults fuse) / kDqFirst
+    // tiled with dQ staging, without / with kFuseSdP (d64, d128 defaults fuse)
     {"T-nofuse", 64, run_variant<BwdTiledTraits<64, 128, 128, 8, 4, 4, 4, 2, 2, 2, true, 1>, DqTraits<64, 64>>, true},
-    {"T-dqfirst", 64, run_variant<BwdTiledTraits<64, 128, 128, 8, 4, 4, 4, 2, 2, 2, true, 1, false, true>, DqTraits<64, 64>>, true},
     {"T-nofuse", 128, run_variant<BwdTiledTraits<128, 64, 128, 8, 2, 4, 2, 0, 0, 2, true, 1>, DqTraits<128, 64>>, true},
-    {"T-dqfirst", 128, run_variant<BwdTiledTraits<128, 64, 128, 8, 2, 4, 2, 0, 0, 2, true, 1, false, true>, DqTraits<128, 64>>, true},
     {"T-fuse", 256, run_variant<BwdTiledTraits<256, 64, 64, 8, 4, 2, 2, 0, 0, 2, false, 2, true>, DqTraits<256, 32>>, true},
 };
 

@@ -25,6 +25,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../mask.cuh"
+#include "../seqinfo.cuh"
 
 namespace flash_ext {
 namespace bwd_sm80 {
@@ -150,12 +151,13 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams params) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
   const int h = blockIdx.y, b = blockIdx.z;
   if (row >= params.seqlen_q_rounded) return;
+  const SeqInfo seq(params, b);
   const int c = lane * 8;
   float sum = 0.f;
-  if (row < params.seqlen_q && c < params.head_dim) {
-    const T* o_gmem = reinterpret_cast<const T*>(params.out) + b * params.o_batch_stride +
+  if (row < seq.seqlen_q && c < params.head_dim) {
+    const T* o_gmem = reinterpret_cast<const T*>(params.out) + seq.q_offset(params.o_batch_stride, params.o_row_stride) +
                       (int64_t)row * params.o_row_stride + h * params.o_head_stride + c;  // 8 elems
-    const T* do_gmem = reinterpret_cast<const T*>(params.dout) + b * params.do_batch_stride +
+    const T* do_gmem = reinterpret_cast<const T*>(params.dout) + seq.q_offset(params.do_batch_stride, params.do_row_stride) +
                        (int64_t)row * params.do_row_stride + h * params.do_head_stride + c;  // 8 elems
     const uint4 o4 = *reinterpret_cast<const uint4*>(o_gmem);
     const uint4 d4 = *reinterpret_cast<const uint4*>(do_gmem);
@@ -171,6 +173,8 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams params) {
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  // TODO(seqinfo.cuh): row_offset would scale (b, h) by seqlen_q_rounded once here instead of per array
+  // (different machine code); proposed SeqInfo::head_rows(h, nheads) = int64_t(b) * nheads + h.
   const int64_t bh = (int64_t)b * params.nheads + h;
   if (lane == 0) params.dsoftmax_sum[bh * params.seqlen_q_rounded + row] = sum;
   if constexpr (ZeroDq) {
@@ -188,11 +192,12 @@ __global__ void __launch_bounds__(256)
 bwd_convert_dq_kernel(const __grid_constant__ BwdParams params) {
   const int lane = threadIdx.x % 32;
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y;
+  const SeqInfo seq(params, blockIdx.z);
   const int c = lane * 8;
-  if (row >= params.seqlen_q || c >= params.head_dim) return;
-  const int64_t bh = (int64_t)b * params.nheads + h;
-  const float* dqa = params.dq_accum + (bh * params.seqlen_q_rounded + row) * kHeadDim + c;  // 8 floats
+  if (row >= seq.seqlen_q || c >= params.head_dim) return;
+  const float* dqa = params.dq_accum + (seq.row_offset(h, params.nheads, params.seqlen_q_rounded) + row) * kHeadDim +
+                     c;  // 8 floats
   const float4 x = reinterpret_cast<const float4*>(dqa)[0];
   const float4 y = reinterpret_cast<const float4*>(dqa)[1];
   const float s = params.scale_softmax;
@@ -201,7 +206,7 @@ bwd_convert_dq_kernel(const __grid_constant__ BwdParams params) {
   out.y = pack2<T>(x.z * s, x.w * s);
   out.z = pack2<T>(y.x * s, y.y * s);
   out.w = pack2<T>(y.z * s, y.w * s);
-  T* dq_gmem = reinterpret_cast<T*>(params.dq) + b * params.dq_batch_stride +
+  T* dq_gmem = reinterpret_cast<T*>(params.dq) + seq.q_offset(params.dq_batch_stride, params.dq_row_stride) +
                (int64_t)row * params.dq_row_stride + h * params.dq_head_stride + c;  // 8 elems
   *reinterpret_cast<uint4*>(dq_gmem) = out;
 }
@@ -559,15 +564,27 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   const int g = lane / 4, t = lane % 4;
   const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / params.h_h_k_ratio;
-  const int seqlen_q = params.seqlen_q, seqlen_k = params.seqlen_k;
-  const Mask<IsCausal> mask(seqlen_q, seqlen_k);
+  const SeqInfo seq(params, b);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  using MaskT = Mask<IsCausal>;
+  const MaskT mask(seqlen_q, seqlen_k);
+  // Key blocks [n_block_min, n_block_max) (empty: dq = 0); the per-element mask where the block is at
+  // or past n_block_unmasked_end or (a left bound only) below n_block_unmasked_begin.
+  const int n_block_min = MaskT::kHasLeftBound ? mask.template n_block_min<kBlockM, kBlockN>(m_block) : 0;
   const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(m_block);
   const int n_block_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+  const int n_block_unmasked_begin =
+      MaskT::kHasLeftBound ? mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block) : 0;
 
-  const T* q_gmem = reinterpret_cast<const T*>(params.q) + b * params.q_batch_stride + h * params.q_head_stride;       // seqlen_q x head_dim
-  const T* do_gmem = reinterpret_cast<const T*>(params.dout) + b * params.do_batch_stride + h * params.do_head_stride; // seqlen_q x head_dim
-  const T* k_gmem = reinterpret_cast<const T*>(params.k) + b * params.k_batch_stride + hk * params.k_head_stride;     // seqlen_k x head_dim
-  const T* v_gmem = reinterpret_cast<const T*>(params.v) + b * params.v_batch_stride + hk * params.v_head_stride;     // seqlen_k x head_dim
+  const T* q_gmem = reinterpret_cast<const T*>(params.q) + seq.q_offset(params.q_batch_stride, params.q_row_stride) +
+                    h * params.q_head_stride;  // seqlen_q x head_dim
+  const T* do_gmem = reinterpret_cast<const T*>(params.dout) +
+                     seq.q_offset(params.do_batch_stride, params.do_row_stride) +
+                     h * params.do_head_stride;  // seqlen_q x head_dim
+  const T* k_gmem = reinterpret_cast<const T*>(params.k) + seq.k_offset(params.k_batch_stride, params.k_row_stride) +
+                    hk * params.k_head_stride;  // seqlen_k x head_dim
+  const T* v_gmem = reinterpret_cast<const T*>(params.v) + seq.k_offset(params.v_batch_stride, params.v_row_stride) +
+                    hk * params.v_head_stride;  // seqlen_k x head_dim
 
   load_tile_async<kBlockM, kHeadDim, kStride, kNThreads>(q_smem, q_gmem, params.q_row_stride, m_block * kBlockM, seqlen_q, params.head_dim, tid);
   load_tile_async<kBlockM, kHeadDim, kStride, kNThreads>(do_smem, do_gmem, params.do_row_stride, m_block * kBlockM, seqlen_q, params.head_dim, tid);
@@ -575,18 +592,19 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
     load_tile_async<kBlockN, kHeadDim, kStride, kNThreads>(k_smem + stage * kBlockN * kStride, k_gmem, params.k_row_stride, n_block * kBlockN, seqlen_k, params.head_dim, tid);
     load_tile_async<kBlockN, kHeadDim, kStride, kNThreads>(v_smem + stage * kBlockN * kStride, v_gmem, params.v_row_stride, n_block * kBlockN, seqlen_k, params.head_dim, tid);
   };
-  if (n_block_max > 0) load_kv(0, 0);
+  if (n_block_max > n_block_min) load_kv(n_block_min, 0);
   cp_async_commit();
 
   // lse (log2 units, +inf where P must be 0) and D of this thread's rows 16 warp + g (+8).
-  const int64_t bh = (int64_t)b * params.nheads + h;
+  const int64_t lse_row0 = seq.row_offset(h, params.nheads, seqlen_q);
+  const int64_t dsum_row0 = seq.row_offset(h, params.nheads, params.seqlen_q_rounded);
   float lse_r[2], dsum_r[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = m_block * kBlockM + 16 * warp + g + 8 * half;
-    const float lse = row < seqlen_q ? params.lse[bh * seqlen_q + row] : -INFINITY;
+    const float lse = row < seqlen_q ? params.lse[lse_row0 + row] : -INFINITY;
     lse_r[half] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-    dsum_r[half] = params.dsoftmax_sum[bh * params.seqlen_q_rounded + row];
+    dsum_r[half] = params.dsoftmax_sum[dsum_row0 + row];
   }
 
   float acc_dq[kHeadDim / 8][4];
@@ -601,8 +619,8 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   const uint32_t bt_off = lane_off_b_kn<kStride>(lane) * 2;
   const float scale_log2 = params.scale_softmax_log2;
 
-  for (int n_block = 0; n_block < n_block_max; ++n_block) {
-    const int stage = n_block & 1;
+  for (int n_block = n_block_min; n_block < n_block_max; ++n_block) {
+    const int stage = (n_block - n_block_min) & 1;
     if (n_block + 1 < n_block_max) load_kv(n_block + 1, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -633,7 +651,8 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
         mma_16816<T>(acc_dp[2 * nt + 1], a_do, bv1);
       }
     }
-    const bool need_mask = n_block >= n_block_unmasked_end;
+    bool need_mask = n_block >= n_block_unmasked_end;
+    if constexpr (MaskT::kHasLeftBound) need_mask = need_mask || n_block < n_block_unmasked_begin;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
@@ -643,7 +662,7 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
         if (need_mask) {
           const int row = m_block * kBlockM + 16 * warp + g + 8 * half;
           const int col = n_block * kBlockN + 8 * j + 2 * t + (e & 1);
-          if (col >= mask.col_limit(row)) p = 0.f;
+          mask.apply(p, col, MaskT::kHasLeftBound ? mask.col_min(row) : 0, mask.col_limit(row), 0.f);
         }
         acc_dp[j][e] = p * (acc_dp[j][e] - dsum_r[half]);
       }
@@ -668,7 +687,8 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   }
   cp_async_wait<0>();
 
-  T* dq_gmem = reinterpret_cast<T*>(params.dq) + b * params.dq_batch_stride + h * params.dq_head_stride;  // seqlen_q x head_dim
+  T* dq_gmem = reinterpret_cast<T*>(params.dq) + seq.q_offset(params.dq_batch_stride, params.dq_row_stride) +
+              h * params.dq_head_stride;  // seqlen_q x head_dim
   const float scale = params.scale_softmax;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {

@@ -13,38 +13,9 @@
 namespace flash_ext {
 namespace bwd_sm80 {
 
-// Tile choice per head dim. Every head dim runs the 2-D warp-tiled kernel (bwd_tiled_kernel.cuh):
-// BwdTiledTraits<kHeadDim, kBlockM, kBlockN, kNWarps, kAtomMSdP, kAtomNdKV, kAtomMdQ, kUnrollSdP, kUnrollDkv,
-//                kUnrollDq, kPrefetchAfterS, kDqStage, kFuseSdP>
-// (d <= 128: 128 keys per CTA, 8 warps, FA2's sm80 tile shapes; d > 128: 64 x 64). Fallback (the 1-D
-// bwd_dkdv_kernel, BwdTraits) runs where the device has less shared memory per block than Traits needs
-// (A100: 163 KB; sm_86/89: 99 KB).
-//
-// Measured on one H200 (bf16, batch*seqlen 16384, hidden 2048, median of 10-20 cudaEvent-timed runs of the
-// whole backward: preprocess + dK/dV(+dQ atomics) + dq convert; 2026-11-21), TFLOP/s at seqlen 1k / 4k / 16k,
-// with PyTorch 2.11 SDPA FLASH (FlashAttention-2) backward on the same machine in the same session:
-//                       ours (this config)      SDPA FLASH (FA2)        previous 1-D kernel
-//   d64  full            224 / 254*/ 271         179 / 253 / 281         188 / - / 225
-//   d64  causal          174 / 237*/ 277         126 / 211 / 264         146 / - / 221
-//   d128 full            252 / 286*/ 304         190 / 274 / 301         207 / - / 241
-//   d128 causal          193 / 257*/ 303         133 / 230 / 299         161 / - / 242
-//   d256 full            196 / 218 / 225         170 / 233 / 255         155 / - / 174
-//   d256 causal          157 / 198 / 222         121 / 199 / 247         126 / - / 172
-//   (* = measured without kFuseSdP, which added 1-3% at 1k and 16k; fp16 matches bf16 within 0.3%.
-//   SDPA timed as torch.autograd.grad(out, (q, k, v), dout) alone; PEERS.md's do_bench (fwd+bwd) - fwd
-//   numbers for FA2 are 2-5% higher at 16k: 288/272, 310/307, 260/254.)
-// What each step gave (d128 16k full; d64, d256 16k full):
-//   1-D kernel -> tiled (red.v2 dQ)                      241 -> 276   (225 -> 246, 174 -> 204)
-//   cheap cp.async addressing, lse/D by cp.async          276 -> 282   (246 -> 245, 204 -> 208)
-//   kDqStage 1/2 (dQ staged in shared, red.v4 rows)       282 -> 295   (245 -> 265, 208 -> 225)
-//   kFuseSdP (S and dP in one k loop)                     297 -> 304   (265 -> 271, 225 -> 225)
-// Tried and dropped: kPrefetchAfterS false (no change), kDqFirst (dQ before dK: -0.3..-1.5%), d64
-// S warps 2x4 instead of 4x2 (-2..-3%), d64 2 CTAs/SM with a 64x64 tile (8 warps of 16x32: 190, -23%),
-// d128 dK/dV warps 2x4 (same as 4x2), d256 S warps 2x4 (-2%).
-// Other head dims at 4k full (tiled vs 1-D): d32 191 vs 156, d96 256 vs 240, d160 191 vs 160,
-// d192 203 vs 163, d224 194 vs 164.
-// Dynamic shared memory: d32 154 KB, d64 218, d96 163, d128 211, d160 185, d192 225, d224 193, d256 217
-// (fallbacks: d32 77, d64 109, d128 155, d160 145, d192 160). The deterministic dQ kernel needs 30..132 KB.
+// Tile choice per head dim: the 2-D warp-tiled kernel (bwd_tiled_kernel.cuh) everywhere, the 1-D
+// bwd_dkdv_kernel as the smaller-shared-memory fallback. Chosen on one H200 (bf16, whole-backward cudaEvent
+// medians against SDPA FLASH and the 1-D kernel); the numbers and what was tried: NOTES.md.
 template <int kHeadDim> struct BwdConfig;  // Fallback = void: no smaller-smem variant
 template <> struct BwdConfig<32> {
   using Traits = BwdTiledTraits<32, 128, 128, 8, 2, 4, 4, 0, 0, 0, true, 1>;
@@ -127,34 +98,44 @@ void run_bwd_kernels(const BwdParams& params, cudaStream_t stream) {
   }
 }
 
+// Launches the main configuration, or the fallback where the shared memory per block the launcher
+// may assume (the device's opt-in limit, lowered to params.sm80_smem_limit when that is set) is below
+// what the main one needs. Returns false (nothing launched) where neither configuration fits, or the
+// deterministic dQ kernel does not.
 template <typename T, int kHeadDim, bool IsCausal>
-void run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
+bool run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<kHeadDim>::Traits;
   using Fallback = typename BwdConfig<kHeadDim>::Fallback;
   using DqT = DqTraits<kHeadDim, BwdConfig<kHeadDim>::kDqBlockN>;
+  int dev = 0, smem_limit = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (params.sm80_smem_limit > 0 && params.sm80_smem_limit < smem_limit) smem_limit = params.sm80_smem_limit;
+  if (params.deterministic && DqT::kSmemBytes > smem_limit) return false;
+  if (Traits::kSmemBytes <= smem_limit) {
+    run_bwd_kernels<Traits, DqT, T, IsCausal>(params, stream);
+    return true;
+  }
   if constexpr (!std::is_same<Fallback, void>::value) {
-    // Devices with less shared memory per block than the main config needs (A100: 163 KB).
-    int dev = 0, smem_optin = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (smem_optin < Traits::kSmemBytes) {
+    if (Fallback::kSmemBytes <= smem_limit) {
       run_bwd_kernels<Fallback, DqT, T, IsCausal>(params, stream);
-      return;
+      return true;
     }
   }
-  run_bwd_kernels<Traits, DqT, T, IsCausal>(params, stream);
+  return false;
 }
 
 }  // namespace bwd_sm80
 
 template <int kHeadDim>
 bool run_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
+  bool launched = false;
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
-      bwd_sm80::run_bwd_impl<elem_type, kHeadDim, IsCausal>(params, stream);
+      launched = bwd_sm80::run_bwd_impl<elem_type, kHeadDim, IsCausal>(params, stream);
     });
   });
-  return true;
+  return launched;
 }
 
 }  // namespace flash_ext

@@ -38,8 +38,7 @@ namespace flash_ext {
 namespace bwd_sm80 {
 
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kAtomMSdP_, int kAtomNdKV_,
-          int kAtomMdQ_, int kUnrollSdP_ = 0, int kUnrollDkv_ = 0, int kUnrollDq_ = 0, bool kPrefetchAfterS_ = true, int kDqStage_ = 0, bool kFuseSdP_ = false,
-          bool kDqFirst_ = false, int kMinBlocks_ = 1>
+          int kAtomMdQ_, int kUnrollSdP_ = 0, int kUnrollDkv_ = 0, int kUnrollDq_ = 0, bool kPrefetchAfterS_ = true, int kDqStage_ = 0, bool kFuseSdP_ = false>
 struct BwdTiledTraits {
   static constexpr bool kTiled = true;
   static constexpr int kHeadDim = kHeadDim_;
@@ -47,7 +46,6 @@ struct BwdTiledTraits {
   static constexpr int kBlockN = kBlockN_;  // key rows per CTA
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
-  static constexpr int kMinBlocks = kMinBlocks_;  // __launch_bounds__ CTAs per SM
   // Issue the next iteration's cp.async after the S GEMM rather than right after the barrier.
   static constexpr bool kPrefetchAfterS = kPrefetchAfterS_;
   // How dQ reaches dq_accum. 0: red.v2 straight from the mma fragments (8 rows x 32 B per warp
@@ -57,9 +55,6 @@ struct BwdTiledTraits {
   static constexpr int kDqStage = kDqStage_;
   // S and dP GEMMs in one k loop (twice the independent mma per loaded k step).
   static constexpr bool kFuseSdP = kFuseSdP_;
-  // dQ GEMM and its reductions before the dK GEMM (the reductions drain under the dK mma).
-  static constexpr bool kDqFirst = kDqFirst_;
-  static_assert(!(kDqFirst && kDqStage == 2), "staging in the Q stage needs dK done first");
   // S, dP warp tile.
   static constexpr int kAtomMSdP = kAtomMSdP_;
   static constexpr int kAtomNSdP = kNWarps / kAtomMSdP;
@@ -281,7 +276,7 @@ __device__ __forceinline__ void red_tile_staged(const float (&acc)[MT][NT][4], f
 
 // Grid: (ceil(seqlen_k / kBlockN), nheads_k, batch). Block: kNThreads. Dynamic smem: kSmemBytes.
 template <typename Traits, typename T, bool IsCausal>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocks)
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
 bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kBlockM = Traits::kBlockM;
@@ -514,10 +509,9 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
     // dV += P^T dO, dK += dS^T Q (k = query).
     warp_gemm_ss<T, kDkvMT, kDkvNT, kBlockM / 16, true, true, kPStride, kStride, kUnrollDkv>(acc_dv, p_base + dkv_a_off,
                                                                                  do_base + dkv_b_off);
-    if constexpr (Traits::kDqFirst) dq_step();
     warp_gemm_ss<T, kDkvMT, kDkvNT, kBlockM / 16, true, true, kPStride, kStride, kUnrollDkv>(acc_dk, ds_base + dkv_a_off,
                                                                                  q_base + dkv_b_off);
-    if constexpr (!Traits::kDqFirst) dq_step();
+    dq_step();
     h = h_next; m_block = m_block_next;
   }
   cp_async_wait<0>();

@@ -25,6 +25,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../mask.cuh"
+#include "../seqinfo.cuh"
 #include "../softmax.cuh"
 #include "smem_layout.cuh"
 
@@ -164,14 +165,31 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   const int warp = tid >> 5;
   const int head_dim = params.head_dim;
 
-  const Mask<IsCausal> mask(params.seqlen_q, params.seqlen_k);
+  using MaskT = Mask<IsCausal>;
+  const SeqInfo seq(params, blockIdx.z);
+  const MaskT mask(seq.seqlen_q, seq.seqlen_k);
+  // Key blocks [n_block_min, n_block_max); [n_block_unmasked_end, n_block_max) and (a left bound only)
+  // [n_block_min, n_block_unmasked_begin) need the per-element mask. Without a left bound both lower
+  // bounds are the constant 0 the policy returns, spelled as a constant so that the compiler sees it
+  // as early as it saw the literal 0 of the code before the policy (same branch layout).
+  const int n_block_min = MaskT::kHasLeftBound ? mask.template n_block_min<kBlockM, kBlockN>(m_block) : 0;
   const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(m_block);
   const int n_block_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+  const int n_block_unmasked_begin =
+      MaskT::kHasLeftBound ? mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block) : 0;
 
   const int row_base = m_block * kBlockM;           // first query row of the block
-  const int rows_valid_q = params.seqlen_q - row_base;
+  // Re-read where the code before SeqInfo read it; the batch index comes from the register b where
+  // K / V keep their base pointers, else from blockIdx.z (where the index is read shapes the register
+  // allocation; both are the same entry).
+  const int rows_valid_q =
+      SeqInfo(params, Traits::kKVPtrFromParams ? static_cast<int>(blockIdx.z) : b).seqlen_q - row_base;
   // Output pointers are rebuilt from params (constant bank) where they are used, so that nothing of
   // the epilogue stays live in registers across the main loop.
+  // TODO(seqinfo.cuh): these rebuilt offsets (and the K / V ones of kFwdKVPtrFromParams below) widen the
+  // unsigned block index with a zero extension; SeqInfo widens its int entry with a sign extension,
+  // which changes the machine code of every forward kernel (register allocation), so they stay dense
+  // arithmetic until SeqInfo can take the unsigned index (a varlen SeqInfo replaces them anyway).
   auto out_block_ptr = [&]() {  // kBlockM rows x head_dim, row stride o_row_stride
     return reinterpret_cast<T*>(params.out) + int64_t(blockIdx.z) * params.o_batch_stride +
            int64_t(blockIdx.y) * params.o_head_stride +
@@ -182,10 +200,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
            int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM;
   };
 
-  if (n_block_max <= 0) {
+  if (n_block_max <= n_block_min) {
     T* o_ptr = out_block_ptr();
     float* lse_ptr = lse_block_ptr();
-    // Every row of the block sees no key (causal, seqlen_q > seqlen_k): out = 0, lse = -inf.
+    // The block sees no key (causal with seqlen_q > seqlen_k; an empty range): out = 0, lse = -inf.
     constexpr int kChunksPerRow = kHeadDim / 8;
     for (int idx = tid; idx < kBlockM * kChunksPerRow; idx += kNThreads) {
       const int row = idx / kChunksPerRow;
@@ -199,11 +217,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   }
 
   const int h_k = h / params.h_h_k_ratio;
-  const T* q_ptr = reinterpret_cast<const T*>(params.q) + b * params.q_batch_stride + h * params.q_head_stride +
-                   int64_t(row_base) * params.q_row_stride;  // kBlockM rows x head_dim
-  const T* k_ptr = reinterpret_cast<const T*>(params.k) + b * params.k_batch_stride +
+  const SeqInfo rows(params, b);  // built here, not above: keeps the block index read where it was
+  const T* q_ptr = reinterpret_cast<const T*>(params.q) + rows.q_offset(params.q_batch_stride, params.q_row_stride) +
+                   h * params.q_head_stride + int64_t(row_base) * params.q_row_stride;  // kBlockM rows x head_dim
+  const T* k_ptr = reinterpret_cast<const T*>(params.k) + rows.k_offset(params.k_batch_stride, params.k_row_stride) +
                    h_k * params.k_head_stride;  // seqlen_k x head_dim
-  const T* v_ptr = reinterpret_cast<const T*>(params.v) + b * params.v_batch_stride +
+  const T* v_ptr = reinterpret_cast<const T*>(params.v) + rows.k_offset(params.v_batch_stride, params.v_row_stride) +
                    h_k * params.v_head_stride;  // seqlen_k x head_dim
   const int64_t k_row_stride = params.k_row_stride;
   const int64_t v_row_stride = params.v_row_stride;
@@ -222,7 +241,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     else
       return v_ptr + int64_t(n) * kBlockN * v_row_stride;
   };
-  const int seqlen_k = params.seqlen_k;
+  const int seqlen_k = SeqInfo(params, blockIdx.z).seqlen_k;  // re-read after the branch above, as before SeqInfo
 
   // Prologue: Q, then the last K block.
   load_tile_async<QTile, kNThreads>(q_smem_u32, q_ptr, params.q_row_stride, rows_valid_q, head_dim, tid);
@@ -324,18 +343,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
 
     if constexpr (kIsMasked) {
-      // Keys past seqlen_k and (causal) past the diagonal -> -inf.
+      // Keys the policy hides from the row (past seqlen_k; causal: past the diagonal) -> -inf.
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int row = row_base + warp_row0 + mt * 16 + g + 8 * i;
-          const int limit = mask.col_limit(row) - n_block * kBlockN;  // visible columns of this block
+          // The row's visible columns of this block: [lo, hi) (lo only compared with a left bound).
+          const int lo = MaskT::kHasLeftBound ? mask.col_min(row) - n_block * kBlockN : 0;
+          const int hi = mask.col_limit(row) - n_block * kBlockN;
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt) {
             const int col = nt * 8 + 2 * t;
-            if (col >= limit) acc_s[mt][nt][2 * i] = -INFINITY;
-            if (col + 1 >= limit) acc_s[mt][nt][2 * i + 1] = -INFINITY;
+            mask.apply(acc_s[mt][nt][2 * i], col, lo, hi, -INFINITY);
+            mask.apply(acc_s[mt][nt][2 * i + 1], col + 1, lo, hi, -INFINITY);
           }
         }
       }
@@ -343,7 +364,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
 
     cp_async_wait<0>();  // V_j landed
     __syncthreads();     // ... for every thread; and everyone finished reading K_j
-    if (n_block > 0) {
+    if (n_block > n_block_min) {
       const int n = n_block - 1;
       load_tile_async<KVTile, kNThreads>(k_smem_u32, k_block_ptr(n), k_row_stride,
                                          seqlen_k - n * kBlockN, head_dim, tid);
@@ -382,9 +403,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     }
   };
 
+  // Masked blocks on the right (the diagonal, the seqlen_k tail), the unmasked ones, then (a left
+  // bound only) the masked blocks on the left.
   int n_block = n_block_max - 1;
-  for (; n_block >= n_block_unmasked_end; --n_block) iteration(n_block, std::true_type{});
-  for (; n_block >= 0; --n_block) iteration(n_block, std::false_type{});
+  int n_block_masked_right_end = n_block_unmasked_end;
+  if constexpr (MaskT::kHasLeftBound)
+    n_block_masked_right_end = n_block_unmasked_end > n_block_min ? n_block_unmasked_end : n_block_min;
+  for (; n_block >= n_block_masked_right_end; --n_block) iteration(n_block, std::true_type{});
+  for (; n_block >= n_block_unmasked_begin; --n_block) iteration(n_block, std::false_type{});
+  if constexpr (MaskT::kHasLeftBound) {
+    for (; n_block >= n_block_min; --n_block) iteration(n_block, std::true_type{});
+  }
 
   // Epilogue.
   float lse[2 * kMTiles];
