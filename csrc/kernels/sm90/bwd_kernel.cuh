@@ -49,6 +49,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
+#include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -410,7 +411,8 @@ struct BwdKernel {
     const SeqInfo seq(p, batch);
     Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
+    const PipelineState<1> kv(tile_iter);  // the K / V buffer: one slot, one use per tile
+    if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), kv.advanced(-1).phase());
     if (lane == 0) {
       // (The consumers read it after their bar_kv wait, which the arrival below releases; they are done with the
       // previous index: bar_kv_empty.)
@@ -431,12 +433,14 @@ struct BwdKernel {
       }
     }
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
+    const PipelineState<kStages> first(g0);  // this tile's first step on the Q / dO / lse / D ring
     for (int it = 0; it < n_iters; ++it) {
+      const PipelineState<kStages> pipe = first.advanced(it);  // step it's slot and parity
       int hh, m_block;
       step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
-      const int stage = (g0 + it) % kStages, phase = ((g0 + it) / kStages) & 1;
+      const int stage = pipe.stage(), phase = pipe.phase();
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
         mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes + 2 * kBlockM * 4);
@@ -487,12 +491,14 @@ struct BwdKernel {
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
     if (lane != 0) return;
+    const PipelineState<kDqBufs> first;  // the dQ staging ring (one tile per CTA in writer mode)
     for (int it = 0; it < n_iters; ++it) {
+      const PipelineState<kDqBufs> dq_pipe = first.advanced(it);  // step it's buffer and parity
       int hh, m_block;
       step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
-      const int buf = it % kDqBufs;
-      const uint32_t par = (it / kDqBufs) & 1;
+      const int buf = dq_pipe.stage();
+      const uint32_t par = dq_pipe.phase();
       const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
       int* sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) +
                  m_block;  // only dereferenced when deterministic (then not null)
@@ -545,9 +551,18 @@ struct BwdKernel {
     const uint32_t k_w = smem + kOffK + cw * 64 * 128;
     const uint32_t v_w = smem + kOffV + cw * 64 * 128;
 
-    // Step it of this tile is pipeline position g0 + it (stage, phase, dS / dQ buffer parity).
-    auto q_stage = [&](int it) { return smem + kOffQ + ((g0 + it) % kStages) * kQBytes; };
-    auto do_stage = [&](int it) { return smem + kOffDo + ((g0 + it) % kStages) * kQBytes; };
+    // This role's ring positions at the current step, set in one place (the top of the step loop) from the tile's
+    // first step: the Q / dO / lse / D ring and the dS^T buffers (both run on across tiles from g0), the dQ staging
+    // ring (writer mode: one tile per CTA). (Advanced as induction variables of their own, next to the step index,
+    // they were not merged with it: an extra register and add, other SASS.)
+    const PipelineState<kStages> first(g0);
+    const PipelineState<kDsBufs> ds_first(g0);
+    const PipelineState<kDqBufs> dq_first;
+    PipelineState<kStages> pipe = first;
+    PipelineState<kDsBufs> ds_pipe = ds_first;
+    PipelineState<kDqBufs> dq_pipe = dq_first;
+    auto q_stage = [&](int) { return smem + kOffQ + pipe.stage() * kQBytes; };
+    auto do_stage = [&](int) { return smem + kOffDo + pipe.stage() * kQBytes; };
 
     // ---- S^T = K_w Q^T, dP^T = V_w dO^T (two commit groups)
     auto issue_sdp = [&](int it) {
@@ -579,7 +594,7 @@ struct BwdKernel {
 
     // ---- wait for S^T / dP^T (no other wgmma group in flight); P^T, dS^T into A fragments.
     auto softmax = [&](int it) {
-      const int stage = (g0 + it) % kStages;
+      const int stage = pipe.stage();
       int hh_unused, m_block;
       step_coords(args, mask, n_block, m_block_min, it, hh_unused, m_block);
       wgmma_wait<1>();
@@ -639,7 +654,7 @@ struct BwdKernel {
     // ---- dS^T (16-bit) -> shared memory, SW128: row = key in block (kBlockN rows), col = query (64); then the
     // barrier that makes it visible to the dQ wgmma (both consumers' halves, or this consumer's own).
     auto store_ds = [&](int it) {
-      const uint32_t ds_s = smem + kOffDs + ((g0 + it) % kDsBufs) * kDsBytes;
+      const uint32_t ds_s = smem + kOffDs + ds_pipe.stage() * kDsBytes;
       if constexpr (Persistent) {
         // The previous tile's dK / dV TMA stores (issued by tid 0 of either consumer) read the same shared
         // memory: both must have read it before the first dS of this tile is written.
@@ -702,7 +717,7 @@ struct BwdKernel {
     auto issue_dv = [&](int it) { issue_rs_group(dv_reg, p_frag, do_stage(it)); };
     auto issue_dk = [&](int it) { issue_rs_group(dk_reg, ds_frag, q_stage(it)); };
     auto issue_dq = [&](int it) {
-      const uint32_t ds_s = smem + kOffDs + ((g0 + it) % kDsBufs) * kDsBytes;
+      const uint32_t ds_s = smem + kOffDs + ds_pipe.stage() * kDsBytes;
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
       wgmma_fence();
@@ -746,7 +761,7 @@ struct BwdKernel {
       // Every lane's reads of this stage (lse / D by ld.shared, Q / dO by wgmma) are complete: order them
       // before lane 0's release-arrive, after which the producer overwrites the stage.
       __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty(bars, (g0 + it) % kStages));  // Q, dO, lse, D of this stage are consumed
+      if (lane == 0) mbar_arrive(bar_empty(bars, pipe.stage()));  // Q, dO, lse, D of this stage are consumed
     };
     // ---- bulk reduce-add of the staged dQ part of step it into dq_accum (one thread: tid 0).
     auto reduce_dq = [&](int it) {
@@ -777,9 +792,9 @@ struct BwdKernel {
     auto store_dq = [&](int it) {
       if constexpr (DqWriter) {
         // Writer mode: wait until the writer's reduce has read this buffer (kDqBufs steps ago), stage, signal.
-        const int buf = it % kDqBufs;
+        const int buf = dq_pipe.stage();
         const uint32_t dq_s = dq_stage_smem(smem, cw, buf);
-        mbar_wait(bar_dq_empty(bars, cw, buf), ((it / kDqBufs) & 1) ^ 1);
+        mbar_wait(bar_dq_empty(bars, cw, buf), dq_pipe.phase() ^ 1);
         stage_dq(dq_s);
         fence_proxy_async_smem();
         __syncwarp();
@@ -794,10 +809,13 @@ struct BwdKernel {
       named_bar_sync(kBarDq + cw, 128);
       if (tid == 0) reduce_dq(it);
     };
-    auto wait_full = [&](int it) { mbar_wait(bar_full(bars, (g0 + it) % kStages), ((g0 + it) / kStages) & 1); };
+    auto wait_full = [&](int) { mbar_wait(bar_full(bars, pipe.stage()), pipe.phase()); };
 
-    mbar_wait(bar_kv(bars), tile_iter & 1);
+    mbar_wait(bar_kv(bars), PipelineState<1>(tile_iter).phase());  // (the K / V buffer: one use per tile)
     for (int it = 0; it < n_iters; ++it) {
+      pipe = first.advanced(it);
+      ds_pipe = ds_first.advanced(it);
+      dq_pipe = dq_first.advanced(it);
       wait_full(it);
       issue_sdp(it);
       softmax(it);
@@ -838,8 +856,8 @@ struct BwdKernel {
       if constexpr (DqWriter) {
 #pragma unroll
         for (int b = 0; b < kDqBufs; ++b) {
-          const int st = n_iters + b;
-          mbar_wait(bar_dq_empty(bars, cw, st % kDqBufs), ((st / kDqBufs) & 1) ^ 1);
+          const PipelineState<kDqBufs> st = dq_first.advanced(n_iters + b);
+          mbar_wait(bar_dq_empty(bars, cw, st.stage()), st.phase() ^ 1);
         }
       } else {
         if (tid == 0) tma_store_wait_read();
@@ -942,7 +960,7 @@ struct BwdKernel {
               tile = __shfl_sync(0xffffffffu, next, 0);
             }
             // No tile left: publish num_tiles once the consumers are done with the last tile's K / V.
-            if (tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
+            if (tile_iter > 0) mbar_wait(bar_kv_empty(bars), PipelineState<1>(tile_iter).advanced(-1).phase());
             if (lane == 0) {
               asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(num_tiles) : "memory");
               mbar_arrive(bar_kv(bars));
@@ -956,7 +974,7 @@ struct BwdKernel {
         if constexpr (DynamicSched) {
           int g0 = 0;
           for (int tile_iter = 0;; ++tile_iter) {
-            mbar_wait(bar_kv(bars), tile_iter & 1);
+            mbar_wait(bar_kv(bars), PipelineState<1>(tile_iter).phase());
             int tile;
             asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(tile) : "r"(smem + kOffTile) : "memory");
             if (tile >= num_tiles) break;
