@@ -49,6 +49,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
+#include "bwd_scheduler.cuh"
 #include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -274,16 +275,15 @@ struct BwdKernel {
   static constexpr bool DqWriter = Deterministic;  // warp 1 issues the dQ reduce-adds
   // (The writer orders the two consumers' parts by columns: split by keys they would add into the same elements.)
   static_assert(!(Deterministic && DqSplitKeys), "deterministic mode is implemented for the dQ split by columns");
-  // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles in the grid's order (key blocks
-  // fastest); the pipeline position runs on across tiles, and the next tile's K / V (and first Q / dO) load while
-  // the consumers store this tile's dK / dV (bar_kv_empty frees K / V after the last wgmma). Non-causal tiles are
-  // equal: static, tile blockIdx.x + k gridDim.x. Causal tiles shrink with the key block: DynamicSched, CTA b
-  // starts with tile b and the producer takes each next one from a global counter (params.tile_counter, zeroed by
-  // the preprocess kernel), so the tiles start in the grid's order, like one CTA per tile, and a CTA that finishes
-  // early takes more; the producer passes the tile to the consumers in shared memory, published by its bar_kv
-  // arrival (a tile index >= the number of tiles: no more work).
+  // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles in Scheduler's order; the pipeline
+  // position runs on across tiles, and the next tile's K / V (and first Q / dO) load while the consumers store this
+  // tile's dK / dV (bar_kv_empty frees K / V after the last wgmma). Non-causal tiles are equal: the static order.
+  // Causal tiles shrink with the key block: DynamicSched, the producer takes each next tile from Scheduler's
+  // counter and passes it to the consumers in shared memory, published by its bar_kv arrival (a tile index >= the
+  // number of tiles: no more work).
   static constexpr bool Persistent = Persistent_;
   static constexpr bool DynamicSched = Persistent && IsCausal;
+  using Scheduler = BwdScheduler<kBlockN, Persistent, DynamicSched>;  // the tiles' order (bwd_scheduler.cuh)
   static_assert(!Persistent || !Deterministic, "the persistent loop is implemented for the default kernel");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
@@ -902,7 +902,8 @@ struct BwdKernel {
     const uint32_t smem = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const uint32_t bars = smem + kOffBar;
     const int warp = threadIdx.x / 32;
-    const int n_block = blockIdx.x, head_k = blockIdx.y, batch = blockIdx.z;
+    int n_block, head_k, batch;  // one CTA per tile: this CTA's
+    Scheduler::cta_tile(n_block, head_k, batch);
     if (threadIdx.x == 0) {
       mbar_init(bar_kv(bars), 1);
       if constexpr (Persistent) mbar_init(bar_kv_empty(bars), 8);
@@ -925,23 +926,21 @@ struct BwdKernel {
       // Each role loops over the tiles inside its own setmaxnreg branch (a loop shared by both roles would
       // make ptxas ignore setmaxnreg).
       const BwdParams& p = args.params;
-      const int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-      const int num_tiles = n_blocks * p.nheads_k * p.batch;
-      Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
-      auto coords = [&](int tile, int& nb, int& hk, int& bb) {
-        nb = tile % n_blocks;
-        const int rest = tile / n_blocks;
-        hk = rest % p.nheads_k;
-        bb = rest / p.nheads_k;
+      const Scheduler sched(p);
+      // Pipeline steps of tile (nb, bb): the query-block range of its key block, for its batch entry.
+      auto tile_steps = [&](int nb, int bb) {
+        const SeqInfo seq(p, bb);
+        Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+        return num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
       };
-      // Static order (non-causal): tiles blockIdx.x, + gridDim.x, ...
+      // Static order (non-causal).
       auto for_tiles = [&](auto&& body) {
         int g0 = 0, tile_iter = 0;
-        for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++tile_iter) {
+        for (int tile = sched.first_tile(); tile < sched.num_tiles; tile = sched.next_static(tile), ++tile_iter) {
           int nb, hk, bb;
-          coords(tile, nb, hk, bb);
+          sched.coords(p, tile, nb, hk, bb);
           body(nb, hk, bb, g0, tile_iter);
-          g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
+          g0 += tile_steps(nb, bb);
         }
       };
       if (warp < 4) {
@@ -950,19 +949,17 @@ struct BwdKernel {
           if constexpr (DynamicSched) {
             const int lane = threadIdx.x % 32;
             int g0 = 0, tile_iter = 0;
-            for (int tile = blockIdx.x; tile < num_tiles; ++tile_iter) {
+            for (int tile = sched.first_tile(); tile < sched.num_tiles; ++tile_iter) {
               int nb, hk, bb;
-              coords(tile, nb, hk, bb);
+              sched.coords(p, tile, nb, hk, bb);
               producer(args, smem, bars, nb, hk, bb, g0, tile_iter, tile);
-              g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
-              int next = 0;
-              if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
-              tile = __shfl_sync(0xffffffffu, next, 0);
+              g0 += tile_steps(nb, bb);
+              tile = sched.next_dynamic(p, lane);
             }
             // No tile left: publish num_tiles once the consumers are done with the last tile's K / V.
             if (tile_iter > 0) mbar_wait(bar_kv_empty(bars), PipelineState<1>(tile_iter).advanced(-1).phase());
             if (lane == 0) {
-              asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(num_tiles) : "memory");
+              asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(sched.num_tiles) : "memory");
               mbar_arrive(bar_kv(bars));
             }
           } else {
@@ -975,13 +972,13 @@ struct BwdKernel {
           int g0 = 0;
           for (int tile_iter = 0;; ++tile_iter) {
             mbar_wait(bar_kv(bars), PipelineState<1>(tile_iter).phase());
-            int tile;
+            int tile;  // published by the producer (see DynamicSched)
             asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(tile) : "r"(smem + kOffTile) : "memory");
-            if (tile >= num_tiles) break;
+            if (tile >= sched.num_tiles) break;
             int nb, hk, bb;
-            coords(tile, nb, hk, bb);
+            sched.coords(p, tile, nb, hk, bb);
             consumer(args, smem, bars, warp / 4 - 1, nb, hk, bb, g0, tile_iter);
-            g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
+            g0 += tile_steps(nb, bb);
           }
         } else {
           for_tiles([&](int nb, int hk, int bb, int g0, int ti) {

@@ -47,6 +47,7 @@
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
 #include "bwd_kernel.cuh"
+#include "bwd_scheduler.cuh"
 #include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -67,6 +68,7 @@ struct BwdKernelHd256 {
   static constexpr int kHeadDim = 256;
   static constexpr int kBlockM = 64;  // query rows per pipeline step
   static constexpr int kBlockN = 64;  // keys per CTA, shared by both consumers
+  using Scheduler = BwdScheduler<kBlockN, false, false>;  // one CTA per tile (bwd_scheduler.cuh)
   static constexpr int kStages = 2;    // Q (+ lse, D) slots
   static constexpr int kDoStages = 2;  // dO slots
   static_assert(kDoStages == kStages && kStages == 2, "one ring position for Q, dO and the P^T / dS^T buffers");
@@ -502,7 +504,8 @@ struct BwdKernelHd256 {
     const uint32_t smem = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const uint32_t bars = smem + kOffBar;
     const int warp = threadIdx.x / 32;
-    const int n_block = blockIdx.x, head_k = blockIdx.y, batch = blockIdx.z;
+    int n_block, head_k, batch;
+    Scheduler::cta_tile(n_block, head_k, batch);
     if (threadIdx.x == 0) {
       mbar_init(bar_kv(bars), 1);
       for (int s = 0; s < kStages; ++s) {
