@@ -49,6 +49,8 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
+#include "bwd_scheduler.cuh"
+#include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -273,16 +275,15 @@ struct BwdKernel {
   static constexpr bool DqWriter = Deterministic;  // warp 1 issues the dQ reduce-adds
   // (The writer orders the two consumers' parts by columns: split by keys they would add into the same elements.)
   static_assert(!(Deterministic && DqSplitKeys), "deterministic mode is implemented for the dQ split by columns");
-  // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles in the grid's order (key blocks
-  // fastest); the pipeline position runs on across tiles, and the next tile's K / V (and first Q / dO) load while
-  // the consumers store this tile's dK / dV (bar_kv_empty frees K / V after the last wgmma). Non-causal tiles are
-  // equal: static, tile blockIdx.x + k gridDim.x. Causal tiles shrink with the key block: DynamicSched, CTA b
-  // starts with tile b and the producer takes each next one from a global counter (params.tile_counter, zeroed by
-  // the preprocess kernel), so the tiles start in the grid's order, like one CTA per tile, and a CTA that finishes
-  // early takes more; the producer passes the tile to the consumers in shared memory, published by its bar_kv
-  // arrival (a tile index >= the number of tiles: no more work).
+  // Persistent: gridDim.x CTAs loop over the (n_block, kv head, batch) tiles in Scheduler's order; the pipeline
+  // position runs on across tiles, and the next tile's K / V (and first Q / dO) load while the consumers store this
+  // tile's dK / dV (bar_kv_empty frees K / V after the last wgmma). Non-causal tiles are equal: the static order.
+  // Causal tiles shrink with the key block: DynamicSched, the producer takes each next tile from Scheduler's
+  // counter and passes it to the consumers in shared memory, published by its bar_kv arrival (a tile index >= the
+  // number of tiles: no more work).
   static constexpr bool Persistent = Persistent_;
   static constexpr bool DynamicSched = Persistent && IsCausal;
+  using Scheduler = BwdScheduler<kBlockN, Persistent, DynamicSched>;  // the tiles' order (bwd_scheduler.cuh)
   static_assert(!Persistent || !Deterministic, "the persistent loop is implemented for the default kernel");
   static constexpr int kNWarps = 12;
   static constexpr int kNThreads = kNWarps * 32;
@@ -410,7 +411,8 @@ struct BwdKernel {
     const SeqInfo seq(p, batch);
     Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-    if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
+    const PipelineState<1> kv(tile_iter);  // the K / V buffer: one slot, one use per tile
+    if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), kv.advanced(-1).phase());
     if (lane == 0) {
       // (The consumers read it after their bar_kv wait, which the arrival below releases; they are done with the
       // previous index: bar_kv_empty.)
@@ -431,12 +433,14 @@ struct BwdKernel {
       }
     }
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
+    const PipelineState<kStages> first(g0);  // this tile's first step on the Q / dO / lse / D ring
     for (int it = 0; it < n_iters; ++it) {
+      const PipelineState<kStages> pipe = first.advanced(it);  // step it's slot and parity
       int hh, m_block;
       step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
-      const int stage = (g0 + it) % kStages, phase = ((g0 + it) / kStages) & 1;
+      const int stage = pipe.stage(), phase = pipe.phase();
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
         mbar_arrive_expect_tx(bar_full(bars, stage), 2 * kQBytes + 2 * kBlockM * 4);
@@ -487,12 +491,14 @@ struct BwdKernel {
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
     if (lane != 0) return;
+    const PipelineState<kDqBufs> first;  // the dQ staging ring (one tile per CTA in writer mode)
     for (int it = 0; it < n_iters; ++it) {
+      const PipelineState<kDqBufs> dq_pipe = first.advanced(it);  // step it's buffer and parity
       int hh, m_block;
       step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
-      const int buf = it % kDqBufs;
-      const uint32_t par = (it / kDqBufs) & 1;
+      const int buf = dq_pipe.stage();
+      const uint32_t par = dq_pipe.phase();
       const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
       int* sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) +
                  m_block;  // only dereferenced when deterministic (then not null)
@@ -545,9 +551,18 @@ struct BwdKernel {
     const uint32_t k_w = smem + kOffK + cw * 64 * 128;
     const uint32_t v_w = smem + kOffV + cw * 64 * 128;
 
-    // Step it of this tile is pipeline position g0 + it (stage, phase, dS / dQ buffer parity).
-    auto q_stage = [&](int it) { return smem + kOffQ + ((g0 + it) % kStages) * kQBytes; };
-    auto do_stage = [&](int it) { return smem + kOffDo + ((g0 + it) % kStages) * kQBytes; };
+    // This role's ring positions at the current step, set in one place (the top of the step loop) from the tile's
+    // first step: the Q / dO / lse / D ring and the dS^T buffers (both run on across tiles from g0), the dQ staging
+    // ring (writer mode: one tile per CTA). (Advanced as induction variables of their own, next to the step index,
+    // they were not merged with it: an extra register and add, other SASS.)
+    const PipelineState<kStages> first(g0);
+    const PipelineState<kDsBufs> ds_first(g0);
+    const PipelineState<kDqBufs> dq_first;
+    PipelineState<kStages> pipe = first;
+    PipelineState<kDsBufs> ds_pipe = ds_first;
+    PipelineState<kDqBufs> dq_pipe = dq_first;
+    auto q_stage = [&](int) { return smem + kOffQ + pipe.stage() * kQBytes; };
+    auto do_stage = [&](int) { return smem + kOffDo + pipe.stage() * kQBytes; };
 
     // ---- S^T = K_w Q^T, dP^T = V_w dO^T (two commit groups)
     auto issue_sdp = [&](int it) {
@@ -579,7 +594,7 @@ struct BwdKernel {
 
     // ---- wait for S^T / dP^T (no other wgmma group in flight); P^T, dS^T into A fragments.
     auto softmax = [&](int it) {
-      const int stage = (g0 + it) % kStages;
+      const int stage = pipe.stage();
       int hh_unused, m_block;
       step_coords(args, mask, n_block, m_block_min, it, hh_unused, m_block);
       wgmma_wait<1>();
@@ -639,7 +654,7 @@ struct BwdKernel {
     // ---- dS^T (16-bit) -> shared memory, SW128: row = key in block (kBlockN rows), col = query (64); then the
     // barrier that makes it visible to the dQ wgmma (both consumers' halves, or this consumer's own).
     auto store_ds = [&](int it) {
-      const uint32_t ds_s = smem + kOffDs + ((g0 + it) % kDsBufs) * kDsBytes;
+      const uint32_t ds_s = smem + kOffDs + ds_pipe.stage() * kDsBytes;
       if constexpr (Persistent) {
         // The previous tile's dK / dV TMA stores (issued by tid 0 of either consumer) read the same shared
         // memory: both must have read it before the first dS of this tile is written.
@@ -702,7 +717,7 @@ struct BwdKernel {
     auto issue_dv = [&](int it) { issue_rs_group(dv_reg, p_frag, do_stage(it)); };
     auto issue_dk = [&](int it) { issue_rs_group(dk_reg, ds_frag, q_stage(it)); };
     auto issue_dq = [&](int it) {
-      const uint32_t ds_s = smem + kOffDs + ((g0 + it) % kDsBufs) * kDsBytes;
+      const uint32_t ds_s = smem + kOffDs + ds_pipe.stage() * kDsBytes;
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) fence_regs(dq_reg[mt]);
       wgmma_fence();
@@ -746,7 +761,7 @@ struct BwdKernel {
       // Every lane's reads of this stage (lse / D by ld.shared, Q / dO by wgmma) are complete: order them
       // before lane 0's release-arrive, after which the producer overwrites the stage.
       __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty(bars, (g0 + it) % kStages));  // Q, dO, lse, D of this stage are consumed
+      if (lane == 0) mbar_arrive(bar_empty(bars, pipe.stage()));  // Q, dO, lse, D of this stage are consumed
     };
     // ---- bulk reduce-add of the staged dQ part of step it into dq_accum (one thread: tid 0).
     auto reduce_dq = [&](int it) {
@@ -777,9 +792,9 @@ struct BwdKernel {
     auto store_dq = [&](int it) {
       if constexpr (DqWriter) {
         // Writer mode: wait until the writer's reduce has read this buffer (kDqBufs steps ago), stage, signal.
-        const int buf = it % kDqBufs;
+        const int buf = dq_pipe.stage();
         const uint32_t dq_s = dq_stage_smem(smem, cw, buf);
-        mbar_wait(bar_dq_empty(bars, cw, buf), ((it / kDqBufs) & 1) ^ 1);
+        mbar_wait(bar_dq_empty(bars, cw, buf), dq_pipe.phase() ^ 1);
         stage_dq(dq_s);
         fence_proxy_async_smem();
         __syncwarp();
@@ -794,10 +809,13 @@ struct BwdKernel {
       named_bar_sync(kBarDq + cw, 128);
       if (tid == 0) reduce_dq(it);
     };
-    auto wait_full = [&](int it) { mbar_wait(bar_full(bars, (g0 + it) % kStages), ((g0 + it) / kStages) & 1); };
+    auto wait_full = [&](int) { mbar_wait(bar_full(bars, pipe.stage()), pipe.phase()); };
 
-    mbar_wait(bar_kv(bars), tile_iter & 1);
+    mbar_wait(bar_kv(bars), PipelineState<1>(tile_iter).phase());  // (the K / V buffer: one use per tile)
     for (int it = 0; it < n_iters; ++it) {
+      pipe = first.advanced(it);
+      ds_pipe = ds_first.advanced(it);
+      dq_pipe = dq_first.advanced(it);
       wait_full(it);
       issue_sdp(it);
       softmax(it);
@@ -838,8 +856,8 @@ struct BwdKernel {
       if constexpr (DqWriter) {
 #pragma unroll
         for (int b = 0; b < kDqBufs; ++b) {
-          const int st = n_iters + b;
-          mbar_wait(bar_dq_empty(bars, cw, st % kDqBufs), ((st / kDqBufs) & 1) ^ 1);
+          const PipelineState<kDqBufs> st = dq_first.advanced(n_iters + b);
+          mbar_wait(bar_dq_empty(bars, cw, st.stage()), st.phase() ^ 1);
         }
       } else {
         if (tid == 0) tma_store_wait_read();
@@ -884,7 +902,8 @@ struct BwdKernel {
     const uint32_t smem = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const uint32_t bars = smem + kOffBar;
     const int warp = threadIdx.x / 32;
-    const int n_block = blockIdx.x, head_k = blockIdx.y, batch = blockIdx.z;
+    int n_block, head_k, batch;  // one CTA per tile: this CTA's
+    Scheduler::cta_tile(n_block, head_k, batch);
     if (threadIdx.x == 0) {
       mbar_init(bar_kv(bars), 1);
       if constexpr (Persistent) mbar_init(bar_kv_empty(bars), 8);
@@ -907,23 +926,21 @@ struct BwdKernel {
       // Each role loops over the tiles inside its own setmaxnreg branch (a loop shared by both roles would
       // make ptxas ignore setmaxnreg).
       const BwdParams& p = args.params;
-      const int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
-      const int num_tiles = n_blocks * p.nheads_k * p.batch;
-      Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
-      auto coords = [&](int tile, int& nb, int& hk, int& bb) {
-        nb = tile % n_blocks;
-        const int rest = tile / n_blocks;
-        hk = rest % p.nheads_k;
-        bb = rest / p.nheads_k;
+      const Scheduler sched(p);
+      // Pipeline steps of tile (nb, bb): the query-block range of its key block, for its batch entry.
+      auto tile_steps = [&](int nb, int bb) {
+        const SeqInfo seq(p, bb);
+        Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+        return num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
       };
-      // Static order (non-causal): tiles blockIdx.x, + gridDim.x, ...
+      // Static order (non-causal).
       auto for_tiles = [&](auto&& body) {
         int g0 = 0, tile_iter = 0;
-        for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++tile_iter) {
+        for (int tile = sched.first_tile(); tile < sched.num_tiles; tile = sched.next_static(tile), ++tile_iter) {
           int nb, hk, bb;
-          coords(tile, nb, hk, bb);
+          sched.coords(p, tile, nb, hk, bb);
           body(nb, hk, bb, g0, tile_iter);
-          g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
+          g0 += tile_steps(nb, bb);
         }
       };
       if (warp < 4) {
@@ -932,19 +949,17 @@ struct BwdKernel {
           if constexpr (DynamicSched) {
             const int lane = threadIdx.x % 32;
             int g0 = 0, tile_iter = 0;
-            for (int tile = blockIdx.x; tile < num_tiles; ++tile_iter) {
+            for (int tile = sched.first_tile(); tile < sched.num_tiles; ++tile_iter) {
               int nb, hk, bb;
-              coords(tile, nb, hk, bb);
+              sched.coords(p, tile, nb, hk, bb);
               producer(args, smem, bars, nb, hk, bb, g0, tile_iter, tile);
-              g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
-              int next = 0;
-              if (lane == 0) next = static_cast<int>(gridDim.x) + atomicAdd(p.tile_counter, 1);
-              tile = __shfl_sync(0xffffffffu, next, 0);
+              g0 += tile_steps(nb, bb);
+              tile = sched.next_dynamic(p, lane);
             }
             // No tile left: publish num_tiles once the consumers are done with the last tile's K / V.
-            if (tile_iter > 0) mbar_wait(bar_kv_empty(bars), (tile_iter - 1) & 1);
+            if (tile_iter > 0) mbar_wait(bar_kv_empty(bars), PipelineState<1>(tile_iter).advanced(-1).phase());
             if (lane == 0) {
-              asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(num_tiles) : "memory");
+              asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(smem + kOffTile), "r"(sched.num_tiles) : "memory");
               mbar_arrive(bar_kv(bars));
             }
           } else {
@@ -956,14 +971,14 @@ struct BwdKernel {
         if constexpr (DynamicSched) {
           int g0 = 0;
           for (int tile_iter = 0;; ++tile_iter) {
-            mbar_wait(bar_kv(bars), tile_iter & 1);
-            int tile;
+            mbar_wait(bar_kv(bars), PipelineState<1>(tile_iter).phase());
+            int tile;  // published by the producer (see DynamicSched)
             asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(tile) : "r"(smem + kOffTile) : "memory");
-            if (tile >= num_tiles) break;
+            if (tile >= sched.num_tiles) break;
             int nb, hk, bb;
-            coords(tile, nb, hk, bb);
+            sched.coords(p, tile, nb, hk, bb);
             consumer(args, smem, bars, warp / 4 - 1, nb, hk, bb, g0, tile_iter);
-            g0 += num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
+            g0 += tile_steps(nb, bb);
           }
         } else {
           for_tiles([&](int nb, int hk, int bb, int g0, int ti) {

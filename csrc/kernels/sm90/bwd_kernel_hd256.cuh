@@ -47,6 +47,8 @@
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
 #include "bwd_kernel.cuh"
+#include "bwd_scheduler.cuh"
+#include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -66,8 +68,10 @@ struct BwdKernelHd256 {
   static constexpr int kHeadDim = 256;
   static constexpr int kBlockM = 64;  // query rows per pipeline step
   static constexpr int kBlockN = 64;  // keys per CTA, shared by both consumers
+  using Scheduler = BwdScheduler<kBlockN, false, false>;  // one CTA per tile (bwd_scheduler.cuh)
   static constexpr int kStages = 2;    // Q (+ lse, D) slots
   static constexpr int kDoStages = 2;  // dO slots
+  static_assert(kDoStages == kStages && kStages == 2, "one ring position for Q, dO and the P^T / dS^T buffers");
   static constexpr bool IsCausal = IsCausal_;
   // Stagger: the CTA of key block n_block visits its query blocks starting at (n_block mod their count) and wraps,
   // so that concurrently running CTAs (neighbouring key blocks) add into different dq_accum blocks instead of all
@@ -148,10 +152,11 @@ struct BwdKernelHd256 {
                     seq.b);
       }
     }
-    // Step it loads Q (+ lse, D) and dO of (head, m_block).
-    auto load_step = [&](int it, int head, int m_block) {
+    // A step loads Q (+ lse, D) and dO of (head, m_block) into the slots at `pipe` (one position for the Q and the
+    // dO ring: kDoStages == kStages).
+    auto load_step = [&](int head, int m_block, PipelineState<kStages> pipe) {
       const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
-      const int stage = it % kStages, phase = (it / kStages) & 1;
+      const int stage = pipe.stage(), phase = pipe.phase();
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
         mbar_arrive_expect_tx(bar_full(bars, stage), kQBytes + 2 * kBlockM * 4);
@@ -167,7 +172,7 @@ struct BwdKernelHd256 {
         bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
       }
       // dO: its slot frees after the dV products of the step kDoStages back.
-      const int dstage = it % kDoStages, dphase = (it / kDoStages) & 1;
+      const int dstage = pipe.stage(), dphase = pipe.phase();
       mbar_wait(bar_do_empty(bars, dstage), dphase ^ 1);
       if (lane == 0) {
         mbar_arrive_expect_tx(bar_do_full(bars, dstage), kQBytes);
@@ -178,21 +183,22 @@ struct BwdKernelHd256 {
         }
       }
     };
+    PipelineState<kStages> pipe;  // this role's position on the rings, advanced once per step (below)
     if constexpr (Det) {
       // Query blocks descending from the last, heads inner (see Det).
       const int n_iters = (m_block_max_of(args, mask, n_block) - m_block_min) * p.h_h_k_ratio;
-      for (int it = 0; it < n_iters; ++it) {
-        load_step(it, head_k * p.h_h_k_ratio + it % p.h_h_k_ratio,
-                  m_block_max_of(args, mask, n_block) - 1 - it / p.h_h_k_ratio);
+      for (; pipe.count < n_iters; pipe.advance()) {
+        const int it = pipe.count;
+        load_step(head_k * p.h_h_k_ratio + it % p.h_h_k_ratio,
+                  m_block_max_of(args, mask, n_block) - 1 - it / p.h_h_k_ratio, pipe);
       }
     } else {
-      int it = 0;
       for (int hh = 0; hh < p.h_h_k_ratio; ++hh) {
         const int head = head_k * p.h_h_k_ratio + hh;
         const int n_m = m_block_max_of(args, mask, n_block) - m_block_min;
         const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;
-        for (int i = 0; i < n_m; ++i, ++it) {
-          load_step(it, head, m_block_min + (i + rot < n_m ? i + rot : i + rot - n_m));
+        for (int i = 0; i < n_m; ++i, pipe.advance()) {
+          load_step(head, m_block_min + (i + rot < n_m ? i + rot : i + rot - n_m), pipe);
         }
       }
     }
@@ -229,8 +235,12 @@ struct BwdKernelHd256 {
     for (int i = 0; i < kNDq / 2; ++i) dv_reg[i] = dk_reg[i] = 0.f;
     float s_reg[kQh / 2], dp_reg[kQh / 2], dq_reg[kNDq / 2];
 
-    auto q_stage = [&](int it) { return smem + kOffQ + (it % kStages) * kQBytes; };
-    auto do_stage = [&](int it) { return smem + kOffDo + (it % kDoStages) * kQBytes; };
+    // The step's position on the Q (+ lse, D) ring, the dO ring (kDoStages == kStages) and the P^T / dS^T buffers
+    // (kStages == 2: step parity, so a consumer may write step i + 1 while the other reads step i); advanced once,
+    // at the end of the step loop.
+    PipelineState<kStages> pipe;
+    auto q_stage = [&](int) { return smem + kOffQ + pipe.stage() * kQBytes; };
+    auto do_stage = [&](int) { return smem + kOffDo + pipe.stage() * kQBytes; };
 
     // ---- S^T_w = K Q_w^T, dP^T_w = V dO_w^T (one commit group each, S^T first; B = this consumer's 32 query
     // rows, K-major). No fence_regs before them: the first k-step (ss_z) only writes s_reg / dp_reg, so their
@@ -269,7 +279,7 @@ struct BwdKernelHd256 {
     // ---- wait for S^T / dP^T (no other wgmma group in flight); P^T, dS^T (fp32, in s_reg / dp_reg).
     // Accumulator n8 block j holds queries 32w + 8j + 2t, +1 of key rows r0 (regs 4j, 4j+1) and r0 + 8 (4j+2, 4j+3).
     auto softmax = [&](int it) {
-      const int stage = it % kStages;
+      const int stage = pipe.stage();
       const int m_block = m_block_of(it);
       wgmma_wait<1>();
       fence_regs(s_reg);
@@ -319,7 +329,7 @@ struct BwdKernelHd256 {
     // consumer writes the 16-byte pieces 4w..4w+3 of each row); then the barrier that makes both halves visible
     // to both consumers' wgmmas. Conflict-free: the 8 rows g of a store land in 8 different 16-byte pieces.
     auto store_pds = [&](int it) {
-      const uint32_t p_s = smem + kOffP + (it % 2) * kPBytes, ds_s = smem + kOffDs + (it % 2) * kPBytes;
+      const uint32_t p_s = smem + kOffP + pipe.stage() * kPBytes, ds_s = smem + kOffDs + pipe.stage() * kPBytes;
 #pragma unroll
       for (int j = 0; j < kQh / 8; ++j) {
 #pragma unroll
@@ -345,7 +355,7 @@ struct BwdKernelHd256 {
     auto issue_dv = [&](int it) {
       fence_regs(dv_reg);
       wgmma_fence();
-      const uint64_t desc_p = make_desc_sw128(smem + kOffP + (it % 2) * kPBytes, 16, 1024);
+      const uint64_t desc_p = make_desc_sw128(smem + kOffP + pipe.stage() * kPBytes, 16, 1024);
       const uint64_t desc_do = make_desc_sw128(do_stage(it) + cw * 2 * kChunkBytes, kChunkBytes, 1024);
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {
@@ -356,7 +366,7 @@ struct BwdKernelHd256 {
     auto issue_dk = [&](int it) {
       fence_regs(dk_reg);
       wgmma_fence();
-      const uint64_t desc_ds = make_desc_sw128(smem + kOffDs + (it % 2) * kPBytes, 16, 1024);
+      const uint64_t desc_ds = make_desc_sw128(smem + kOffDs + pipe.stage() * kPBytes, 16, 1024);
       const uint64_t desc_q = make_desc_sw128(q_stage(it) + cw * 2 * kChunkBytes, kChunkBytes, 1024);
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {
@@ -367,7 +377,7 @@ struct BwdKernelHd256 {
     // ---- dQ_w = dS K[:, cols w] (one group): A = dS (M = 64 queries, K-dim = keys) read MN-major from the dS^T
     // tile (16 keys = 16 rows = 2048 bytes per k-step), B = K columns [128w, +128) (MN-major, K-dim = key rows).
     auto issue_dq = [&](int it) {
-      const uint32_t ds_s = smem + kOffDs + (it % 2) * kPBytes;
+      const uint32_t ds_s = smem + kOffDs + pipe.stage() * kPBytes;
       wgmma_fence();
       const uint64_t desc_ds = make_desc_sw128(ds_s, kPBytes, 1024);
       const uint64_t desc_k = make_desc_sw128(smem + kOffK + cw * 2 * kChunkBytes, kChunkBytes, 1024);
@@ -385,12 +395,12 @@ struct BwdKernelHd256 {
     auto release_do = [&](int it) {
       fence_regs(dv_reg);
       __syncwarp();
-      if (lane == 0) mbar_arrive(bar_do_empty(bars, it % kDoStages));
+      if (lane == 0) mbar_arrive(bar_do_empty(bars, pipe.stage()));
     };
     auto release_q = [&](int it) {
       fence_regs(dk_reg);
       __syncwarp();
-      if (lane == 0) mbar_arrive(bar_empty(bars, it % kStages));
+      if (lane == 0) mbar_arrive(bar_empty(bars, pipe.stage()));
     };
     // ---- dQ_w -> dq_accum, in register order (see the header): 16 red.global.add.v4.f32 per thread.
     auto store_dq = [&](int it) {
@@ -418,10 +428,10 @@ struct BwdKernelHd256 {
         if (tid == 0) red_release_gpu_add(sem, 1);  // (the last key block's increment has no waiter)
       }
     };
-    auto wait_full = [&](int it) { mbar_wait(bar_full(bars, it % kStages), (it / kStages) & 1); };
-    auto wait_do = [&](int it) { mbar_wait(bar_do_full(bars, it % kDoStages), (it / kDoStages) & 1); };
+    auto wait_full = [&](int) { mbar_wait(bar_full(bars, pipe.stage()), pipe.phase()); };
+    auto wait_do = [&](int) { mbar_wait(bar_do_full(bars, pipe.stage()), pipe.phase()); };
 
-    mbar_wait(bar_kv(bars), 0);
+    mbar_wait(bar_kv(bars), PipelineState<1>().phase());  // (the K / V buffer: used once)
     for (int it = 0; it < n_iters; ++it) {
       wait_full(it);
       issue_s(it);
@@ -439,6 +449,7 @@ struct BwdKernelHd256 {
       store_dq(it);
       wgmma_wait<0>();
       release_q(it);
+      pipe.advance();
     }
 
     // ---- epilogue: dV, dK (scaled) from registers to global; rows < seqlen_k, cols < head_dim.
@@ -493,7 +504,8 @@ struct BwdKernelHd256 {
     const uint32_t smem = (smem_u32(smem_raw) + 1023u) & ~1023u;
     const uint32_t bars = smem + kOffBar;
     const int warp = threadIdx.x / 32;
-    const int n_block = blockIdx.x, head_k = blockIdx.y, batch = blockIdx.z;
+    int n_block, head_k, batch;
+    Scheduler::cta_tile(n_block, head_k, batch);
     if (threadIdx.x == 0) {
       mbar_init(bar_kv(bars), 1);
       for (int s = 0; s < kStages; ++s) {

@@ -86,14 +86,7 @@ bool launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   encode_dkdv_maps(args, params);
   launch_bwd_preprocess<T, kHeadDim>(params, stream);
-  // x = key block is the fastest grid dimension: the deterministic mode relies on CTAs of lower x of the same
-  // (kv head, batch) being launched no later than higher ones (see dq_writer).
-  dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
-  if constexpr (Persistent) {
-    const int64_t tiles = static_cast<int64_t>(grid_main.x) * grid_main.y * grid_main.z;
-    const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
-    grid_main = dim3(static_cast<unsigned>(tiles < num_sm ? tiles : num_sm), 1, 1);
-  }
+  const dim3 grid_main = Kernel::Scheduler::grid(params);  // (key blocks fastest: see bwd_scheduler.cuh)
   auto kernel = bwd_main_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);

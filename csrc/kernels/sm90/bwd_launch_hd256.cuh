@@ -37,7 +37,7 @@ bool launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   args.dkdv_tma = 0;  // (this kernel stages dK / dV itself)
   launch_bwd_preprocess<T, 256>(params, stream);
-  const dim3 grid_main((params.seqlen_k + Kernel::kBlockN - 1) / Kernel::kBlockN, params.nheads_k, params.batch);
+  const dim3 grid_main = Kernel::Scheduler::grid(params);
   auto kernel = bwd_main_hd256_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
