@@ -31,6 +31,7 @@
 #include "../mask.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
+#include "../seqinfo.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -320,7 +321,8 @@ struct FwdKernel {
     const int lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int m_block = tile.m_block;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const SeqInfo seq(p, tile.batch);
+    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
     // The tile's key blocks (what the producer loads): n_tile, from the last one down. WgSkip: this warpgroup's
     // rows see only the first n_block_max of them (its 64-row block of the query blocks at kBlockM 64); it skips
     // the first n_tile - n_block_max slots.
@@ -329,7 +331,7 @@ struct FwdKernel {
     int n_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
     if constexpr (WgSkip) {
       const int mb64 = m_block * kNumWG + cw;
-      n_block_max = mb64 * 64 >= p.seqlen_q ? 0 : mask.template n_block_max<64, kBlockN>(mb64);
+      n_block_max = mb64 * 64 >= seq.seqlen_q ? 0 : mask.template n_block_max<64, kBlockN>(mb64);
       n_unmasked_end = mask.template n_block_unmasked_end<64, kBlockN>(mb64);
       // cw comes from threadIdx.x: broadcast lane 0's values so ptxas sees warp-uniform loop bounds (otherwise
       // it cannot prove the softmax shuffles converged and adds divergent copies of the softmax).
@@ -517,15 +519,15 @@ struct FwdKernel {
     fence_proxy_async_smem();
     named_bar_sync(kBarEpi + cw, 128);
     if (t == 0) {
-      const int64_t lse_base = (static_cast<int64_t>(tile.batch) * p.nheads + tile.head) * p.seqlen_q;
-      if (row0 < p.seqlen_q) p.lse[lse_base + row0] = lse[0];
-      if (row0 + 8 < p.seqlen_q) p.lse[lse_base + row0 + 8] = lse[1];
+      const SeqInfo seq_o(p, tile.batch);  // re-read here, not kept live across the tile
+      const int64_t lse_base = seq_o.row_offset(tile.head, p.nheads, seq_o.seqlen_q);
+      if (row0 < seq_o.seqlen_q) p.lse[lse_base + row0] = lse[0];
+      if (row0 + 8 < seq_o.seqlen_q) p.lse[lse_base + row0 + 8] = lse[1];
     }
     if (tid == 0) {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head,
-                     tile.batch);
+        tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head, seq.b);
       }
       tma_store_commit();
       if constexpr (!SeparateO) {
@@ -536,7 +538,10 @@ struct FwdKernel {
   }
 
   __device__ static void consumer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw) {
-    Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
+    // The key blocks each tile consumed (what consumer_tile derives from its SeqInfo). TODO(varlen): per tile from
+    // SeqInfo(params, tile.batch); a Mask built in the loop reorders ptxas's code of the loop-invariant dense bound
+    // (see csrc/kernels/sm90/NOTES.md, eighth session), so the dense case keeps it hoisted.
+    const Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
     int kv_iter = 0, tile_iter = 0;
     // ChainTiles: consumer 0 issues first; the token then alternates over all GEMM issues of all tiles (both
     // consumers see the same tiles and key blocks), and consumer 0 takes consumer 1's last pass at the end.
@@ -565,7 +570,8 @@ struct FwdKernel {
   // One thread: every TMA load of the CTA's tiles, in the order the consumers use them.
   __device__ static void producer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars) {
     const FwdParams& p = args.params;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    // Key blocks per tile: as in consumer(), hoisted for the dense case. TODO(varlen): from the tile's SeqInfo.
+    const Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
     tma_prefetch_desc(&args.q_map);
     tma_prefetch_desc(&args.k_map);
     tma_prefetch_desc(&args.v_map);
@@ -573,6 +579,7 @@ struct FwdKernel {
     int kv_iter = 0, tile_iter = 0;
     for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
       const Tile tile = tile_coord(args, t);
+      const SeqInfo seq(p, tile.batch);
       const int head_k = tile.head / p.h_h_k_ratio;
       const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
       for (int i = 0; i < n_block_max; ++i) {
@@ -580,7 +587,7 @@ struct FwdKernel {
         const int it = kv_iter + i;
         const int stage = it % kStages, phase = (it / kStages) & 1;
         load_kv(&args.k_map, smem + kOffK + stage * kKVBytes, bar_k_full(bars, stage), bar_k_empty(bars, stage), phase,
-                n_block, head_k, tile.batch);
+                n_block, head_k, seq.b);
         if (i == 0) {
           // Q after the first K block: K may stream in while the previous tile's epilogue still holds Q.
           mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
@@ -588,11 +595,11 @@ struct FwdKernel {
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             tma_load_4d(smem + kOffQ + c * kQChunkBytes, &args.q_map, bar_q(bars), c * 64, tile.m_block * kBlockM,
-                        tile.head, tile.batch);
+                        tile.head, seq.b);
           }
         }
         load_kv(&args.v_map, smem + kOffV + stage * kKVBytes, bar_v_full(bars, stage), bar_v_empty(bars, stage), phase,
-                n_block, head_k, tile.batch);
+                n_block, head_k, seq.b);
       }
       if (n_block_max == 0) {
         // Nothing visible: no Q needed, but keep the Q barrier phases in step with the consumers.
