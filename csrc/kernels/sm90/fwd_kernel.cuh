@@ -79,6 +79,7 @@ struct FwdKernel {
   static constexpr bool DoubleP = DoubleP_;
   static constexpr bool ChainTiles = ChainTiles_;
   static constexpr bool WgSkip = WgSkip_;
+  using MaskT = Mask<IsCausal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
   // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
   // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
   // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
@@ -180,16 +181,18 @@ struct FwdKernel {
     }
   }
 
-  // Mask the key columns >= col_limit of this thread's two rows.
-  __device__ static __forceinline__ void apply_mask(float (&s_reg)[kBlockN / 2], int n_block, int t, int lim0, int lim1) {
+  // Mask the key columns this thread's two rows may not see: outside [lo0, lim0) and [lo1, lim1) (the rows'
+  // col_min / col_limit; the lower bounds are never compared by a policy without a left bound).
+  __device__ static __forceinline__ void apply_mask(float (&s_reg)[kBlockN / 2], int n_block, int t, int lo0, int lim0,
+                                                    int lo1, int lim1) {
     const int col0 = n_block * kBlockN + 2 * t;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int c = col0 + 8 * j + e;
-        if (c >= lim0) s_reg[4 * j + e] = -INFINITY;
-        if (c >= lim1) s_reg[4 * j + 2 + e] = -INFINITY;
+        if (!MaskT::visible_in(c, lo0, lim0)) s_reg[4 * j + e] = -INFINITY;
+        if (!MaskT::visible_in(c, lo1, lim1)) s_reg[4 * j + 2 + e] = -INFINITY;
       }
     }
   }
@@ -322,13 +325,17 @@ struct FwdKernel {
     const int g = lane / 4, t = lane % 4;
     const int m_block = tile.m_block;
     const SeqInfo seq(p, tile.batch);
-    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
-    // The tile's key blocks (what the producer loads): n_tile, from the last one down. WgSkip: this warpgroup's
-    // rows see only the first n_block_max of them (its 64-row block of the query blocks at kBlockM 64); it skips
-    // the first n_tile - n_block_max slots.
-    const int n_tile = mask.template n_block_max<kBlockM, kBlockN>(m_block);
-    int n_block_max = n_tile;
+    const MaskT mask(seq.seqlen_q, seq.seqlen_k);
+    // The tile's key blocks (what the producer loads): [n_block_min, n_tile_max), n_tile of them, from the last
+    // one down. WgSkip: this warpgroup's rows see only [n_block_min, n_block_max) of them (its 64-row block of the
+    // query blocks at kBlockM 64); it skips the first n_tile_max - n_block_max slots. (With a left bound it still
+    // visits the tile's lowest blocks, masked, rather than skipping slots at both ends.)
+    const int n_tile_max = mask.template n_block_max<kBlockM, kBlockN>(m_block);
+    int n_block_max = n_tile_max;
     int n_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+    const int n_block_min = mask.template n_block_min<kBlockM, kBlockN>(m_block);
+    const int n_tile = n_tile_max - n_block_min;
+    int n_unmasked_begin = mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
     if constexpr (WgSkip) {
       const int mb64 = m_block * kNumWG + cw;
       n_block_max = mb64 * 64 >= seq.seqlen_q ? 0 : mask.template n_block_max<64, kBlockN>(mb64);
@@ -337,10 +344,20 @@ struct FwdKernel {
       // it cannot prove the softmax shuffles converged and adds divergent copies of the softmax).
       n_block_max = __shfl_sync(0xffffffffu, n_block_max, 0);
       n_unmasked_end = __shfl_sync(0xffffffffu, n_unmasked_end, 0);
+      if constexpr (MaskT::kHasLeftBound) {
+        n_block_max = max(n_block_max, n_block_min);  // nothing visible: an empty range, not a negative one
+        n_unmasked_begin = __shfl_sync(0xffffffffu, mask.template n_block_unmasked_begin<64, kBlockN>(mb64), 0);
+      }
     }
-    const int n_skip = n_tile - n_block_max;
+    const int n_skip = n_tile_max - n_block_max;
     const int row0 = m_block * kBlockM + cw * 64 + warp_in_wg * 16 + g;  // this thread's rows: row0, row0 + 8
     const int lim0 = mask.col_limit(row0), lim1 = mask.col_limit(row0 + 8);
+    // The rows' first visible keys. The mask calls below pass them only where the policy has a left bound (a
+    // literal 0 otherwise): the step lambda would capture them, and one more capture changed ptxas's code.
+    const int lo0 = mask.col_min(row0), lo1 = mask.col_min(row0 + 8);
+    (void)lo0;
+    (void)lo1;
+
     const float scale_log2 = p.scale_softmax_log2;
     const uint32_t q_smem = smem + kOffQ + cw * 64 * 128;  // this warpgroup's 64 rows in each chunk
 
@@ -356,7 +373,9 @@ struct FwdKernel {
     uint32_t p_b[kBlockN / 16][4];
 
     mbar_wait(bar_q(bars), tile_iter & 1);
-    const int n_iters = n_block_max;
+    // This warpgroup's key blocks, n_block_max - n_block_min (spelled so without a left bound: the subtraction of
+    // the literal 0, folded or not, changed ptxas's code of the d128 non-causal kernels).
+    const int n_iters = MaskT::kHasLeftBound ? n_block_max - n_block_min : n_block_max;
     if constexpr (WgSkip) {
       if (PingPong && !ChainTiles && n_tile > 0 && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);
       // Skipped slots: free the K / V slots once loaded (a release before the load would count towards the
@@ -394,7 +413,10 @@ struct FwdKernel {
         fence_regs(s_reg);
         if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
         if (SeparateO && n_iters == 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done: Q free
-        if (n_block_max - 1 >= n_unmasked_end) apply_mask(s_reg, n_block_max - 1, t, lim0, lim1);
+        if (n_block_max - 1 >= n_unmasked_end || (MaskT::kHasLeftBound && n_block_max - 1 < n_unmasked_begin)) {
+          if constexpr (MaskT::kHasLeftBound) apply_mask(s_reg, n_block_max - 1, t, lo0, lim0, lo1, lim1);
+          else apply_mask(s_reg, n_block_max - 1, t, 0, lim0, 0, lim1);
+        }
         softmax_step(s_reg, m, l, alpha, scale_log2);
         convert_p(s_reg, p_a);
       }
@@ -422,8 +444,11 @@ struct FwdKernel {
         if (SeparateO && i == n_iters - 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done
         // The softmax sits in its own branches: ptxas hoists a wgmma wait above the instructions of its basic
         // block, which would make the softmax wait for P V; a branch join keeps the wait below the softmax.
-        if (n_block >= n_unmasked_end) {
-          apply_mask(s_reg, n_block, t, lim0, lim1);
+        bool masked = n_block >= n_unmasked_end;
+        if constexpr (MaskT::kHasLeftBound) masked = masked || n_block < n_unmasked_begin;  // left edge
+        if (masked) {
+          if constexpr (MaskT::kHasLeftBound) apply_mask(s_reg, n_block, t, lo0, lim0, lo1, lim1);
+          else apply_mask(s_reg, n_block, t, 0, lim0, 0, lim1);
           softmax_step(s_reg, m, l, alpha, scale_log2);
         } else {
           softmax_step(s_reg, m, l, alpha, scale_log2);
@@ -549,7 +574,8 @@ struct FwdKernel {
     for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
       const Tile tile = tile_coord(args, t);
       consumer_tile(args, smem, bars, cw, tile, kv_iter, tile_iter);
-      kv_iter += mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
+      kv_iter += mask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
+                 mask.template n_block_min<kBlockM, kBlockN>(tile.m_block);
     }
     if (PingPong && ChainTiles && cw == 0) named_bar_sync(kBarSched + 0, 256);
     // Shared memory must stay valid until the last store has read it.
@@ -581,8 +607,11 @@ struct FwdKernel {
       const Tile tile = tile_coord(args, t);
       const SeqInfo seq(p, tile.batch);
       const int head_k = tile.head / p.h_h_k_ratio;
+      // Key blocks [n_block_min, n_block_max), from the last one down (the order the consumers use them).
+      const int n_block_min = mask.template n_block_min<kBlockM, kBlockN>(tile.m_block);
       const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
-      for (int i = 0; i < n_block_max; ++i) {
+      const int n_blocks = n_block_max - n_block_min;
+      for (int i = 0; i < n_blocks; ++i) {
         const int n_block = n_block_max - 1 - i;
         const int it = kv_iter + i;
         const int stage = it % kStages, phase = (it / kStages) & 1;
@@ -601,12 +630,12 @@ struct FwdKernel {
         load_kv(&args.v_map, smem + kOffV + stage * kKVBytes, bar_v_full(bars, stage), bar_v_empty(bars, stage), phase,
                 n_block, head_k, seq.b);
       }
-      if (n_block_max == 0) {
+      if (n_blocks == 0) {
         // Nothing visible: no Q needed, but keep the Q barrier phases in step with the consumers.
         mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
         mbar_arrive(bar_q(bars));
       }
-      kv_iter += n_block_max;
+      kv_iter += n_blocks;
     }
   }
 
