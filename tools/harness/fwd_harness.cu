@@ -127,7 +127,7 @@ static void randn(Tensor& t, float scale) {
 }
 
 static int instantiated_dim(int d) {
-  for (int D : kSm80HeadDims) if (d <= D) return D;
+  for (int D : kSm80FwdHeadDims) if (d <= D) return D;
   return -1;
 }
 typedef bool (*FwdFn)(const FwdParams&, cudaStream_t);

@@ -31,6 +31,7 @@
 #include "../mask.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
+#include "../seqinfo.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -78,6 +79,7 @@ struct FwdKernel {
   static constexpr bool DoubleP = DoubleP_;
   static constexpr bool ChainTiles = ChainTiles_;
   static constexpr bool WgSkip = WgSkip_;
+  using MaskT = Mask<IsCausal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
   // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
   // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
   // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
@@ -179,16 +181,18 @@ struct FwdKernel {
     }
   }
 
-  // Mask the key columns >= col_limit of this thread's two rows.
-  __device__ static __forceinline__ void apply_mask(float (&s_reg)[kBlockN / 2], int n_block, int t, int lim0, int lim1) {
+  // Mask the key columns this thread's two rows may not see: outside [lo0, lim0) and [lo1, lim1) (the rows'
+  // col_min / col_limit; the lower bounds are never compared by a policy without a left bound).
+  __device__ static __forceinline__ void apply_mask(float (&s_reg)[kBlockN / 2], int n_block, int t, int lo0, int lim0,
+                                                    int lo1, int lim1) {
     const int col0 = n_block * kBlockN + 2 * t;
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int c = col0 + 8 * j + e;
-        if (c >= lim0) s_reg[4 * j + e] = -INFINITY;
-        if (c >= lim1) s_reg[4 * j + 2 + e] = -INFINITY;
+        if (!MaskT::visible_in(c, lo0, lim0)) s_reg[4 * j + e] = -INFINITY;
+        if (!MaskT::visible_in(c, lo1, lim1)) s_reg[4 * j + 2 + e] = -INFINITY;
       }
     }
   }
@@ -320,25 +324,40 @@ struct FwdKernel {
     const int lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int m_block = tile.m_block;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
-    // The tile's key blocks (what the producer loads): n_tile, from the last one down. WgSkip: this warpgroup's
-    // rows see only the first n_block_max of them (its 64-row block of the query blocks at kBlockM 64); it skips
-    // the first n_tile - n_block_max slots.
-    const int n_tile = mask.template n_block_max<kBlockM, kBlockN>(m_block);
-    int n_block_max = n_tile;
+    const SeqInfo seq(p, tile.batch);
+    const MaskT mask(seq.seqlen_q, seq.seqlen_k);
+    // The tile's key blocks (what the producer loads): [n_block_min, n_tile_max), n_tile of them, from the last
+    // one down. WgSkip: this warpgroup's rows see only [n_block_min, n_block_max) of them (its 64-row block of the
+    // query blocks at kBlockM 64); it skips the first n_tile_max - n_block_max slots. (With a left bound it still
+    // visits the tile's lowest blocks, masked, rather than skipping slots at both ends.)
+    const int n_tile_max = mask.template n_block_max<kBlockM, kBlockN>(m_block);
+    int n_block_max = n_tile_max;
     int n_unmasked_end = mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
+    const int n_block_min = mask.template n_block_min<kBlockM, kBlockN>(m_block);
+    const int n_tile = n_tile_max - n_block_min;
+    int n_unmasked_begin = mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
     if constexpr (WgSkip) {
       const int mb64 = m_block * kNumWG + cw;
-      n_block_max = mb64 * 64 >= p.seqlen_q ? 0 : mask.template n_block_max<64, kBlockN>(mb64);
+      n_block_max = mb64 * 64 >= seq.seqlen_q ? 0 : mask.template n_block_max<64, kBlockN>(mb64);
       n_unmasked_end = mask.template n_block_unmasked_end<64, kBlockN>(mb64);
       // cw comes from threadIdx.x: broadcast lane 0's values so ptxas sees warp-uniform loop bounds (otherwise
       // it cannot prove the softmax shuffles converged and adds divergent copies of the softmax).
       n_block_max = __shfl_sync(0xffffffffu, n_block_max, 0);
       n_unmasked_end = __shfl_sync(0xffffffffu, n_unmasked_end, 0);
+      if constexpr (MaskT::kHasLeftBound) {
+        n_block_max = max(n_block_max, n_block_min);  // nothing visible: an empty range, not a negative one
+        n_unmasked_begin = __shfl_sync(0xffffffffu, mask.template n_block_unmasked_begin<64, kBlockN>(mb64), 0);
+      }
     }
-    const int n_skip = n_tile - n_block_max;
+    const int n_skip = n_tile_max - n_block_max;
     const int row0 = m_block * kBlockM + cw * 64 + warp_in_wg * 16 + g;  // this thread's rows: row0, row0 + 8
     const int lim0 = mask.col_limit(row0), lim1 = mask.col_limit(row0 + 8);
+    // The rows' first visible keys. The mask calls below pass them only where the policy has a left bound (a
+    // literal 0 otherwise): the step lambda would capture them, and one more capture changed ptxas's code.
+    const int lo0 = mask.col_min(row0), lo1 = mask.col_min(row0 + 8);
+    (void)lo0;
+    (void)lo1;
+
     const float scale_log2 = p.scale_softmax_log2;
     const uint32_t q_smem = smem + kOffQ + cw * 64 * 128;  // this warpgroup's 64 rows in each chunk
 
@@ -354,7 +373,9 @@ struct FwdKernel {
     uint32_t p_b[kBlockN / 16][4];
 
     mbar_wait(bar_q(bars), tile_iter & 1);
-    const int n_iters = n_block_max;
+    // This warpgroup's key blocks, n_block_max - n_block_min (spelled so without a left bound: the subtraction of
+    // the literal 0, folded or not, changed ptxas's code of the d128 non-causal kernels).
+    const int n_iters = MaskT::kHasLeftBound ? n_block_max - n_block_min : n_block_max;
     if constexpr (WgSkip) {
       if (PingPong && !ChainTiles && n_tile > 0 && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);
       // Skipped slots: free the K / V slots once loaded (a release before the load would count towards the
@@ -392,7 +413,10 @@ struct FwdKernel {
         fence_regs(s_reg);
         if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
         if (SeparateO && n_iters == 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done: Q free
-        if (n_block_max - 1 >= n_unmasked_end) apply_mask(s_reg, n_block_max - 1, t, lim0, lim1);
+        if (n_block_max - 1 >= n_unmasked_end || (MaskT::kHasLeftBound && n_block_max - 1 < n_unmasked_begin)) {
+          if constexpr (MaskT::kHasLeftBound) apply_mask(s_reg, n_block_max - 1, t, lo0, lim0, lo1, lim1);
+          else apply_mask(s_reg, n_block_max - 1, t, 0, lim0, 0, lim1);
+        }
         softmax_step(s_reg, m, l, alpha, scale_log2);
         convert_p(s_reg, p_a);
       }
@@ -420,8 +444,11 @@ struct FwdKernel {
         if (SeparateO && i == n_iters - 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done
         // The softmax sits in its own branches: ptxas hoists a wgmma wait above the instructions of its basic
         // block, which would make the softmax wait for P V; a branch join keeps the wait below the softmax.
-        if (n_block >= n_unmasked_end) {
-          apply_mask(s_reg, n_block, t, lim0, lim1);
+        bool masked = n_block >= n_unmasked_end;
+        if constexpr (MaskT::kHasLeftBound) masked = masked || n_block < n_unmasked_begin;  // left edge
+        if (masked) {
+          if constexpr (MaskT::kHasLeftBound) apply_mask(s_reg, n_block, t, lo0, lim0, lo1, lim1);
+          else apply_mask(s_reg, n_block, t, 0, lim0, 0, lim1);
           softmax_step(s_reg, m, l, alpha, scale_log2);
         } else {
           softmax_step(s_reg, m, l, alpha, scale_log2);
@@ -517,15 +544,15 @@ struct FwdKernel {
     fence_proxy_async_smem();
     named_bar_sync(kBarEpi + cw, 128);
     if (t == 0) {
-      const int64_t lse_base = (static_cast<int64_t>(tile.batch) * p.nheads + tile.head) * p.seqlen_q;
-      if (row0 < p.seqlen_q) p.lse[lse_base + row0] = lse[0];
-      if (row0 + 8 < p.seqlen_q) p.lse[lse_base + row0 + 8] = lse[1];
+      const SeqInfo seq_o(p, tile.batch);  // re-read here, not kept live across the tile
+      const int64_t lse_base = seq_o.row_offset(tile.head, p.nheads, seq_o.seqlen_q);
+      if (row0 < seq_o.seqlen_q) p.lse[lse_base + row0] = lse[0];
+      if (row0 + 8 < seq_o.seqlen_q) p.lse[lse_base + row0 + 8] = lse[1];
     }
     if (tid == 0) {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head,
-                     tile.batch);
+        tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head, seq.b);
       }
       tma_store_commit();
       if constexpr (!SeparateO) {
@@ -536,7 +563,10 @@ struct FwdKernel {
   }
 
   __device__ static void consumer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw) {
-    Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
+    // The key blocks each tile consumed (what consumer_tile derives from its SeqInfo). TODO(varlen): per tile from
+    // SeqInfo(params, tile.batch); a Mask built in the loop reorders ptxas's code of the loop-invariant dense bound
+    // (see csrc/kernels/sm90/NOTES.md, eighth session), so the dense case keeps it hoisted.
+    const Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
     int kv_iter = 0, tile_iter = 0;
     // ChainTiles: consumer 0 issues first; the token then alternates over all GEMM issues of all tiles (both
     // consumers see the same tiles and key blocks), and consumer 0 takes consumer 1's last pass at the end.
@@ -544,7 +574,8 @@ struct FwdKernel {
     for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
       const Tile tile = tile_coord(args, t);
       consumer_tile(args, smem, bars, cw, tile, kv_iter, tile_iter);
-      kv_iter += mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
+      kv_iter += mask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
+                 mask.template n_block_min<kBlockM, kBlockN>(tile.m_block);
     }
     if (PingPong && ChainTiles && cw == 0) named_bar_sync(kBarSched + 0, 256);
     // Shared memory must stay valid until the last store has read it.
@@ -565,7 +596,8 @@ struct FwdKernel {
   // One thread: every TMA load of the CTA's tiles, in the order the consumers use them.
   __device__ static void producer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars) {
     const FwdParams& p = args.params;
-    Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    // Key blocks per tile: as in consumer(), hoisted for the dense case. TODO(varlen): from the tile's SeqInfo.
+    const Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
     tma_prefetch_desc(&args.q_map);
     tma_prefetch_desc(&args.k_map);
     tma_prefetch_desc(&args.v_map);
@@ -573,14 +605,18 @@ struct FwdKernel {
     int kv_iter = 0, tile_iter = 0;
     for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
       const Tile tile = tile_coord(args, t);
+      const SeqInfo seq(p, tile.batch);
       const int head_k = tile.head / p.h_h_k_ratio;
+      // Key blocks [n_block_min, n_block_max), from the last one down (the order the consumers use them).
+      const int n_block_min = mask.template n_block_min<kBlockM, kBlockN>(tile.m_block);
       const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
-      for (int i = 0; i < n_block_max; ++i) {
+      const int n_blocks = n_block_max - n_block_min;
+      for (int i = 0; i < n_blocks; ++i) {
         const int n_block = n_block_max - 1 - i;
         const int it = kv_iter + i;
         const int stage = it % kStages, phase = (it / kStages) & 1;
         load_kv(&args.k_map, smem + kOffK + stage * kKVBytes, bar_k_full(bars, stage), bar_k_empty(bars, stage), phase,
-                n_block, head_k, tile.batch);
+                n_block, head_k, seq.b);
         if (i == 0) {
           // Q after the first K block: K may stream in while the previous tile's epilogue still holds Q.
           mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
@@ -588,18 +624,18 @@ struct FwdKernel {
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
             tma_load_4d(smem + kOffQ + c * kQChunkBytes, &args.q_map, bar_q(bars), c * 64, tile.m_block * kBlockM,
-                        tile.head, tile.batch);
+                        tile.head, seq.b);
           }
         }
         load_kv(&args.v_map, smem + kOffV + stage * kKVBytes, bar_v_full(bars, stage), bar_v_empty(bars, stage), phase,
-                n_block, head_k, tile.batch);
+                n_block, head_k, seq.b);
       }
-      if (n_block_max == 0) {
+      if (n_blocks == 0) {
         // Nothing visible: no Q needed, but keep the Q barrier phases in step with the consumers.
         mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
         mbar_arrive(bar_q(bars));
       }
-      kv_iter += n_block_max;
+      kv_iter += n_blocks;
     }
   }
 
