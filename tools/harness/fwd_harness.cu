@@ -5,8 +5,9 @@
 //   correctness + d128 bf16 timings only)]
 //   correctness: every case against an fp32 GPU reference (one block per query row) and against the
 //   same computation rounded like a plain bf16/fp16 PyTorch run (S, P and O rounded to the dtype);
-//   pass when max|ours - ref| <= 2 * max|plain - ref| + atol (DESIGN.md rule), lse likewise; outputs
-//   poisoned with 0xFF (NaN) first, elements outside [rows < seqlen_q, cols < head_dim] must stay so.
+//   pass when max|ours - ref| <= 2 * max|plain - ref| + atol (docs/ARCHITECTURE.md, Correctness), lse
+//   likewise; outputs poisoned with 0xFF (NaN) first, elements outside [rows < seqlen_q, cols < head_dim]
+//   must stay so.
 //   bench: cudaEvent median of many reps after warm-up, batch*seqlen = 16384, hidden 2048.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
