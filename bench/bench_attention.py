@@ -1,5 +1,5 @@
-"""GPU benchmark, FlashAttention's setup (docs/ARCHITECTURE.md, "Benchmarks"): batch * seqlen = 16384, hidden 2048 (head dim
-64/128/256 -> 32/16/8 heads), seqlen 512...16384, causal and not, bf16 and fp16, forward and backward,
+"""GPU benchmark, FlashAttention's setup (docs/ARCHITECTURE.md, "Benchmarks"): batch * seqlen = 16384,
+hidden 2048 (head dim 64/128/256 -> 32/16/8 heads), seqlen 512...16384, causal and not, bf16 and fp16, forward and backward,
 side by side in one process with torch's SDPA FLASH_ATTENTION and CUDNN_ATTENTION backends on the
 same inputs. Medians from triton.testing.do_bench; backward = (fwd+bwd) - fwd, FLOPs 2.5x forward.
 
@@ -7,6 +7,11 @@ Writes bench/results/<gpu>-<date>.json / .md / .png with the commit, GPU, versio
 pytest summary of the GPU test run that preceded it (--pytest-summary, --build-seconds).
 
     python bench/bench_attention.py [--quick] [--pytest-summary "..."] [--build-seconds 123]
+        [--impls flash_ext,sdpa_flash,sdpa_cudnn] [--previous earlier.json]
+
+--previous adds a column flash_ext / flash_ext of an earlier result file (the previous record, or a build of
+the previous commit measured in the same session on the same GPU: a figure from another GPU is not comparable,
+and the table says so).
 """
 import argparse
 import datetime
@@ -87,7 +92,17 @@ def main():
     p.add_argument("--build-seconds", type=float, default=None)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. sm80 for FLASH_EXT_BACKEND=sm80)")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
+    p.add_argument("--previous", default=None, help="an earlier result .json: adds flash_ext / previous flash_ext")
     args = p.parse_args()
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown:
+        raise SystemExit(f"--impls: unknown {unknown}; expected a subset of {IMPLS}")
+    previous = None
+    if args.previous:
+        with open(args.previous) as f:
+            previous = json.load(f)
 
     # FLASH_EXT_COMMIT names the commit when the tree was copied without its history (the device tool).
     commit = os.environ.get("FLASH_EXT_COMMIT") or subprocess.run(
@@ -107,7 +122,7 @@ def main():
         q, k, v = (torch.randn(batch, seqlen, nheads, head_dim, device="cuda", dtype=dtype, requires_grad=True)
                    for _ in range(3))
         dout = torch.randn_like(q)
-        for impl in IMPLS:
+        for impl in impls:
             t_fwd, t_bwd, err = bench_one(impl, q, k, v, dout, causal)
             if err:
                 notes.append(f"{impl} {dtype} d{head_dim} causal={causal} s{seqlen}: {err}")
@@ -118,14 +133,18 @@ def main():
                                  batch=batch, nheads=nheads, direction=direction, ms=t,
                                  tflops=flops(batch, nheads, seqlen, head_dim, causal, direction) / (t * 1e-3) / 1e12))
         del q, k, v, dout
-    memory = {impl: peak_memory(impl) for impl in ("flash_ext", "sdpa_flash")}
+    memory = {impl: peak_memory(impl) for impl in ("flash_ext", "sdpa_flash") if impl in impls}
 
     date = datetime.date.today().isoformat()
     result = dict(commit=commit, gpu=gpu, backend=os.environ.get("FLASH_EXT_BACKEND", "auto"),
                   torch=torch.__version__, cuda=torch.version.cuda,
                   cudnn=torch.backends.cudnn.version(), pytest=args.pytest_summary,
                   build_seconds=args.build_seconds, date=date, rows=rows, notes=notes,
-                  peak_memory_fwd_bwd_b1_h16_d128_s16384_causal_bytes=memory)
+                  peak_memory_fwd_bwd_b1_h16_d128_s16384_causal_bytes=memory,
+                  previous=None if previous is None else dict(
+                      commit=previous["commit"], gpu=previous["gpu"], date=previous["date"],
+                      backend=previous.get("backend", "auto"), file=os.path.basename(args.previous),
+                      rows=[x for x in previous["rows"] if x["impl"] == "flash_ext"]))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") + f"-{date}"
                         + (f"-{args.tag}" if args.tag else ""))
@@ -141,25 +160,49 @@ def main():
 def markdown(r):
     lines = [f"# {r['gpu']} — {r['date']}", "",
              f"commit `{r['commit']}`; kernel family `{r.get('backend', 'auto')}` (FLASH_EXT_BACKEND); "
-             f"torch {r['torch']} (CUDA {r['cuda']}, cuDNN {r['cudnn']}); build {r['build_seconds']} s", "", f"GPU tests on this commit: `{r['pytest']}`", "",
+             f"torch {r['torch']} (CUDA {r['cuda']}, cuDNN {r['cudnn']}); build {r['build_seconds']} s", "",
+             f"GPU tests on this commit: `{r['pytest']}`", "",
              "TFLOP/s (do_bench median); backward = (fwd+bwd) − fwd with 2.5× the forward FLOPs. "
              "Ratios are flash_ext / peer (> 1: flash_ext faster).", ""]
     by = {}
     for row in r["rows"]:
         by[(row["dtype"], row["head_dim"], row["causal"], row["seqlen"], row["direction"], row["impl"])] = row["tflops"]
+    prev = r.get("previous")
+    prev_by = {}
+    if prev:
+        for row in prev["rows"]:
+            prev_by[(row["dtype"], row["head_dim"], row["causal"], row["seqlen"], row["direction"])] = row["tflops"]
+        same_gpu = prev["gpu"] == r["gpu"]
+        lines += [f"Previous: `{prev['file']}`, commit `{prev['commit']}`, {prev['gpu']}, {prev['date']}, kernel family "
+                  f"`{prev['backend']}`" + ("." if same_gpu else
+                                            f" — another GPU than this run's ({r['gpu']}): not comparable."), ""]
     keys = sorted({k[:5] for k in by}, key=lambda k: (k[0], k[4], k[1], k[2], k[3]))
-    lines += ["| dtype | dir | head dim | causal | seqlen | flash_ext | SDPA FLASH | SDPA CUDNN | vs FLASH | vs CUDNN |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| dtype | dir | head dim | causal | seqlen | flash_ext | SDPA FLASH | SDPA CUDNN | vs FLASH | vs CUDNN |"
+              + (" previous | vs previous |" if prev else ""),
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prev else "")]
+    fmt = lambda x: f"{x:.0f}" if x else "—"
+    ratio = lambda a, b: f"{a / b:.2f}" if a and b else "—"
+    worst = None
     for k in keys:
         ours, fl, cu = (by.get(k + (i,)) for i in IMPLS)
-        fmt = lambda x: f"{x:.0f}" if x else "—"
-        ratio = lambda a, b: f"{a / b:.2f}" if a and b else "—"
-        lines.append(f"| {k[0]} | {k[4]} | {k[1]} | {'yes' if k[2] else 'no'} | {k[3]} | {fmt(ours)} | {fmt(fl)} | "
-                     f"{fmt(cu)} | {ratio(ours, fl)} | {ratio(ours, cu)} |")
+        line = (f"| {k[0]} | {k[4]} | {k[1]} | {'yes' if k[2] else 'no'} | {k[3]} | {fmt(ours)} | {fmt(fl)} | "
+                f"{fmt(cu)} | {ratio(ours, fl)} | {ratio(ours, cu)} |")
+        if prev:
+            pv = prev_by.get(k)
+            line += f" {fmt(pv)} | {ratio(ours, pv)} |"
+            if ours and pv and (worst is None or ours / pv < worst[0]):
+                worst = (ours / pv, k)
+        lines.append(line)
+    if worst:
+        k = worst[1]
+        lines += ["", f"Lowest flash_ext / previous: {worst[0]:.3f} ({k[0]} {k[4]} d{k[1]} "
+                  f"{'causal' if k[2] else 'non-causal'} s{k[3]})."]
     mem = r["peak_memory_fwd_bwd_b1_h16_d128_s16384_causal_bytes"]
-    lines += ["", "Peak memory of forward+backward, batch 1, 16 heads, head dim 128, seqlen 16384, causal, bf16: " +
-              ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()) +
-              f" (ratio {mem['flash_ext'] / mem['sdpa_flash']:.3f})", ""]
+    if mem:
+        lines += ["", "Peak memory of forward+backward, batch 1, 16 heads, head dim 128, seqlen 16384, causal, bf16: " +
+                  ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items()) +
+                  (f" (ratio {mem['flash_ext'] / mem['sdpa_flash']:.3f})" if len(mem) == 2 else "")]
+    lines += [""]
     if r["notes"]:
         lines += ["Not measured:", ""] + [f"- {n}" for n in r["notes"]] + [""]
     return "\n".join(lines)
