@@ -3,8 +3,8 @@
                                                                 so the build compiles them in parallel (setup.py
                                                                 and tools/compile_kernels.sh build every .cu there);
   csrc/kernels/instantiations/head_dims.h                      the instantiated head dims per family and direction;
-  csrc/kernels/instantiations/dispatch.h                       dispatch_<direction>_<family>(head_dim, ...): the
-                                                                switch from a rounded head dim to its entry point.
+  csrc/kernels/instantiations/dispatch.h                       dispatch_<direction>_<family>(head_dim, ...): from a
+                                                                rounded head dim to its entry point.
 Run after changing TABLE; the output is committed. A head dim h runs on the smallest instantiated one >= h
 (csrc/cuda/attention_api.cu rounds it).
 """
@@ -54,17 +54,25 @@ def head_dims_h():
 
 def dispatch_h():
     out = [BANNER, "// head dim -> entry point: each returns whether a kernel was launched (false for a head dim that is\n"
-           "// not instantiated, or a shape the family does not take).\n#pragma once\n#include <cuda_runtime.h>\n\n"
-           '#include "../launch.h"\n#ifdef FLASH_EXT_WITH_SM90\n#include "../sm90/bwd_api.h"\n#include "../sm90/fwd_api.h"\n'
-           "#endif\n\nnamespace flash_ext {\n"]
+           "// not instantiated, or a shape the family does not take).\n#pragma once\n#include <cstddef>\n"
+           "#include <type_traits>\n#include <utility>\n\n#include <cuda_runtime.h>\n\n"
+           '#include "../launch.h"\n#include "head_dims.h"\n#ifdef FLASH_EXT_WITH_SM90\n#include "../sm90/bwd_api.h"\n'
+           '#include "../sm90/fwd_api.h"\n#endif\n\nnamespace flash_ext {\n\n'
+           "// Calls run(std::integral_constant<int, D>{}) for the D of kDims equal to head_dim; false if none is.\n"
+           "template <const auto& kDims, typename Run, std::size_t... I>\n"
+           "bool dispatch_head_dim(int head_dim, Run&& run, std::index_sequence<I...>) {\n"
+           "  bool launched = false;\n"
+           "  ((head_dim == kDims[I] && (launched = run(std::integral_constant<int, kDims[I]>{}), true)) || ...);\n"
+           "  return launched;\n}\n"
+           "template <const auto& kDims, typename Run>\nbool dispatch_head_dim(int head_dim, Run&& run) {\n"
+           "  return dispatch_head_dim<kDims>(head_dim, run, std::make_index_sequence<std::size(kDims)>{});\n}\n"]
     for (family, direction), (dims, _, ptype) in TABLE.items():
         guard = GUARD[family]
         out.append("\n" + (f"#ifdef {guard}\n" if guard else ""))
         out.append(f"inline bool dispatch_{direction}_{family}(int head_dim, const {ptype}& params, cudaStream_t stream) {{\n"
-                   "  switch (head_dim) {\n")
-        for d in dims:
-            out.append(f"    case {d}: return run_{direction}_{family}<{d}>(params, stream);\n")
-        out.append("    default: return false;\n  }\n}\n" + (f"#endif  // {guard}\n" if guard else ""))
+                   f"  return dispatch_head_dim<{array_name(family, direction)}>(\n"
+                   f"      head_dim, [&](auto d) {{ return run_{direction}_{family}<decltype(d)::value>(params, stream); }});\n"
+                   "}\n" + (f"#endif  // {guard}\n" if guard else ""))
     out.append("\n}  // namespace flash_ext\n")
     return "".join(out)
 

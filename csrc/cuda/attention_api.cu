@@ -75,7 +75,10 @@ int round_head_dim(int head_dim, const int* dims, int n) {
   return -1;
 }
 
-void check_cuda_inputs(const at::Tensor& q, const AttnShape& s, const cudaDeviceProp* props) {
+// Checks what only the CUDA path restricts; returns the current device's properties (call under the device
+// guard of q's device).
+const cudaDeviceProp* check_cuda_inputs(const at::Tensor& q, const AttnShape& s) {
+  const cudaDeviceProp* props = current_device_props();
   TORCH_CHECK(props->major >= 8, "flash_ext CUDA kernels need compute capability 8.0 (sm_80) or newer, got sm_",
               fmt(props->major), fmt(props->minor));
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -88,6 +91,7 @@ void check_cuda_inputs(const at::Tensor& q, const AttnShape& s, const cudaDevice
   TORCH_CHECK(s.seqlen_q <= std::numeric_limits<int>::max() - 256 &&
                   s.seqlen_k <= std::numeric_limits<int>::max() - 256,
               "seqlen_q and seqlen_k must fit in 31 bits on CUDA");
+  return props;
 }
 
 // The head dim the kernels run on: the caller's rounded up to a multiple of 8 (16-byte rows). The
@@ -182,8 +186,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
-  const cudaDeviceProp* props = current_device_props();
-  check_cuda_inputs(q_in, s, props);
+  const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
   const int64_t hd = kernel_head_dim(s.head_dim);
   at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, hd}, q_in.options());
@@ -225,8 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
-  const cudaDeviceProp* props = current_device_props();
-  check_cuda_inputs(q_in, s, props);
+  const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
   const int64_t hd = kernel_head_dim(s.head_dim);
   at::Tensor dq = at::empty({s.batch, s.seqlen_q, s.nheads, hd}, q_in.options());

@@ -2,9 +2,14 @@
 // head dim -> entry point: each returns whether a kernel was launched (false for a head dim that is
 // not instantiated, or a shape the family does not take).
 #pragma once
+#include <cstddef>
+#include <type_traits>
+#include <utility>
+
 #include <cuda_runtime.h>
 
 #include "../launch.h"
+#include "head_dims.h"
 #ifdef FLASH_EXT_WITH_SM90
 #include "../sm90/bwd_api.h"
 #include "../sm90/fwd_api.h"
@@ -12,53 +17,39 @@
 
 namespace flash_ext {
 
+// Calls run(std::integral_constant<int, D>{}) for the D of kDims equal to head_dim; false if none is.
+template <const auto& kDims, typename Run, std::size_t... I>
+bool dispatch_head_dim(int head_dim, Run&& run, std::index_sequence<I...>) {
+  bool launched = false;
+  ((head_dim == kDims[I] && (launched = run(std::integral_constant<int, kDims[I]>{}), true)) || ...);
+  return launched;
+}
+template <const auto& kDims, typename Run>
+bool dispatch_head_dim(int head_dim, Run&& run) {
+  return dispatch_head_dim<kDims>(head_dim, run, std::make_index_sequence<std::size(kDims)>{});
+}
+
 inline bool dispatch_fwd_sm80(int head_dim, const FwdParams& params, cudaStream_t stream) {
-  switch (head_dim) {
-    case 32: return run_fwd_sm80<32>(params, stream);
-    case 64: return run_fwd_sm80<64>(params, stream);
-    case 96: return run_fwd_sm80<96>(params, stream);
-    case 128: return run_fwd_sm80<128>(params, stream);
-    case 160: return run_fwd_sm80<160>(params, stream);
-    case 192: return run_fwd_sm80<192>(params, stream);
-    case 224: return run_fwd_sm80<224>(params, stream);
-    case 256: return run_fwd_sm80<256>(params, stream);
-    default: return false;
-  }
+  return dispatch_head_dim<kSm80FwdHeadDims>(
+      head_dim, [&](auto d) { return run_fwd_sm80<decltype(d)::value>(params, stream); });
 }
 
 inline bool dispatch_bwd_sm80(int head_dim, const BwdParams& params, cudaStream_t stream) {
-  switch (head_dim) {
-    case 32: return run_bwd_sm80<32>(params, stream);
-    case 64: return run_bwd_sm80<64>(params, stream);
-    case 96: return run_bwd_sm80<96>(params, stream);
-    case 128: return run_bwd_sm80<128>(params, stream);
-    case 160: return run_bwd_sm80<160>(params, stream);
-    case 192: return run_bwd_sm80<192>(params, stream);
-    case 224: return run_bwd_sm80<224>(params, stream);
-    case 256: return run_bwd_sm80<256>(params, stream);
-    default: return false;
-  }
+  return dispatch_head_dim<kSm80BwdHeadDims>(
+      head_dim, [&](auto d) { return run_bwd_sm80<decltype(d)::value>(params, stream); });
 }
 
 #ifdef FLASH_EXT_WITH_SM90
 inline bool dispatch_fwd_sm90(int head_dim, const FwdParams& params, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return run_fwd_sm90<64>(params, stream);
-    case 128: return run_fwd_sm90<128>(params, stream);
-    case 256: return run_fwd_sm90<256>(params, stream);
-    default: return false;
-  }
+  return dispatch_head_dim<kSm90FwdHeadDims>(
+      head_dim, [&](auto d) { return run_fwd_sm90<decltype(d)::value>(params, stream); });
 }
 #endif  // FLASH_EXT_WITH_SM90
 
 #ifdef FLASH_EXT_WITH_SM90
 inline bool dispatch_bwd_sm90(int head_dim, const BwdParams& params, cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return run_bwd_sm90<64>(params, stream);
-    case 128: return run_bwd_sm90<128>(params, stream);
-    case 256: return run_bwd_sm90<256>(params, stream);
-    default: return false;
-  }
+  return dispatch_head_dim<kSm90BwdHeadDims>(
+      head_dim, [&](auto d) { return run_bwd_sm90<decltype(d)::value>(params, stream); });
 }
 #endif  // FLASH_EXT_WITH_SM90
 

@@ -28,9 +28,7 @@ template <> bool run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream)
 inline bool sm90_bwd_supported(const BwdParams& p) {
   if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0))
     return false;
-  if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
-  if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
-  if (p.nheads % p.nheads_k != 0 || p.h_h_k_ratio != p.nheads / p.nheads_k) return false;
+  if (!sm90::dense_shape_ok(p)) return false;
   if (p.dq_accum == nullptr || p.dsoftmax_sum == nullptr || p.lse_log2 == nullptr) return false;
   // The persistent causal kernel (head dims 65..128, not deterministic) takes its tiles from p.tile_counter.
   if (p.is_causal && !p.deterministic && p.head_dim > 64 && p.head_dim <= 128 &&
@@ -55,14 +53,10 @@ inline bool sm90_bwd_supported(const BwdParams& p) {
     if (s % 2 != 0) return false;
   }
   if (reinterpret_cast<uintptr_t>(p.dk) % 4 != 0 || reinterpret_cast<uintptr_t>(p.dv) % 4 != 0) return false;
-  return sm90::tma_operand_ok(p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                              p.q_head_stride, p.q_batch_stride, 64) &&
-         sm90::tma_operand_ok(p.dout, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.do_row_stride,
-                              p.do_head_stride, p.do_batch_stride, 64) &&
-         sm90::tma_operand_ok(p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
-                              p.k_head_stride, p.k_batch_stride, 128) &&
-         sm90::tma_operand_ok(p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
-                              p.v_head_stride, p.v_batch_stride, 128);
+  return sm90::q_side_tma_ok(p, p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride, 64) &&
+         sm90::q_side_tma_ok(p, p.dout, p.do_row_stride, p.do_head_stride, p.do_batch_stride, 64) &&
+         sm90::k_side_tma_ok(p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride, 128) &&
+         sm90::k_side_tma_ok(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride, 128);
 }
 
 }  // namespace flash_ext

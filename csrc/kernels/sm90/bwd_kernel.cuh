@@ -50,6 +50,7 @@
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
 #include "bwd_scheduler.cuh"
+#include "bwd_softmax.cuh"
 #include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -570,26 +571,19 @@ struct BwdKernel {
       fence_regs(s_reg);
       fence_regs(dp_reg);
       wgmma_fence();
-      {
-        const uint64_t desc_k = make_desc_sw128(k_w, 16, 1024), desc_q = make_desc_sw128(q_s, 16, 1024);
+      // acc = A B^T over the head dim: A the warpgroup's 64 K or V rows, B the stage's Q or dO rows.
+      auto gemm = [&](float(&acc)[kBlockM / 2], uint32_t a, uint32_t b) {
+        const uint64_t desc_a = make_desc_sw128(a, 16, 1024), desc_b = make_desc_sw128(b, 16, 1024);
 #pragma unroll
         for (int kk = 0; kk < kHeadDim / 16; ++kk) {
           const uint32_t off_a = (kk / 4) * kKVChunkBytes + (kk % 4) * 32;
           const uint32_t off_b = (kk / 4) * kQChunkBytes + (kk % 4) * 32;
-          Wgmma<kBlockM, T>::template ss<0>(s_reg, desc_k + (off_a >> 4), desc_q + (off_b >> 4), kk > 0 ? 1 : 0);
+          Wgmma<kBlockM, T>::template ss<0>(acc, desc_a + (off_a >> 4), desc_b + (off_b >> 4), kk > 0 ? 1 : 0);
         }
-      }
-      wgmma_commit();
-      {
-        const uint64_t desc_v = make_desc_sw128(v_w, 16, 1024), desc_do = make_desc_sw128(do_s, 16, 1024);
-#pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-          const uint32_t off_a = (kk / 4) * kKVChunkBytes + (kk % 4) * 32;
-          const uint32_t off_b = (kk / 4) * kQChunkBytes + (kk % 4) * 32;
-          Wgmma<kBlockM, T>::template ss<0>(dp_reg, desc_v + (off_a >> 4), desc_do + (off_b >> 4), kk > 0 ? 1 : 0);
-        }
-      }
-      wgmma_commit();
+        wgmma_commit();
+      };
+      gemm(s_reg, k_w, q_s);
+      gemm(dp_reg, v_w, do_s);
     };
 
     // ---- wait for S^T / dP^T (no other wgmma group in flight); P^T, dS^T into A fragments.
@@ -604,43 +598,11 @@ struct BwdKernel {
       if constexpr (Mask<IsCausal>::kHasLeftBound) {
         need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
       }
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) {
-        float2 l2;
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                     : "=f"(l2.x), "=f"(l2.y)
-                     : "r"(smem + kOffLse + (stage * kBlockM + 8 * j + 2 * t) * 4));
-        s_reg[4 * j + 0] = fast_exp2(fmaf(s_reg[4 * j + 0], scale_log2, -l2.x));
-        s_reg[4 * j + 1] = fast_exp2(fmaf(s_reg[4 * j + 1], scale_log2, -l2.y));
-        s_reg[4 * j + 2] = fast_exp2(fmaf(s_reg[4 * j + 2], scale_log2, -l2.x));
-        s_reg[4 * j + 3] = fast_exp2(fmaf(s_reg[4 * j + 3], scale_log2, -l2.y));
-      }
-      if (need_mask) {
-#pragma unroll
-        for (int j = 0; j < kBlockM / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int row = m_block * kBlockM + 8 * j + 2 * t + e;
-            const int lo = mask.col_min(row), hi = mask.col_limit(row);
-            if (!Mask<IsCausal>::visible_in(key0, lo, hi)) s_reg[4 * j + e] = 0.f;
-            if (!Mask<IsCausal>::visible_in(key0 + 8, lo, hi)) s_reg[4 * j + 2 + e] = 0.f;
-          }
-        }
-      }
+      recompute_pt(s_reg, smem + kOffLse, stage * kBlockM, t, scale_log2);
+      if (need_mask) mask_pt(s_reg, mask, m_block * kBlockM, key0, t);
       wgmma_wait<0>();
       fence_regs(dp_reg);
-      // dS^T = P^T o (dP^T - D[col])
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j) {
-        float2 d2;
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n"
-                     : "=f"(d2.x), "=f"(d2.y)
-                     : "r"(smem + kOffD + (stage * kBlockM + 8 * j + 2 * t) * 4));
-        dp_reg[4 * j + 0] = s_reg[4 * j + 0] * (dp_reg[4 * j + 0] - d2.x);
-        dp_reg[4 * j + 1] = s_reg[4 * j + 1] * (dp_reg[4 * j + 1] - d2.y);
-        dp_reg[4 * j + 2] = s_reg[4 * j + 2] * (dp_reg[4 * j + 2] - d2.x);
-        dp_reg[4 * j + 3] = s_reg[4 * j + 3] * (dp_reg[4 * j + 3] - d2.y);
-      }
+      ds_from_pt(dp_reg, s_reg, smem + kOffD, stage * kBlockM, t);  // dS^T = P^T o (dP^T - D)
       // P^T, dS^T as A operands of dV += P^T dO, dK += dS^T Q (k-step kk: q columns 16kk..16kk+15).
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {

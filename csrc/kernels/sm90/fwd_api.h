@@ -17,18 +17,12 @@ template <int kHeadDim> bool run_fwd_sm90(const FwdParams& params, cudaStream_t 
 // falls back to the sm80 kernel. Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
 // The caller still checks the device: compute capability 9.0 and a binary built for sm_90a.
 inline bool sm90_fwd_supported(const FwdParams& p) {
-  if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
-  if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
-  if (p.nheads % p.nheads_k != 0 || p.h_h_k_ratio != p.nheads / p.nheads_k) return false;
+  if (!sm90::dense_shape_ok(p)) return false;
   // Each operand: aligned base, strides TMA can describe, a map the driver accepts (the box rows do not matter).
-  return sm90::tma_operand_ok(p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.q_row_stride,
-                              p.q_head_stride, p.q_batch_stride, 128) &&
-         sm90::tma_operand_ok(p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.k_row_stride,
-                              p.k_head_stride, p.k_batch_stride, 128) &&
-         sm90::tma_operand_ok(p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, p.v_row_stride,
-                              p.v_head_stride, p.v_batch_stride, 128) &&
-         sm90::tma_operand_ok(p.out, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, p.o_row_stride,
-                              p.o_head_stride, p.o_batch_stride, 64);
+  return sm90::q_side_tma_ok(p, p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride, 128) &&
+         sm90::k_side_tma_ok(p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride, 128) &&
+         sm90::k_side_tma_ok(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride, 128) &&
+         sm90::q_side_tma_ok(p, p.out, p.o_row_stride, p.o_head_stride, p.o_batch_stride, 64);
 }
 
 }  // namespace flash_ext

@@ -6,6 +6,8 @@
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
+#include "../params.h"
+
 namespace flash_ext {
 namespace sm90 {
 
@@ -69,6 +71,26 @@ inline bool tma_operand_ok(const void* base, bool is_bf16, int head_dim, int seq
   CUtensorMap map;
   return encode_tensor_map_4d(&map, base, is_bf16, head_dim, seqlen, heads, batch, row_stride, head_stride,
                               batch_stride, box_rows);
+}
+
+// The operands over (seqlen_q, nheads) (q, out, dout) and over (seqlen_k, nheads_k) (k, v).
+inline bool q_side_tma_ok(const FwdParams& p, const void* base, int64_t row_stride, int64_t head_stride,
+                          int64_t batch_stride, int box_rows) {
+  return tma_operand_ok(base, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, row_stride, head_stride,
+                        batch_stride, box_rows);
+}
+inline bool k_side_tma_ok(const FwdParams& p, const void* base, int64_t row_stride, int64_t head_stride,
+                          int64_t batch_stride, int box_rows) {
+  return tma_operand_ok(base, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, row_stride, head_stride,
+                        batch_stride, box_rows);
+}
+
+// The shape rules both sm90 entry points share: head_dim a multiple of 8 up to 256, no empty dimension,
+// nheads a multiple of nheads_k with the ratio filled in.
+inline bool dense_shape_ok(const FwdParams& p) {
+  if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > 256) return false;
+  if (p.batch < 1 || p.seqlen_q < 1 || p.seqlen_k < 1 || p.nheads < 1 || p.nheads_k < 1) return false;
+  return p.nheads % p.nheads_k == 0 && p.h_h_k_ratio == p.nheads / p.nheads_k;
 }
 
 }  // namespace sm90

@@ -1,0 +1,58 @@
+// The backward's per-step recomputation on the transposed tile, shared by the sm90 backward kernels
+// (bwd_kernel.cuh, bwd_kernel_hd256.cuh). The consumer holds S^T = K Q^T and dP^T = V dO^T as m64nN wgmma
+// accumulators of N / 2 floats per thread: keys are the rows, queries the columns. n8 block j holds the
+// queries q0 + 8j + 2t and + 1 (t = lane % 4) of the key rows key0 (registers 4j, 4j + 1) and key0 + 8
+// (4j + 2, 4j + 3). The per-stage lse_log2 and D of the queries sit in shared memory as float rows.
+#pragma once
+#include <cstdint>
+#include "../ptx.cuh"
+
+namespace flash_ext {
+namespace sm90 {
+
+// P^T = exp2(S^T scale_log2 - lse_log2[query]); `lse` is the shared address of the stage's lse_log2 and
+// `row0` the index of the tile's first query in it.
+template <int N>
+__device__ __forceinline__ void recompute_pt(float (&s)[N], uint32_t lse, int row0, int t, float scale_log2) {
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    float2 l2;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(l2.x), "=f"(l2.y) : "r"(lse + (row0 + 8 * j + 2 * t) * 4));
+    s[4 * j + 0] = fast_exp2(fmaf(s[4 * j + 0], scale_log2, -l2.x));
+    s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -l2.y));
+    s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -l2.x));
+    s[4 * j + 3] = fast_exp2(fmaf(s[4 * j + 3], scale_log2, -l2.y));
+  }
+}
+
+// P^T = 0 where the mask policy hides (query, key); q0 is the tile's first query row in the sequence.
+template <int N, typename MaskT>
+__device__ __forceinline__ void mask_pt(float (&s)[N], const MaskT& mask, int q0, int key0, int t) {
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int row = q0 + 8 * j + 2 * t + e;
+      const int lo = mask.col_min(row), hi = mask.col_limit(row);
+      if (!MaskT::visible_in(key0, lo, hi)) s[4 * j + e] = 0.f;
+      if (!MaskT::visible_in(key0 + 8, lo, hi)) s[4 * j + 2 + e] = 0.f;
+    }
+  }
+}
+
+// dS^T = P^T o (dP^T - D[query]), in place of dP^T; `d` and `row0` as `lse` and `row0` above.
+template <int N>
+__device__ __forceinline__ void ds_from_pt(float (&dp)[N], const float (&p)[N], uint32_t d, int row0, int t) {
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    float2 d2;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(d2.x), "=f"(d2.y) : "r"(d + (row0 + 8 * j + 2 * t) * 4));
+    dp[4 * j + 0] = p[4 * j + 0] * (dp[4 * j + 0] - d2.x);
+    dp[4 * j + 1] = p[4 * j + 1] * (dp[4 * j + 1] - d2.y);
+    dp[4 * j + 2] = p[4 * j + 2] * (dp[4 * j + 2] - d2.x);
+    dp[4 * j + 3] = p[4 * j + 3] * (dp[4 * j + 3] - d2.y);
+  }
+}
+
+}  // namespace sm90
+}  // namespace flash_ext
