@@ -48,16 +48,10 @@ template <int kHeadDim, bool IsCausal> struct BwdTileDet : BwdTile<kHeadDim, IsC
 };
 
 inline bool encode_bwd_maps(BwdTmaArgs& args, const BwdParams& p, int block_m, int block_n) {
-  bool ok = true;
-  ok = ok && encode_tensor_map_4d(&args.q_map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
-                                  p.q_row_stride, p.q_head_stride, p.q_batch_stride, block_m);
-  ok = ok && encode_tensor_map_4d(&args.do_map, p.dout, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
-                                  p.do_row_stride, p.do_head_stride, p.do_batch_stride, block_m);
-  ok = ok && encode_tensor_map_4d(&args.k_map, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                  p.k_row_stride, p.k_head_stride, p.k_batch_stride, block_n);
-  ok = ok && encode_tensor_map_4d(&args.v_map, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                  p.v_row_stride, p.v_head_stride, p.v_batch_stride, block_n);
-  return ok;
+  return encode_q_side(&args.q_map, p, p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride, block_m) &&
+         encode_q_side(&args.do_map, p, p.dout, p.do_row_stride, p.do_head_stride, p.do_batch_stride, block_m) &&
+         encode_k_side(&args.k_map, p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride, block_n) &&
+         encode_k_side(&args.v_map, p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride, block_n);
 }
 
 // dK / dV through TMA stores (args.dkdv_tma) where TMA can describe both (16-byte aligned bases and strides, which
@@ -67,10 +61,8 @@ inline void encode_dkdv_maps(BwdTmaArgs& args, const BwdParams& p) {
   args.dkdv_tma =
       tma_layout_ok(p.dk, p.seqlen_k, p.nheads_k, p.batch, p.dk_row_stride, p.dk_head_stride, p.dk_batch_stride) &&
       tma_layout_ok(p.dv, p.seqlen_k, p.nheads_k, p.batch, p.dv_row_stride, p.dv_head_stride, p.dv_batch_stride) &&
-      encode_tensor_map_4d(&args.dk_map, p.dk, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                           p.dk_row_stride, p.dk_head_stride, p.dk_batch_stride, 64) &&
-      encode_tensor_map_4d(&args.dv_map, p.dv, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                           p.dv_row_stride, p.dv_head_stride, p.dv_batch_stride, 64);
+      encode_k_side(&args.dk_map, p, p.dk, p.dk_row_stride, p.dk_head_stride, p.dk_batch_stride, 64) &&
+      encode_k_side(&args.dv_map, p, p.dv, p.dv_row_stride, p.dv_head_stride, p.dv_batch_stride, 64);
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool DkLast,

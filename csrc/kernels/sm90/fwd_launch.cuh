@@ -55,16 +55,10 @@ template <> struct FwdTileLong<128, false> : FwdTile<128, false> {
 };
 
 inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, int block_n) {
-  bool ok = true;
-  ok = ok && encode_tensor_map_4d(&args.q_map, p.q, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
-                                  p.q_row_stride, p.q_head_stride, p.q_batch_stride, block_m);
-  ok = ok && encode_tensor_map_4d(&args.k_map, p.k, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                  p.k_row_stride, p.k_head_stride, p.k_batch_stride, block_n);
-  ok = ok && encode_tensor_map_4d(&args.v_map, p.v, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch,
-                                  p.v_row_stride, p.v_head_stride, p.v_batch_stride, block_n);
-  ok = ok && encode_tensor_map_4d(&args.o_map, p.out, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch,
-                                  p.o_row_stride, p.o_head_stride, p.o_batch_stride, 64);
-  return ok;
+  return encode_q_side(&args.q_map, p, p.q, p.q_row_stride, p.q_head_stride, p.q_batch_stride, block_m) &&
+         encode_k_side(&args.k_map, p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride, block_n) &&
+         encode_k_side(&args.v_map, p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride, block_n) &&
+         encode_q_side(&args.o_map, p, p.out, p.o_row_stride, p.o_head_stride, p.o_batch_stride, 64);
 }
 
 // Tile order and L2. Where CTAs loop over tiles: one (head, batch) pair per group (all query blocks of a head before

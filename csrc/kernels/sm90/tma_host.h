@@ -73,7 +73,18 @@ inline bool tma_operand_ok(const void* base, bool is_bf16, int head_dim, int seq
                               batch_stride, box_rows);
 }
 
-// The operands over (seqlen_q, nheads) (q, out, dout) and over (seqlen_k, nheads_k) (k, v).
+// The operands over (seqlen_q, nheads) (q, out, dout) and over (seqlen_k, nheads_k) (k, v): their map, and
+// whether TMA can describe them.
+inline bool encode_q_side(CUtensorMap* map, const FwdParams& p, const void* base, int64_t row_stride,
+                          int64_t head_stride, int64_t batch_stride, int box_rows) {
+  return encode_tensor_map_4d(map, base, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, row_stride,
+                              head_stride, batch_stride, box_rows);
+}
+inline bool encode_k_side(CUtensorMap* map, const FwdParams& p, const void* base, int64_t row_stride,
+                          int64_t head_stride, int64_t batch_stride, int box_rows) {
+  return encode_tensor_map_4d(map, base, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, row_stride,
+                              head_stride, batch_stride, box_rows);
+}
 inline bool q_side_tma_ok(const FwdParams& p, const void* base, int64_t row_stride, int64_t head_stride,
                           int64_t batch_stride, int box_rows) {
   return tma_operand_ok(base, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, row_stride, head_stride,
