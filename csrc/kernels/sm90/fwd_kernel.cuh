@@ -2,7 +2,7 @@
 // pipeline of kStages K/V slots, warp specialization and wgmma.
 //
 // A tile is (m_block, head, batch): kBlockM = 64 * kNumWG query rows (kNumWG = 2 or 3 consumer warpgroups).
-// Each CTA walks tiles in a static order (see FwdTmaArgs, next_tile): zig-zag rounds, or for persistent causal
+// Each CTA walks tiles in a static order (Scheduler, fwd_scheduler.cuh): zig-zag rounds, or for persistent causal
 // launches pairs of query blocks (m, num_m_blocks - 1 - m) of one head back to back, so every CTA gets about the
 // same number of key blocks; the launch picks one CTA per SM (persistent) or one per tile. kNWarps = 4 * (1 + kNumWG):
 //   warpgroup 0  producer: one thread issues every TMA load (per tile: Q, then K and V block by block from
@@ -32,6 +32,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
+#include "fwd_scheduler.cuh"
 #include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
@@ -46,17 +47,7 @@ struct FwdTmaArgs {
   CUtensorMap v_map;  // over v: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
   CUtensorMap o_map;  // over out: (head_dim, seqlen_q, nheads, batch), box 64 x 64 (one consumer's rows)
   FwdParams params;
-  // Static schedule (see next_tile): round r gives each CTA one of tiles [r * gridDim.x, ...). Tiles are ordered in groups of
-  // group_hb (head, batch) pairs whose K/V fit in L2 together; inside a group the query block index is the
-  // slower index (descending for causal: the longest tiles first) and (head, batch) the faster.
-  int num_m_blocks;  // ceil(seqlen_q / kBlockM)
-  int num_hb;        // nheads * batch
-  int group_hb;      // (head, batch) pairs per group, >= 1
-  int num_tiles;     // num_m_blocks * num_hb; paired: 2 * num_pairs
-  // Paired schedule (causal): tiles 2q and 2q + 1 are the pair (num_m_blocks - 1 - k, k) of one (head, batch), run
-  // back to back by one CTA, so every pair costs about num_m_blocks + 1 key blocks; CTA b takes pairs b, b + G, ...
-  // With an odd num_m_blocks the middle block's pair has no second tile (next_tile skips it).
-  int paired;
+  FwdSchedArgs sched;  // the tile order's launch-time shape (fwd_scheduler.cuh)
 };
 
 // ChainTiles (with PingPong): the scheduling token passes on across tile boundaries, so one consumer starts
@@ -81,6 +72,8 @@ struct FwdKernel {
   static constexpr bool ChainTiles = ChainTiles_;
   static constexpr bool WgSkip = WgSkip_;
   using MaskT = Mask<IsCausal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
+  using Scheduler = FwdStaticScheduler<kBlockM, IsCausal>;  // the CTA's tiles and their order (fwd_scheduler.cuh)
+  using Tile = FwdWork;                                          // (m_block, head, batch)
   // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
   // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
   // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
@@ -256,63 +249,6 @@ struct FwdKernel {
       o_reg[4 * j + 2] *= alpha[1];
       o_reg[4 * j + 3] *= alpha[1];
     }
-  }
-
-  struct Tile {
-    int m_block, head, batch;
-  };
-  // Static zig-zag schedule: round r takes tiles [r * G, (r + 1) * G) (G = gridDim.x), CTA b the tile
-  // r * G + b in even rounds and r * G + G - 1 - b in odd ones, so a CTA that got a long tile of a
-  // round (the tile order is longest first inside a group) gets a short one in the next.
-  __device__ static __forceinline__ int first_tile(const FwdTmaArgs& args) {
-    return IsCausal && args.paired ? 2 * blockIdx.x : blockIdx.x;
-  }
-  __device__ static __forceinline__ int next_tile(const FwdTmaArgs& args, int t, int round) {
-    const int g = gridDim.x, b = blockIdx.x;
-    if (IsCausal && args.paired) {
-      const int q = t >> 1;
-      if (!(t & 1) && 2 * pair_k(args, q) + 1 != args.num_m_blocks) return t + 1;
-      return 2 * (q + g);
-    }
-    return round * g + ((round & 1) ? g - 1 - b : b);
-  }
-  // Paired schedule: pair q -> (k, hb), in groups of group_hb (head, batch) pairs, k slower inside a group.
-  __device__ static __forceinline__ int pair_k(const FwdTmaArgs& args, int q) {
-    const int np = (args.num_m_blocks + 1) >> 1;
-    const int per_group = args.group_hb * np;
-    const int group = q / per_group;
-    const int gsize = min(args.group_hb, args.num_hb - group * args.group_hb);
-    return (q - group * per_group) / gsize;
-  }
-  __device__ static __forceinline__ Tile tile_coord(const FwdTmaArgs& args, int t) {
-    if (IsCausal && args.paired) {
-      const int q = t >> 1;
-      const int np = (args.num_m_blocks + 1) >> 1;
-      const int per_group = args.group_hb * np;
-      const int group = q / per_group;
-      const int within = q - group * per_group;
-      const int hb0 = group * args.group_hb;
-      const int gsize = min(args.group_hb, args.num_hb - hb0);
-      const int k = within / gsize;
-      const int hb = hb0 + within - k * gsize;
-      Tile tile;
-      tile.m_block = (t & 1) ? k : args.num_m_blocks - 1 - k;
-      tile.head = hb % args.params.nheads;
-      tile.batch = hb / args.params.nheads;
-      return tile;
-    }
-    const int per_group = args.group_hb * args.num_m_blocks;
-    const int group = t / per_group;
-    const int within = t - group * per_group;
-    const int hb0 = group * args.group_hb;
-    const int gsize = min(args.group_hb, args.num_hb - hb0);
-    const int m_idx = within / gsize;
-    const int hb = hb0 + within - m_idx * gsize;
-    Tile tile;
-    tile.m_block = IsCausal ? args.num_m_blocks - 1 - m_idx : m_idx;
-    tile.head = hb % args.params.nheads;
-    tile.batch = hb / args.params.nheads;
-    return tile;
   }
 
   // One tile (m_block, head, batch) for consumer warpgroup cw. kv: the K / V ring's state at this tile's first key
@@ -577,8 +513,9 @@ struct FwdKernel {
     // ChainTiles: consumer 0 issues first; the token then alternates over all GEMM issues of all tiles (both
     // consumers see the same tiles and key blocks), and consumer 0 takes consumer 1's last pass at the end.
     if (PingPong && ChainTiles && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);
-    for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
-      const Tile tile = tile_coord(args, t);
+    for (int t = Scheduler::first_tile(args.sched); Scheduler::valid(args.sched, t);
+         t = Scheduler::next_tile(args.sched, t, ++tile_iter)) {
+      const Tile tile = Scheduler::tile_coord(args.sched, args.params, t);
       consumer_tile(args, smem, bars, cw, tile, kv, PipelineState<1>(tile_iter));
       kv.advance(mask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
                  mask.template n_block_min<kBlockM, kBlockN>(tile.m_block));
@@ -610,8 +547,9 @@ struct FwdKernel {
     tma_prefetch_desc(&args.o_map);
     PipelineState<kStages> kv;  // the K / V ring: the next tile's first slot
     int tile_iter = 0;
-    for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
-      const Tile tile = tile_coord(args, t);
+    for (int t = Scheduler::first_tile(args.sched); Scheduler::valid(args.sched, t);
+         t = Scheduler::next_tile(args.sched, t, ++tile_iter)) {
+      const Tile tile = Scheduler::tile_coord(args.sched, p, t);
       const PipelineState<1> q_pipe(tile_iter);  // the Q buffer: one slot, one use per tile
       const SeqInfo seq(p, tile.batch);
       const int head_k = tile.head / p.h_h_k_ratio;
