@@ -2,7 +2,7 @@
 // pipeline of kStages K/V slots, warp specialization and wgmma.
 //
 // A tile is (m_block, head, batch): kBlockM = 64 * kNumWG query rows (kNumWG = 2 or 3 consumer warpgroups).
-// Each CTA walks tiles in a static order (see FwdTmaArgs, next_tile): zig-zag rounds, or for persistent causal
+// Each CTA walks tiles in a static order (Scheduler, fwd_scheduler.cuh): zig-zag rounds, or for persistent causal
 // launches pairs of query blocks (m, num_m_blocks - 1 - m) of one head back to back, so every CTA gets about the
 // same number of key blocks; the launch picks one CTA per SM (persistent) or one per tile. kNWarps = 4 * (1 + kNumWG):
 //   warpgroup 0  producer: one thread issues every TMA load (per tile: Q, then K and V block by block from
@@ -32,6 +32,8 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
+#include "fwd_scheduler.cuh"
+#include "pipeline.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
 
@@ -45,17 +47,7 @@ struct FwdTmaArgs {
   CUtensorMap v_map;  // over v: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
   CUtensorMap o_map;  // over out: (head_dim, seqlen_q, nheads, batch), box 64 x 64 (one consumer's rows)
   FwdParams params;
-  // Static schedule (see next_tile): round r gives each CTA one of tiles [r * gridDim.x, ...). Tiles are ordered in groups of
-  // group_hb (head, batch) pairs whose K/V fit in L2 together; inside a group the query block index is the
-  // slower index (descending for causal: the longest tiles first) and (head, batch) the faster.
-  int num_m_blocks;  // ceil(seqlen_q / kBlockM)
-  int num_hb;        // nheads * batch
-  int group_hb;      // (head, batch) pairs per group, >= 1
-  int num_tiles;     // num_m_blocks * num_hb; paired: 2 * num_pairs
-  // Paired schedule (causal): tiles 2q and 2q + 1 are the pair (num_m_blocks - 1 - k, k) of one (head, batch), run
-  // back to back by one CTA, so every pair costs about num_m_blocks + 1 key blocks; CTA b takes pairs b, b + G, ...
-  // With an odd num_m_blocks the middle block's pair has no second tile (next_tile skips it).
-  int paired;
+  FwdSchedArgs sched;  // the tile order's launch-time shape (fwd_scheduler.cuh)
 };
 
 // ChainTiles (with PingPong): the scheduling token passes on across tile boundaries, so one consumer starts
@@ -80,6 +72,8 @@ struct FwdKernel {
   static constexpr bool ChainTiles = ChainTiles_;
   static constexpr bool WgSkip = WgSkip_;
   using MaskT = Mask<IsCausal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
+  using Scheduler = FwdStaticScheduler<kBlockM, IsCausal>;  // the CTA's tiles and their order (fwd_scheduler.cuh)
+  using Tile = FwdWork;                                          // (m_block, head, batch)
   // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
   // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
   // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
@@ -257,67 +251,11 @@ struct FwdKernel {
     }
   }
 
-  struct Tile {
-    int m_block, head, batch;
-  };
-  // Static zig-zag schedule: round r takes tiles [r * G, (r + 1) * G) (G = gridDim.x), CTA b the tile
-  // r * G + b in even rounds and r * G + G - 1 - b in odd ones, so a CTA that got a long tile of a
-  // round (the tile order is longest first inside a group) gets a short one in the next.
-  __device__ static __forceinline__ int first_tile(const FwdTmaArgs& args) {
-    return IsCausal && args.paired ? 2 * blockIdx.x : blockIdx.x;
-  }
-  __device__ static __forceinline__ int next_tile(const FwdTmaArgs& args, int t, int round) {
-    const int g = gridDim.x, b = blockIdx.x;
-    if (IsCausal && args.paired) {
-      const int q = t >> 1;
-      if (!(t & 1) && 2 * pair_k(args, q) + 1 != args.num_m_blocks) return t + 1;
-      return 2 * (q + g);
-    }
-    return round * g + ((round & 1) ? g - 1 - b : b);
-  }
-  // Paired schedule: pair q -> (k, hb), in groups of group_hb (head, batch) pairs, k slower inside a group.
-  __device__ static __forceinline__ int pair_k(const FwdTmaArgs& args, int q) {
-    const int np = (args.num_m_blocks + 1) >> 1;
-    const int per_group = args.group_hb * np;
-    const int group = q / per_group;
-    const int gsize = min(args.group_hb, args.num_hb - group * args.group_hb);
-    return (q - group * per_group) / gsize;
-  }
-  __device__ static __forceinline__ Tile tile_coord(const FwdTmaArgs& args, int t) {
-    if (IsCausal && args.paired) {
-      const int q = t >> 1;
-      const int np = (args.num_m_blocks + 1) >> 1;
-      const int per_group = args.group_hb * np;
-      const int group = q / per_group;
-      const int within = q - group * per_group;
-      const int hb0 = group * args.group_hb;
-      const int gsize = min(args.group_hb, args.num_hb - hb0);
-      const int k = within / gsize;
-      const int hb = hb0 + within - k * gsize;
-      Tile tile;
-      tile.m_block = (t & 1) ? k : args.num_m_blocks - 1 - k;
-      tile.head = hb % args.params.nheads;
-      tile.batch = hb / args.params.nheads;
-      return tile;
-    }
-    const int per_group = args.group_hb * args.num_m_blocks;
-    const int group = t / per_group;
-    const int within = t - group * per_group;
-    const int hb0 = group * args.group_hb;
-    const int gsize = min(args.group_hb, args.num_hb - hb0);
-    const int m_idx = within / gsize;
-    const int hb = hb0 + within - m_idx * gsize;
-    Tile tile;
-    tile.m_block = IsCausal ? args.num_m_blocks - 1 - m_idx : m_idx;
-    tile.head = hb % args.params.nheads;
-    tile.batch = hb / args.params.nheads;
-    return tile;
-  }
-
-  // One tile (m_block, head, batch) for consumer warpgroup cw. kv_iter counts K/V blocks consumed by this
-  // CTA before this tile (it picks the pipeline slot and phase); tile_iter counts the CTA's tiles.
+  // One tile (m_block, head, batch) for consumer warpgroup cw. kv: the K / V ring's state at this tile's first key
+  // block (the slots this CTA consumed before); q_pipe: the Q buffer's (one use per tile).
   __device__ static __forceinline__ void consumer_tile(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw,
-                                                       const Tile& tile, int kv_iter, int tile_iter) {
+                                                       const Tile& tile, PipelineState<kStages> kv,
+                                                       const PipelineState<1> q_pipe) {
     const FwdParams& p = args.params;
     const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
     const int warp_in_wg = tid / 32;
@@ -372,7 +310,7 @@ struct FwdKernel {
     uint32_t p_a[kBlockN / 16][4];
     uint32_t p_b[kBlockN / 16][4];
 
-    mbar_wait(bar_q(bars), tile_iter & 1);
+    mbar_wait(bar_q(bars), q_pipe.phase());
     // This warpgroup's key blocks, n_block_max - n_block_min (spelled so without a left bound: the subtraction of
     // the literal 0, folded or not, changed ptxas's code of the d128 non-causal kernels).
     const int n_iters = MaskT::kHasLeftBound ? n_block_max - n_block_min : n_block_max;
@@ -382,8 +320,8 @@ struct FwdKernel {
       // slot's previous use) and pass the ping-pong turn, so the turns stay n_tile + 1 per tile for everyone.
 #pragma unroll 1
       for (int i = 0; i < n_skip; ++i) {
-        const int it = kv_iter + i;
-        const int stage = it % kStages, phase = (it / kStages) & 1;
+        const PipelineState<kStages> pipe = kv.advanced(i);  // skipped slot i
+        const int stage = pipe.stage(), phase = pipe.phase();
         mbar_wait(bar_k_full(bars, stage), phase);
         if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
         mbar_wait(bar_v_full(bars, stage), phase);
@@ -395,13 +333,13 @@ struct FwdKernel {
         sched_wait(cw);
         sched_pass(cw, true);
       }
-      kv_iter += n_skip;
+      kv.advance(n_skip);  // the first slot this warpgroup computes on
     }
     if (n_iters > 0) {
       if (PingPong && !ChainTiles && !WgSkip && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);  // 0 first
       // Block n_block_max - 1 (slot 0): S only.
       {
-        const int stage = kv_iter % kStages, phase = (kv_iter / kStages) & 1;
+        const int stage = kv.stage(), phase = kv.phase();
         mbar_wait(bar_k_full(bars, stage), phase);
         sched_wait(cw);
         fence_regs(s_reg);
@@ -423,9 +361,10 @@ struct FwdKernel {
       // Slot i: S(i) = Q K(i)^T and O += P(i-1) V(i-1) together, then the softmax of S(i) while P V runs.
       auto step = [&](const int i, uint32_t(&p_cur)[kBlockN / 16][4], uint32_t(&p_nxt)[kBlockN / 16][4]) {
         const int n_block = n_block_max - 1 - i;
-        const int it = kv_iter + i;
-        const int stage = it % kStages, phase = (it / kStages) & 1;
-        const int pstage = (it - 1) % kStages, pphase = ((it - 1) / kStages) & 1;
+        const PipelineState<kStages> pipe = kv.advanced(i);  // S(i)'s K slot
+        const PipelineState<kStages> prev = pipe.advanced(-1);  // P(i-1) V(i-1)'s V slot
+        const int stage = pipe.stage(), phase = pipe.phase();
+        const int pstage = prev.stage(), pphase = prev.phase();
         mbar_wait(bar_k_full(bars, stage), phase);
         mbar_wait(bar_v_full(bars, pstage), pphase);
         sched_wait(cw);
@@ -468,8 +407,10 @@ struct FwdKernel {
       };
       // Last slot: O += P V of the final block.
       auto last_pv = [&](uint32_t(&p_cur)[kBlockN / 16][4]) {
-        const int it = kv_iter + n_iters - 1;
-        const int pstage = it % kStages, pphase = (it / kStages) & 1;
+        // (the slot before kv + n_iters, spelled so: kv.advanced(n_iters - 1) associates the adds the other way and
+        // changed ptxas's code of the WgSkip kernels)
+        const PipelineState<kStages> prev = kv.advanced(n_iters).advanced(-1);
+        const int pstage = prev.stage(), pphase = prev.phase();
         mbar_wait(bar_v_full(bars, pstage), pphase);
         sched_wait(cw);
         fence_regs(o_reg);
@@ -567,15 +508,17 @@ struct FwdKernel {
     // SeqInfo(params, tile.batch); a Mask built in the loop reorders ptxas's code of the loop-invariant dense bound
     // (see csrc/kernels/sm90/NOTES.md, eighth session), so the dense case keeps it hoisted.
     const Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
-    int kv_iter = 0, tile_iter = 0;
+    PipelineState<kStages> kv;  // the K / V ring: the next tile's first slot
+    int tile_iter = 0;
     // ChainTiles: consumer 0 issues first; the token then alternates over all GEMM issues of all tiles (both
     // consumers see the same tiles and key blocks), and consumer 0 takes consumer 1's last pass at the end.
     if (PingPong && ChainTiles && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);
-    for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
-      const Tile tile = tile_coord(args, t);
-      consumer_tile(args, smem, bars, cw, tile, kv_iter, tile_iter);
-      kv_iter += mask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
-                 mask.template n_block_min<kBlockM, kBlockN>(tile.m_block);
+    for (int t = Scheduler::first_tile(args.sched); Scheduler::valid(args.sched, t);
+         t = Scheduler::next_tile(args.sched, t, ++tile_iter)) {
+      const Tile tile = Scheduler::tile_coord(args.sched, args.params, t);
+      consumer_tile(args, smem, bars, cw, tile, kv, PipelineState<1>(tile_iter));
+      kv.advance(mask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
+                 mask.template n_block_min<kBlockM, kBlockN>(tile.m_block));
     }
     if (PingPong && ChainTiles && cw == 0) named_bar_sync(kBarSched + 0, 256);
     // Shared memory must stay valid until the last store has read it.
@@ -602,9 +545,12 @@ struct FwdKernel {
     tma_prefetch_desc(&args.k_map);
     tma_prefetch_desc(&args.v_map);
     tma_prefetch_desc(&args.o_map);
-    int kv_iter = 0, tile_iter = 0;
-    for (int t = first_tile(args); t < args.num_tiles; t = next_tile(args, t, ++tile_iter)) {
-      const Tile tile = tile_coord(args, t);
+    PipelineState<kStages> kv;  // the K / V ring: the next tile's first slot
+    int tile_iter = 0;
+    for (int t = Scheduler::first_tile(args.sched); Scheduler::valid(args.sched, t);
+         t = Scheduler::next_tile(args.sched, t, ++tile_iter)) {
+      const Tile tile = Scheduler::tile_coord(args.sched, p, t);
+      const PipelineState<1> q_pipe(tile_iter);  // the Q buffer: one slot, one use per tile
       const SeqInfo seq(p, tile.batch);
       const int head_k = tile.head / p.h_h_k_ratio;
       // Key blocks [n_block_min, n_block_max), from the last one down (the order the consumers use them).
@@ -613,13 +559,13 @@ struct FwdKernel {
       const int n_blocks = n_block_max - n_block_min;
       for (int i = 0; i < n_blocks; ++i) {
         const int n_block = n_block_max - 1 - i;
-        const int it = kv_iter + i;
-        const int stage = it % kStages, phase = (it / kStages) & 1;
+        const PipelineState<kStages> pipe = kv.advanced(i);  // block i's slot and parity
+        const int stage = pipe.stage(), phase = pipe.phase();
         load_kv(&args.k_map, smem + kOffK + stage * kKVBytes, bar_k_full(bars, stage), bar_k_empty(bars, stage), phase,
                 n_block, head_k, seq.b);
         if (i == 0) {
           // Q after the first K block: K may stream in while the previous tile's epilogue still holds Q.
-          mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
+          mbar_wait(bar_q_empty(bars), q_pipe.phase() ^ 1);
           mbar_arrive_expect_tx(bar_q(bars), kQBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
@@ -632,10 +578,10 @@ struct FwdKernel {
       }
       if (n_blocks == 0) {
         // Nothing visible: no Q needed, but keep the Q barrier phases in step with the consumers.
-        mbar_wait(bar_q_empty(bars), (tile_iter & 1) ^ 1);
+        mbar_wait(bar_q_empty(bars), q_pipe.phase() ^ 1);
         mbar_arrive(bar_q(bars));
       }
-      kv_iter += n_blocks;
+      kv.advance(n_blocks);
     }
   }
 

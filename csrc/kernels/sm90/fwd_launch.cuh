@@ -61,11 +61,7 @@ inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, i
          encode_q_side(&args.o_map, p, p.out, p.o_row_stride, p.o_head_stride, p.o_batch_stride, 64);
 }
 
-// Tile order and L2. Where CTAs loop over tiles: one (head, batch) pair per group (all query blocks of a head before
-// the next, so K / V blocks hit in L2; H200 d128 non-causal 1k 516 vs 459 TFLOP/s). One CTA per causal tile: groups
-// of pairs with kL2GroupBytes of K / V, query blocks longest first (one pair was up to 8% slower there).
-constexpr int64_t kL2GroupBytes = 32ll << 20;
-
+// The tile order and its L2 grouping: Kernel::Scheduler (fwd_scheduler.cuh), which also gives the grid.
 // grid_limit: 0 picks the default: persistent (one CTA per SM, static order over tiles) when not causal, and when
 // causal with few query blocks (<= 8, or <= kCausalPersistMaxMBlocks128 at d128) and a separate O buffer
 // (kHeadDim <= 128); otherwise one CTA per tile, so the hardware's block scheduler balances the unequal causal tiles.
@@ -82,22 +78,12 @@ bool launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   FwdTmaArgs args;
   args.params = params;
   if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return false;  // sm90_fwd_supported said no
-  args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
-  args.num_hb = params.nheads * params.batch;
-  args.num_tiles = args.num_m_blocks * args.num_hb;
-  // Query heads h_h_k_ratio apart share one K/V head: a group of G pairs reads G / ratio heads' K and V.
-  const int64_t kv_bytes = static_cast<int64_t>(params.seqlen_k) * kHeadDim * 2 * 2;
+  using Scheduler = typename Kernel::Scheduler;
   const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
   const int causal_persist_max_m = kHeadDim == 128 && kNumWG == 2 ? kCausalPersistMaxMBlocks128 : 8;
-  const bool persistent = !IsCausal || (Kernel::SeparateO && args.num_m_blocks <= causal_persist_max_m);
-  const int limit = grid_limit > 0 ? grid_limit : grid_limit < 0 ? num_sm : persistent ? num_sm : args.num_tiles;
-  int64_t group = limit < args.num_tiles ? 1 : kL2GroupBytes * params.h_h_k_ratio / (kv_bytes > 0 ? kv_bytes : 1);
-  if (group_hb > 0) group = group_hb;
-  args.group_hb = static_cast<int>(group < 1 ? 1 : group > args.num_hb ? args.num_hb : group);
-  args.paired = IsCausal && limit < args.num_tiles && paired != 0 ? 1 : 0;
-  if (args.paired) args.num_tiles = 2 * ((args.num_m_blocks + 1) / 2) * args.num_hb;
-  const int units = args.paired ? args.num_tiles / 2 : args.num_tiles;  // what one CTA takes per round
-  const int ctas = units < limit ? units : limit;
+  const bool persistent = !IsCausal || (Kernel::SeparateO && Scheduler::num_m_blocks(params) <= causal_persist_max_m);
+  const int max_ctas = grid_limit > 0 ? grid_limit : grid_limit < 0 || persistent ? num_sm : 0;  // 0: one per tile
+  const int ctas = Scheduler::grid(args.sched, params, kHeadDim, max_ctas, paired, group_hb);
   auto kernel = fwd_kernel_sm90<Kernel>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<ctas, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);

@@ -10,7 +10,7 @@ template <int kStages>
 struct PipelineState {
   int count = 0;  // slot uses so far on this ring
 
-  __device__ __forceinline__ PipelineState() = default;
+  PipelineState() = default;  // (no __device__: nvcc ignores it on a defaulted constructor, warning #20012)
   __device__ __forceinline__ explicit PipelineState(int count_) : count(count_) {}
 
   __device__ __forceinline__ int stage() const { return count % kStages; }
