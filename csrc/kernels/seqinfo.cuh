@@ -38,6 +38,10 @@ struct SeqInfoT {
   __device__ __forceinline__ int64_t row_offset(Index h, int nheads, int rows) const {
     return (int64_t(b) * nheads + h) * rows;
   }
+  // (entry b, head h) as one index of such an array's batch x nheads heads (row_offset is
+  // head_index * rows), for a kernel that reads arrays of different row counts at one (b, h): the index
+  // is computed once, and the row count is read after it (sm80/NOTES.md).
+  __device__ __forceinline__ int64_t head_index(Index h, int nheads) const { return int64_t(b) * nheads + h; }
 };
 using SeqInfo = SeqInfoT<int>;
 
