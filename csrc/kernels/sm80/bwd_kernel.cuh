@@ -128,9 +128,6 @@ struct BwdTraits {
   // Queries per S^T/dP^T sub-step inside one query block (< kBlockM only to save registers).
   static constexpr int kSubM = kSubM_;
   static_assert(kBlockM % kSubM == 0 && kSubM % 16 == 0, "");
-  // The sm_8x machine code of d >= 224 uses 32 (sm_80 ptxas spills 4 bytes at d256 with 64). Those
-  // configs need more shared memory than any sm_8x chip has, so this only keeps the build spill-free.
-  static constexpr int kSubMSm8x = (kHeadDim >= 224 && kSubM > 32) ? 32 : kSubM;
   static constexpr int kDsBufs = kDeferDq ? 2 : 1;
   static constexpr int kStride = kHeadDim + 8;  // padded smem row of Q, dO, K, V
   static constexpr int kDsStride = kBlockM + 8;  // padded smem row of dS^T (key x query)
@@ -228,11 +225,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kDqWarpsM = Traits::kDqWarpsM;
   constexpr int kDqDW = Traits::kDqDW;
   constexpr int kDqPassW = Traits::kDqPassW;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  constexpr int kSubM = Traits::kSubMSm8x;
-#else
   constexpr int kSubM = Traits::kSubM;
-#endif
 
   extern __shared__ __align__(16) char smem_raw[];
   T* k_smem = reinterpret_cast<T*>(smem_raw);            // kBlockN x kStride
