@@ -48,7 +48,7 @@ constexpr int kFwdKVPtrFromParams = 4;
 constexpr int kFwdRolledQK2 = 8;
 constexpr float kLazyRescaleLog2 = 8.f;
 
-template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_ = 1,
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_,
           bool kXorQAddr_ = false, bool kXorKVAddr_ = false, int kFlags_ = 0>
 struct FwdTraits {
   using T = T_;
@@ -57,9 +57,6 @@ struct FwdTraits {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
-  // __launch_bounds__ min blocks: caps registers at 64K / (kNThreads * kMinBlocksPerSm). The shipped
-  // configs use 1 (a 3-block cap made d256 64x64 spill 650 bytes, sm_90a).
-  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
   // Single XOR-ed ldmatrix base register for the Q tile / the K and V tiles (LdsmAddr XorBase): a few
   // registers fewer, for the configs that spill otherwise.
   static constexpr bool kXorQAddr = kXorQAddr_;
@@ -136,7 +133,7 @@ __device__ __forceinline__ void softmax_rescale_lazy(OnlineSoftmax<kMTiles>& sm,
 }
 
 template <typename Traits, bool IsCausal>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+__global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d256 64x64 spill 650 bytes (sm_90a)
     fwd_kernel(const __grid_constant__ FwdParams params) {
   using T = typename Traits::T;
   constexpr int kHeadDim = Traits::kHeadDim;
