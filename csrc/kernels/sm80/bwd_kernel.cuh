@@ -128,9 +128,6 @@ struct BwdTraits {
   // Queries per S^T/dP^T sub-step inside one query block (< kBlockM only to save registers).
   static constexpr int kSubM = kSubM_;
   static_assert(kBlockM % kSubM == 0 && kSubM % 16 == 0, "");
-  // The sm_8x machine code of d >= 224 uses 32 (sm_80 ptxas spills 4 bytes at d256 with 64). Those
-  // configs need more shared memory than any sm_8x chip has, so this only keeps the build spill-free.
-  static constexpr int kSubMSm8x = (kHeadDim >= 224 && kSubM > 32) ? 32 : kSubM;
   static constexpr int kDsBufs = kDeferDq ? 2 : 1;
   static constexpr int kStride = kHeadDim + 8;  // padded smem row of Q, dO, K, V
   static constexpr int kDsStride = kBlockM + 8;  // padded smem row of dS^T (key x query)
@@ -228,11 +225,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kDqWarpsM = Traits::kDqWarpsM;
   constexpr int kDqDW = Traits::kDqDW;
   constexpr int kDqPassW = Traits::kDqPassW;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  constexpr int kSubM = Traits::kSubMSm8x;
-#else
   constexpr int kSubM = Traits::kSubM;
-#endif
 
   extern __shared__ __align__(16) char smem_raw[];
   T* k_smem = reinterpret_cast<T*>(smem_raw);            // kBlockN x kStride
@@ -249,26 +242,27 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   const int wn = warp % kWarpsN;  // key rows [16 wn, 16 wn + 16) of the block
   const int wd = warp / kWarpsN;  // dK/dV columns [wd kDW, (wd+1) kDW)
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const int seqlen_q = params.seqlen_q, seqlen_k = params.seqlen_k;
+  const SeqInfo seq(params, b);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const bool with_dq = !params.deterministic;
 
   const Mask<IsCausal> mask(seqlen_q, seqlen_k);
   const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-  const int m_block_max = (seqlen_q + kBlockM - 1) / kBlockM;
+  const int m_block_max = mask.template m_block_max<kBlockM, kBlockN>(n_block);
   const int n_m = m_block_max > m_block_min ? m_block_max - m_block_min : 0;
   const int n_iter = n_m * params.h_h_k_ratio;  // (query head of the group, query block) pairs
 
-  const T* k_gmem = reinterpret_cast<const T*>(params.k) + b * params.k_batch_stride +
+  const T* k_gmem = reinterpret_cast<const T*>(params.k) + seq.k_offset(params.k_batch_stride, params.k_row_stride) +
                     hk * params.k_head_stride;  // seqlen_k x head_dim (row stride k_row_stride)
-  const T* v_gmem = reinterpret_cast<const T*>(params.v) + b * params.v_batch_stride +
+  const T* v_gmem = reinterpret_cast<const T*>(params.v) + seq.k_offset(params.v_batch_stride, params.v_row_stride) +
                     hk * params.v_head_stride;  // seqlen_k x head_dim
 
   // Issue the loads of one iteration (Q_i, dO_i async; lse, D through registers) into `stage`.
   // Iterations run over (query head of the group, query block) pairs, query block fastest.
   auto load_iter = [&](int h, int m_block, int stage) {
-    const T* q_gmem = reinterpret_cast<const T*>(params.q) + b * params.q_batch_stride +
+    const T* q_gmem = reinterpret_cast<const T*>(params.q) + seq.q_offset(params.q_batch_stride, params.q_row_stride) +
                       h * params.q_head_stride;  // seqlen_q x head_dim
-    const T* do_gmem = reinterpret_cast<const T*>(params.dout) + b * params.do_batch_stride +
+    const T* do_gmem = reinterpret_cast<const T*>(params.dout) + seq.q_offset(params.do_batch_stride, params.do_row_stride) +
                        h * params.do_head_stride;  // seqlen_q x head_dim
     load_tile_async<kBlockM, kHeadDim, kStride, kNThreads>(q_smem + stage * Traits::kTileM, q_gmem,
                                                           params.q_row_stride, m_block * kBlockM,
@@ -276,7 +270,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     load_tile_async<kBlockM, kHeadDim, kStride, kNThreads>(do_smem + stage * Traits::kTileM, do_gmem,
                                                           params.do_row_stride, m_block * kBlockM,
                                                           seqlen_q, params.head_dim, tid);
-    const int64_t bh = (int64_t)b * params.nheads + h;
+    const int64_t bh = seq.head_index(h, params.nheads);
     for (int i = tid; i < kBlockM; i += kNThreads) {
       const int row = m_block * kBlockM + i;
       const float lse = row < seqlen_q ? params.lse[bh * seqlen_q + row] : -INFINITY;
@@ -315,7 +309,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   auto dq_step = [&](int h, int m_block, int buf) {
     const uint32_t ds_base = smem_u32(ds_smem + buf * kBlockN * kDsStride);
     float* dqa_gmem = params.dq_accum +
-                      (((int64_t)b * params.nheads + h) * params.seqlen_q_rounded + m_block * kBlockM) *
+                      (seq.head_index(h, params.nheads) * params.seqlen_q_rounded + m_block * kBlockM) *
                           kHeadDim;  // kBlockM x kHeadDim (fp32, rows within seqlen_q_rounded)
 #pragma unroll 1  // d128: unrolled passes spill (nvcc 13.0 ptxas)
     for (int pass = 0; pass < Traits::kDqPasses; ++pass) {
@@ -509,8 +503,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   cp_async_wait<0>();
 
   // Epilogue: dK * scale and dV in the element type; rows < seqlen_k, cols < head_dim.
-  T* dk_gmem = reinterpret_cast<T*>(params.dk) + b * params.dk_batch_stride + hk * params.dk_head_stride;  // seqlen_k x head_dim
-  T* dv_gmem = reinterpret_cast<T*>(params.dv) + b * params.dv_batch_stride + hk * params.dv_head_stride;  // seqlen_k x head_dim
+  T* dk_gmem = reinterpret_cast<T*>(params.dk) + seq.k_offset(params.dk_batch_stride, params.dk_row_stride) + hk * params.dk_head_stride;  // seqlen_k x head_dim
+  T* dv_gmem = reinterpret_cast<T*>(params.dv) + seq.k_offset(params.dv_batch_stride, params.dv_row_stride) + hk * params.dv_head_stride;  // seqlen_k x head_dim
   const float scale = params.scale_softmax;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {

@@ -313,15 +313,20 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   const int lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const int seqlen_q = params.seqlen_q, seqlen_k = params.seqlen_k;
+  const SeqInfo seq(params, b);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const bool with_dq = !params.deterministic;
 
-  const Mask<IsCausal> mask(seqlen_q, seqlen_k);
+  using MaskT = Mask<IsCausal>;
+  const MaskT mask(seqlen_q, seqlen_k);
   const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
+  // The policy's m_block_max is this same expression; calling it (and seq.k_offset for K / V below)
+  // changes the machine code of the kDqStage 2 configs (d128, d256): sm80/NOTES.md.
   const int m_block_max = (seqlen_q + kBlockM - 1) / kBlockM;
   const int n_m = m_block_max > m_block_min ? m_block_max - m_block_min : 0;
   const int n_iter = n_m * params.h_h_k_ratio;  // (query head of the group, query block) pairs
 
+  // TODO(seqinfo.cuh): seq.k_offset (same arithmetic) changes the d128 / d256 machine code, see above.
   const T* k_gmem = reinterpret_cast<const T*>(params.k) + b * params.k_batch_stride +
                     hk * params.k_head_stride;  // seqlen_k x head_dim
   const T* v_gmem = reinterpret_cast<const T*>(params.v) + b * params.v_batch_stride +
@@ -331,15 +336,15 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   // so that no thread waits on a global load; lse is turned into log2 units where it is read).
   auto load_iter = [&](int h, int m_block, int stage) {
     const int row0 = m_block * kBlockM;
-    const T* q_gmem = reinterpret_cast<const T*>(params.q) + b * params.q_batch_stride +
+    const T* q_gmem = reinterpret_cast<const T*>(params.q) + seq.q_offset(params.q_batch_stride, params.q_row_stride) +
                       h * params.q_head_stride + (int64_t)row0 * params.q_row_stride;  // kBlockM x head_dim
-    const T* do_gmem = reinterpret_cast<const T*>(params.dout) + b * params.do_batch_stride +
+    const T* do_gmem = reinterpret_cast<const T*>(params.dout) + seq.q_offset(params.do_batch_stride, params.do_row_stride) +
                        h * params.do_head_stride + (int64_t)row0 * params.do_row_stride;  // kBlockM x head_dim
     load_rows_async<kBlockM, kHeadDim, kStride, kNThreads>(smem_u32(q_smem + stage * Traits::kTileM), q_gmem,
                                                           params.q_row_stride, seqlen_q - row0, params.head_dim, tid);
     load_rows_async<kBlockM, kHeadDim, kStride, kNThreads>(smem_u32(do_smem + stage * Traits::kTileM), do_gmem,
                                                           params.do_row_stride, seqlen_q - row0, params.head_dim, tid);
-    const int64_t bh = (int64_t)b * params.nheads + h;
+    const int64_t bh = seq.head_index(h, params.nheads);
     static_assert(2 * kBlockM <= kNThreads, "one lse or D element per thread");
     if (tid < kBlockM) {
       const int row = row0 + tid;
@@ -473,7 +478,7 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
         warp_gemm_ss<T, kDqMT, kDqNT, kBlockN / 16, false, true, kPStride, kStride, Traits::kUnrollDq>(acc_dq, ds_base + dq_a_off,
                                                                                     k_base + dq_b_off);
         float* dqa_gmem = params.dq_accum +
-                          (((int64_t)b * params.nheads + h) * params.seqlen_q_rounded + m_block * kBlockM) *
+                          (seq.head_index(h, params.nheads) * params.seqlen_q_rounded + m_block * kBlockM) *
                               kHeadDim;  // kBlockM x kHeadDim (fp32, rows within seqlen_q_rounded)
         if constexpr (Traits::kDqStage == 0) {
 #pragma unroll
@@ -517,8 +522,8 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   cp_async_wait<0>();
 
   // Epilogue: dK * scale and dV in the element type; rows < seqlen_k, cols < head_dim.
-  T* dk_gmem = reinterpret_cast<T*>(params.dk) + b * params.dk_batch_stride + hk * params.dk_head_stride;  // seqlen_k x head_dim
-  T* dv_gmem = reinterpret_cast<T*>(params.dv) + b * params.dv_batch_stride + hk * params.dv_head_stride;  // seqlen_k x head_dim
+  T* dk_gmem = reinterpret_cast<T*>(params.dk) + seq.k_offset(params.dk_batch_stride, params.dk_row_stride) + hk * params.dk_head_stride;  // seqlen_k x head_dim
+  T* dv_gmem = reinterpret_cast<T*>(params.dv) + seq.k_offset(params.dv_batch_stride, params.dv_row_stride) + hk * params.dv_head_stride;  // seqlen_k x head_dim
   const float scale = params.scale_softmax;
 #pragma unroll
   for (int mi = 0; mi < kDkvMT; ++mi) {

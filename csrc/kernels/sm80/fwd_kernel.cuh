@@ -48,7 +48,7 @@ constexpr int kFwdKVPtrFromParams = 4;
 constexpr int kFwdRolledQK2 = 8;
 constexpr float kLazyRescaleLog2 = 8.f;
 
-template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kMinBlocksPerSm_ = 1,
+template <typename T_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_,
           bool kXorQAddr_ = false, bool kXorKVAddr_ = false, int kFlags_ = 0>
 struct FwdTraits {
   using T = T_;
@@ -57,9 +57,6 @@ struct FwdTraits {
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
-  // __launch_bounds__ min blocks: caps registers at 64K / (kNThreads * kMinBlocksPerSm). The shipped
-  // configs use 1 (a 3-block cap made d256 64x64 spill 650 bytes, sm_90a).
-  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
   // Single XOR-ed ldmatrix base register for the Q tile / the K and V tiles (LdsmAddr XorBase): a few
   // registers fewer, for the configs that spill otherwise.
   static constexpr bool kXorQAddr = kXorQAddr_;
@@ -136,7 +133,7 @@ __device__ __forceinline__ void softmax_rescale_lazy(OnlineSoftmax<kMTiles>& sm,
 }
 
 template <typename Traits, bool IsCausal>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+__global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d256 64x64 spill 650 bytes (sm_90a)
     fwd_kernel(const __grid_constant__ FwdParams params) {
   using T = typename Traits::T;
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -186,17 +183,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
       SeqInfo(params, Traits::kKVPtrFromParams ? static_cast<int>(blockIdx.z) : b).seqlen_q - row_base;
   // Output pointers are rebuilt from params (constant bank) where they are used, so that nothing of
   // the epilogue stays live in registers across the main loop.
-  // TODO(seqinfo.cuh): these rebuilt offsets (and the K / V ones of kFwdKVPtrFromParams below) widen the
-  // unsigned block index with a zero extension; SeqInfo widens its int entry with a sign extension,
-  // which changes the machine code of every forward kernel (register allocation), so they stay dense
-  // arithmetic until SeqInfo can take the unsigned index (a varlen SeqInfo replaces them anyway).
+  // These rebuilt offsets (and the K / V ones of kFwdKVPtrFromParams below) take the entry index as the
+  // unsigned blockIdx.z (SeqInfoT<unsigned>: zero extension, as before SeqInfo; the int SeqInfo's sign
+  // extension changes the machine code of every forward kernel).
   auto out_block_ptr = [&]() {  // kBlockM rows x head_dim, row stride o_row_stride
-    return reinterpret_cast<T*>(params.out) + int64_t(blockIdx.z) * params.o_batch_stride +
+    return reinterpret_cast<T*>(params.out) +
+           SeqInfoT<unsigned>(params, blockIdx.z).q_offset(params.o_batch_stride, params.o_row_stride) +
            int64_t(blockIdx.y) * params.o_head_stride +
            int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM * params.o_row_stride;
   };
   auto lse_block_ptr = [&]() {  // kBlockM rows
-    return params.lse + (int64_t(blockIdx.z) * params.nheads + blockIdx.y) * params.seqlen_q +
+    return params.lse + SeqInfoT<unsigned>(params, blockIdx.z).row_offset(blockIdx.y, params.nheads, params.seqlen_q) +
            int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM;
   };
 
@@ -229,14 +226,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   // Key block n of K / V: kBlockN rows x head_dim.
   auto k_block_ptr = [&](const int n) {
     if constexpr (Traits::kKVPtrFromParams)
-      return reinterpret_cast<const T*>(params.k) + int64_t(blockIdx.z) * params.k_batch_stride +
+      return reinterpret_cast<const T*>(params.k) +
+             SeqInfoT<unsigned>(params, blockIdx.z).k_offset(params.k_batch_stride, params.k_row_stride) +
              int64_t(h_k) * params.k_head_stride + int64_t(n) * kBlockN * params.k_row_stride;
     else
       return k_ptr + int64_t(n) * kBlockN * k_row_stride;
   };
   auto v_block_ptr = [&](const int n) {
     if constexpr (Traits::kKVPtrFromParams)
-      return reinterpret_cast<const T*>(params.v) + int64_t(blockIdx.z) * params.v_batch_stride +
+      return reinterpret_cast<const T*>(params.v) +
+             SeqInfoT<unsigned>(params, blockIdx.z).k_offset(params.v_batch_stride, params.v_row_stride) +
              int64_t(h_k) * params.v_head_stride + int64_t(n) * kBlockN * params.v_row_stride;
     else
       return v_ptr + int64_t(n) * kBlockN * v_row_stride;

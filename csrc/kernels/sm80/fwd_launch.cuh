@@ -12,10 +12,10 @@
 namespace flash_ext {
 
 // One configuration: kBlockM query rows per block, kBlockN keys per step, kNWarps warps.
-template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool IsCausal, int kMinBlocksPerSm = 1,
+template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool IsCausal,
           bool kXorQAddr = false, bool kXorKVAddr = false, int kFlags = 0>
 void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
-  using Traits = FwdTraits<T, kHeadDim, kBlockM, kBlockN, kNWarps, kMinBlocksPerSm, kXorQAddr, kXorKVAddr, kFlags>;
+  using Traits = FwdTraits<T, kHeadDim, kBlockM, kBlockN, kNWarps, kXorQAddr, kXorKVAddr, kFlags>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
   auto kernel = &fwd_kernel<Traits, IsCausal>;
   if (kSmemBytes > 48 * 1024) {
@@ -71,7 +71,7 @@ bool run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   using Cfg = FwdTileConfig<kHeadDim>;
   DTYPE_SWITCH(params.is_bf16, [&] {
     BOOL_SWITCH(params.is_causal, IsCausal, [&] {
-      launch_fwd_sm80<elem_type, kHeadDim, Cfg::kBlockM, Cfg::kBlockN, Cfg::kNWarps, IsCausal, 1, Cfg::kXorQAddr,
+      launch_fwd_sm80<elem_type, kHeadDim, Cfg::kBlockM, Cfg::kBlockN, Cfg::kNWarps, IsCausal, Cfg::kXorQAddr,
                       Cfg::kXorKVAddr, Cfg::kFlags>(params, stream);
     });
   });
