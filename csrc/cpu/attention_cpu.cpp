@@ -66,6 +66,18 @@ constexpr at::ScalarType kBwdAccType = at::kDouble;
 
 int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
+// Runs fn(block, head, batch, scratch) for every task of a (batch, heads, blocks) grid over at::parallel_for,
+// without autograd; each worker makes its own scratch tensors once (make_scratch()).
+template <typename MakeScratch, typename Fn>
+void for_each_block(int64_t batch, int64_t heads, int64_t blocks, MakeScratch make_scratch, Fn fn) {
+  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad_in_worker;
+    auto scratch = make_scratch();
+    for (int64_t task = begin; task < end; ++task)
+      fn(task % blocks, (task / blocks) % heads, task / (blocks * heads), scratch);
+  });
+}
+
 // Keys [0, key_end) are visible to at least one row of [m0, m0 + mlen); causal is bottom-right aligned.
 int64_t key_end(int64_t m0, int64_t mlen, int64_t sq, int64_t sk, bool causal) {
   if (!causal) return sk;
@@ -120,41 +132,40 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM);
   const double inf = std::numeric_limits<double>::infinity();
 
-  at::parallel_for(0, s.batch * s.nheads * n_mblocks, 1, [&](int64_t begin, int64_t end) {
-    at::NoGradGuard no_grad_in_worker;
-    at::Tensor s_buf = at::empty({kBlockM, kBlockN}, q.options());
-    at::Tensor o_buf = at::empty({kBlockM, s.head_dim}, q.options());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % n_mblocks, h = (task / n_mblocks) % s.nheads, b = task / (n_mblocks * s.nheads);
-      const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
-      // scale * Q_i (mlen x head_dim): the scale folded into Q as PyTorch's own attention does.
-      const at::Tensor q_i = q.select(0, b).select(1, h).narrow(0, m0, mlen) * scale;
-      const at::Tensor k_h = k.select(0, b).select(1, h / group);  // seqlen_k x head_dim
-      const at::Tensor v_h = v.select(0, b).select(1, h / group);  // seqlen_k x head_dim
-      at::Tensor o_i = front(o_buf, mlen, s.head_dim).zero_();
-      at::Tensor m_i = at::full({mlen}, -inf, q.options());  // running max of S
-      at::Tensor l_i = at::zeros({mlen}, q.options());       // running sum of exp(S - m)
-      const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
-      for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-        const int64_t nlen = std::min(kBlockN, n_end - n0);
-        at::Tensor s_ij = front(s_buf, mlen, nlen);
-        at::mm_out(s_ij, q_i, k_h.narrow(0, n0, nlen).t());
-        if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
-        const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
-        // Rows that have seen no key yet keep m = -inf; subtract 0 there so exp gives 0, not NaN.
-        const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
-        const at::Tensor alpha = (m_i - m_safe).exp_();
-        s_ij.sub_(m_safe.unsqueeze(1)).exp_();  // s_ij now holds P
-        l_i.mul_(alpha).add_(s_ij.sum(1));
-        o_i.mul_(alpha.unsqueeze(1)).addmm_(s_ij, v_h.narrow(0, n0, nlen));
-        m_i = m_new;
-      }
-      // Epilogue: O /= l, lse = m + log(l); a row that saw no key gets O = 0 and lse = -inf.
-      const at::Tensor seen = l_i > 0;
-      o_i.div_(at::where(seen, l_i, at::ones_like(l_i)).unsqueeze(1));
-      out_acc.select(0, b).select(1, h).narrow(0, m0, mlen).copy_(o_i);
-      lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(seen, m_i + l_i.log(), -inf));
+  auto make_scratch = [&]() {
+    return std::make_pair(at::empty({kBlockM, kBlockN}, q.options()), at::empty({kBlockM, s.head_dim}, q.options()));
+  };
+  for_each_block(s.batch, s.nheads, n_mblocks, make_scratch, [&](int64_t mb, int64_t h, int64_t b, auto& bufs) {
+    at::Tensor& s_buf = bufs.first;
+    at::Tensor& o_buf = bufs.second;
+    const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
+    // scale * Q_i (mlen x head_dim): the scale folded into Q as PyTorch's own attention does.
+    const at::Tensor q_i = q.select(0, b).select(1, h).narrow(0, m0, mlen) * scale;
+    const at::Tensor k_h = k.select(0, b).select(1, h / group);  // seqlen_k x head_dim
+    const at::Tensor v_h = v.select(0, b).select(1, h / group);  // seqlen_k x head_dim
+    at::Tensor o_i = front(o_buf, mlen, s.head_dim).zero_();
+    at::Tensor m_i = at::full({mlen}, -inf, q.options());  // running max of S
+    at::Tensor l_i = at::zeros({mlen}, q.options());       // running sum of exp(S - m)
+    const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
+    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+      const int64_t nlen = std::min(kBlockN, n_end - n0);
+      at::Tensor s_ij = front(s_buf, mlen, nlen);
+      at::mm_out(s_ij, q_i, k_h.narrow(0, n0, nlen).t());
+      if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
+      const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
+      // Rows that have seen no key yet keep m = -inf; subtract 0 there so exp gives 0, not NaN.
+      const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
+      const at::Tensor alpha = (m_i - m_safe).exp_();
+      s_ij.sub_(m_safe.unsqueeze(1)).exp_();  // s_ij now holds P
+      l_i.mul_(alpha).add_(s_ij.sum(1));
+      o_i.mul_(alpha.unsqueeze(1)).addmm_(s_ij, v_h.narrow(0, n0, nlen));
+      m_i = m_new;
     }
+    // Epilogue: O /= l, lse = m + log(l); a row that saw no key gets O = 0 and lse = -inf.
+    const at::Tensor seen = l_i > 0;
+    o_i.div_(at::where(seen, l_i, at::ones_like(l_i)).unsqueeze(1));
+    out_acc.select(0, b).select(1, h).narrow(0, m0, mlen).copy_(o_i);
+    lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(seen, m_i + l_i.log(), -inf));
   });
   if (!out_acc.is_same(out)) out.copy_(out_acc);
   return {out, lse};
@@ -237,58 +248,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
 
   // Pass 1, parallel over (batch, head, row block): D = sum_j P_ij dP_ij (self-consistent with the
   // recomputed P, so the rows of dS sum to zero, and to exactly zero for a row with one key), then dQ.
-  at::parallel_for(0, s.batch * s.nheads * n_mblocks, 1, [&](int64_t begin, int64_t end) {
-    at::NoGradGuard no_grad_in_worker;
-    Tiles t = make_tiles();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % n_mblocks, h = (task / n_mblocks) % s.nheads, b = task / (n_mblocks * s.nheads);
-      const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
-      const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
-      if (exact_lse) {  // online max and sum over the row block's keys, as in the forward
-        at::Tensor m_i = at::full({mlen}, -inf, q.options()), l_i = at::zeros({mlen}, q.options());
-        for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-          at::Tensor s_ij = scores(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
-          const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
-          const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
-          l_i.mul_((m_i - m_safe).exp_()).add_(s_ij.sub_(m_safe.unsqueeze(1)).exp_().sum(1));
-          m_i = m_new;
-        }
-        lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(l_i > 0, m_i + l_i.log(), inf));
-      }
-      at::Tensor d_i = D.select(0, b).select(0, h).narrow(0, m0, mlen).zero_();
+  for_each_block(s.batch, s.nheads, n_mblocks, make_tiles, [&](int64_t mb, int64_t h, int64_t b, Tiles& t) {
+    const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
+    const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
+    if (exact_lse) {  // online max and sum over the row block's keys, as in the forward
+      at::Tensor m_i = at::full({mlen}, -inf, q.options()), l_i = at::zeros({mlen}, q.options());
       for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-        auto [p, dp] = recompute(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
-        d_i.add_((p * dp).sum(1));
+        at::Tensor s_ij = scores(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
+        const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
+        const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
+        l_i.mul_((m_i - m_safe).exp_()).add_(s_ij.sub_(m_safe.unsqueeze(1)).exp_().sum(1));
+        m_i = m_new;
       }
-      at::Tensor dq_i = dq.select(0, b).select(1, h).narrow(0, m0, mlen);
-      for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-        const int64_t nlen = std::min(kBlockN, n_end - n0);
-        auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
-        const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
-        dq_i.addmm_(ds, k.select(0, b).select(1, h / group).narrow(0, n0, nlen), 1.0, scale);  // dQ += scale dS K
-      }
+      lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(l_i > 0, m_i + l_i.log(), inf));
+    }
+    at::Tensor d_i = D.select(0, b).select(0, h).narrow(0, m0, mlen).zero_();
+    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+      auto [p, dp] = recompute(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
+      d_i.add_((p * dp).sum(1));
+    }
+    at::Tensor dq_i = dq.select(0, b).select(1, h).narrow(0, m0, mlen);
+    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+      const int64_t nlen = std::min(kBlockN, n_end - n0);
+      auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
+      const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
+      dq_i.addmm_(ds, k.select(0, b).select(1, h / group).narrow(0, n0, nlen), 1.0, scale);  // dQ += scale dS K
     }
   });
 
   // Pass 2: dK and dV, parallel over (batch, K/V head, column block); sums over the group's heads.
-  at::parallel_for(0, s.batch * s.nheads_k * n_nblocks, 1, [&](int64_t begin, int64_t end) {
-    at::NoGradGuard no_grad_in_worker;
-    Tiles t = make_tiles();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task % n_nblocks, hk = (task / n_nblocks) % s.nheads_k, b = task / (n_nblocks * s.nheads_k);
-      const int64_t n0 = nb * kBlockN, nlen = std::min(kBlockN, s.seqlen_k - n0);
-      at::Tensor dk_j = dk.select(0, b).select(1, hk).narrow(0, n0, nlen);
-      at::Tensor dv_j = dv.select(0, b).select(1, hk).narrow(0, n0, nlen);
-      // Causal: the first query row that sees key n0 is n0 - (sk - sq).
-      const int64_t m_start = causal ? std::clamp<int64_t>(n0 - (s.seqlen_k - s.seqlen_q), 0, s.seqlen_q) : 0;
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t m0 = (m_start / kBlockM) * kBlockM; m0 < s.seqlen_q; m0 += kBlockM) {
-          const int64_t mlen = std::min(kBlockM, s.seqlen_q - m0);
-          auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
-          dv_j.addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
-          const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
-          dk_j.addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK += scale dS^T Q
-        }
+  for_each_block(s.batch, s.nheads_k, n_nblocks, make_tiles, [&](int64_t nb, int64_t hk, int64_t b, Tiles& t) {
+    const int64_t n0 = nb * kBlockN, nlen = std::min(kBlockN, s.seqlen_k - n0);
+    at::Tensor dk_j = dk.select(0, b).select(1, hk).narrow(0, n0, nlen);
+    at::Tensor dv_j = dv.select(0, b).select(1, hk).narrow(0, n0, nlen);
+    // Causal: the first query row that sees key n0 is n0 - (sk - sq).
+    const int64_t m_start = causal ? std::clamp<int64_t>(n0 - (s.seqlen_k - s.seqlen_q), 0, s.seqlen_q) : 0;
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t m0 = (m_start / kBlockM) * kBlockM; m0 < s.seqlen_q; m0 += kBlockM) {
+        const int64_t mlen = std::min(kBlockM, s.seqlen_q - m0);
+        auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
+        dv_j.addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
+        const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
+        dk_j.addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK += scale dS^T Q
       }
     }
   });

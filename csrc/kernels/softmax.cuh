@@ -20,6 +20,21 @@ __device__ __forceinline__ float quad_allreduce_sum(float x) {
   return x;
 }
 
+// One row (i: 0 or 1, the thread's rows g and g + 8) of an m-tile's scores turned into P = exp2(s * scale_log2 -
+// m_scaled) in place; returns sum plus the row's P, added in n-tile order.
+template <int kNTiles>
+__device__ __forceinline__ float exp2_row(float (&s)[kNTiles][4], int i, float scale_log2, float m_scaled, float sum) {
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+    const float p0 = fast_exp2(fmaf(s[nt][2 * i], scale_log2, -m_scaled));
+    const float p1 = fast_exp2(fmaf(s[nt][2 * i + 1], scale_log2, -m_scaled));
+    s[nt][2 * i] = p0;
+    s[nt][2 * i + 1] = p1;
+    sum += p0 + p1;
+  }
+  return sum;
+}
+
 // kMTiles m-tiles of 16 rows per warp -> 2 * kMTiles rows per thread.
 template <int kMTiles>
 struct OnlineSoftmax {
@@ -60,15 +75,7 @@ struct OnlineSoftmax {
           o[mt][dt][2 * i] *= factor;
           o[mt][dt][2 * i + 1] *= factor;
         }
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          const float p0 = fast_exp2(fmaf(s[mt][nt][2 * i], scale_log2, -m_scaled));
-          const float p1 = fast_exp2(fmaf(s[mt][nt][2 * i + 1], scale_log2, -m_scaled));
-          s[mt][nt][2 * i] = p0;
-          s[mt][nt][2 * i + 1] = p1;
-          sum += p0 + p1;
-        }
-        row_sum_reg[r] = sum;
+        row_sum_reg[r] = exp2_row(s[mt], i, scale_log2, m_scaled, sum);
       }
     }
   }

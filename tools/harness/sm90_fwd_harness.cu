@@ -6,7 +6,7 @@
 // Run: fwd_harness [check|bench|quick|all|dobench [variant names]|prof [variant]]   (default all)
 //   prof: a few launches of one bench-shaped config (env FWD_DIM, FWD_S, FWD_CAUSAL; or one launch of FWD_SHAPE, see
 //   run_prof) for ncu / compute-sanitizer, e.g.
-//   FWD_DIM=64 FWD_S=1024 FWD_CAUSAL=1 ncu -k regex:fwd_kernel_sm90 -s 1 -c 1 ... fwd_harness prof
+//   FWD_DIM=64 FWD_S=1024 FWD_CAUSAL=1 ncu --kernel-name-base demangled -k regex:FwdKernel -s 1 -c 1 ... fwd_harness prof
 // Correctness: every case is compared with a naive GPU reference in fp32 (`ref`) and with the same
 // computation rounded like a plain 16-bit PyTorch run (`pt`: S, P and O rounded to the input dtype).
 // Pass when max|ours - ref| <= 2 max|pt - ref| + atol, atol = 2 max|(ref + 0.3 - 0.3) - ref| in the

@@ -47,15 +47,16 @@ template <int kStride>
 __device__ __forceinline__ int lane_off_b_nk(int lane) {
   return ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
 }
-// Two B operands (n-tiles n0, n0+8), tile stored [k][n] (ldmatrix .trans). Also valid for x2 (lanes 0-15).
+// Two B operands (n-tiles n0, n0+8), tile stored [k][n] (ldmatrix .trans): the same four 8x8 matrices in the
+// same order as lane_off_a's, so the same addresses. Also valid for x2 (lanes 0-15).
 template <int kStride>
 __device__ __forceinline__ int lane_off_b_kn(int lane) {
-  return ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+  return lane_off_a<kStride>(lane);
 }
-// A operand (16x16), tile stored transposed [k][m] (ldmatrix .trans).
+// A operand (16x16), tile stored transposed [k][m] (ldmatrix .trans): lane_off_b_nk's addresses, likewise.
 template <int kStride>
 __device__ __forceinline__ int lane_off_a_km(int lane) {
-  return ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
+  return lane_off_b_nk<kStride>(lane);
 }
 
 // dst[0] += a, dst[1] += b in global memory (fp32 reduction; dst 8-byte aligned). sm_90 has a
@@ -183,6 +184,17 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams params) {
   }
 }
 
+// The dK / dV kernels' walk over (query head of the K/V head's group, query block): query blocks
+// [m_block_min, m_block_max) of each query head in turn. next_head_block gives the iteration after (h, m_block).
+struct HeadBlock {
+  int h, m_block;
+};
+__device__ __forceinline__ HeadBlock next_head_block(int h, int m_block, int m_block_min, int m_block_max) {
+  int h_next = h, m_block_next = m_block + 1;
+  if (m_block_next == m_block_max) { m_block_next = m_block_min; ++h_next; }
+  return HeadBlock{h_next, m_block_next};
+}
+
 // 3a. dq = dq_accum * scale (element type). One warp per row. Grid: (ceil(seqlen_q / 8), nheads, batch).
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(256)
@@ -214,18 +226,10 @@ bwd_convert_dq_kernel(const __grid_constant__ BwdParams params) {
 template <typename Traits, typename T, bool IsCausal>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
 bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kNThreads = Traits::kNThreads;
-  constexpr int kWarpsN = Traits::kWarpsN;
-  constexpr int kDW = Traits::kDW;
-  constexpr int kStride = Traits::kStride;
-  constexpr int kDsStride = Traits::kDsStride;
-  constexpr int kDqWarpsM = Traits::kDqWarpsM;
-  constexpr int kDqDW = Traits::kDqDW;
-  constexpr int kDqPassW = Traits::kDqPassW;
-  constexpr int kSubM = Traits::kSubM;
+  constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kNThreads = Traits::kNThreads, kWarpsN = Traits::kWarpsN, kDW = Traits::kDW;
+  constexpr int kStride = Traits::kStride, kDsStride = Traits::kDsStride, kSubM = Traits::kSubM;
+  constexpr int kDqWarpsM = Traits::kDqWarpsM, kDqDW = Traits::kDqDW, kDqPassW = Traits::kDqPassW;
 
   extern __shared__ __align__(16) char smem_raw[];
   T* k_smem = reinterpret_cast<T*>(smem_raw);            // kBlockN x kStride
@@ -351,14 +355,13 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   int h_prev = h, m_block_prev = m_block;                    // the previous one (deferred dQ)
   for (int it = 0; it < n_iter; ++it) {
     const int stage = it & 1;
-    int h_next = h, m_block_next = m_block + 1;
-    if (m_block_next == m_block_max) { m_block_next = m_block_min; ++h_next; }
+    const HeadBlock next = next_head_block(h, m_block, m_block_min, m_block_max);  // iteration it + 1
     // One barrier per iteration (two without kDeferDq): after it, stage `stage` (and K, V) is visible,
     // every warp is done with iteration it-1 (so stage^1 and the other dS^T buffer may be refilled),
     // and dS^T of iteration it-1 is complete.
     cp_async_wait<0>();
     __syncthreads();
-    if (it + 1 < n_iter) load_iter(h_next, m_block_next, stage ^ 1);
+    if (it + 1 < n_iter) load_iter(next.h, next.m_block, stage ^ 1);
     cp_async_commit();
     if constexpr (Traits::kDeferDq) {
       if (with_dq && it > 0) dq_step(h_prev, m_block_prev, stage ^ 1);
@@ -372,25 +375,30 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     // The query block is processed in sub-blocks of kSubM queries (registers: d128 spills with 64).
 #pragma unroll 1
     for (int q0 = 0; q0 < kBlockM; q0 += kSubM) {
+    // acc = A B^T for this sub-block: A the warp's 16 keys of K or V (a_base), B the kSubM queries of Q or dO
+    // (b_base) from row q0.
+    auto gemm_sub = [&](float (&acc)[kSubM / 8][4], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+      for (int i = 0; i < kSubM / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_base + kv_a_off + ks * 32);
+#pragma unroll
+        for (int nt = 0; nt < kSubM / 16; ++nt) {
+          uint32_t bf[4];
+          ldmatrix_x4(bf, b_base + qdo_b_off + ((q0 + nt * 16) * kStride + ks * 16) * 2);
+          const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+          mma_16816<T>(acc[2 * nt], a, b0);
+          mma_16816<T>(acc[2 * nt + 1], a, b1);
+        }
+      }
+    };
     // S^T = K Q^T: 16 keys x kSubM queries per warp.
     float acc_s[kSubM / 8][4];
-#pragma unroll
-    for (int i = 0; i < kSubM / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[i][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      uint32_t a_k[4];
-      ldmatrix_x4(a_k, k_base + kv_a_off + ks * 32);
-#pragma unroll
-      for (int nt = 0; nt < kSubM / 16; ++nt) {
-        uint32_t bq[4];
-        ldmatrix_x4(bq, q_base + qdo_b_off + ((q0 + nt * 16) * kStride + ks * 16) * 2);
-        const uint32_t bq0[2] = {bq[0], bq[1]}, bq1[2] = {bq[2], bq[3]};
-        mma_16816<T>(acc_s[2 * nt], a_k, bq0);
-        mma_16816<T>(acc_s[2 * nt + 1], a_k, bq1);
-      }
-    }
+    gemm_sub(acc_s, k_base, q_base);
 
     // P^T = exp2(S^T * scale_log2 - lse_log2), masked. (Key rows g, g + 8 of the warp's 16.)
     {
@@ -422,23 +430,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     }
     // dP^T = V dO^T.
     float acc_dp[kSubM / 8][4];
-#pragma unroll
-    for (int i = 0; i < kSubM / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_dp[i][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      uint32_t a_v[4];
-      ldmatrix_x4(a_v, v_base + kv_a_off + ks * 32);
-#pragma unroll
-      for (int nt = 0; nt < kSubM / 16; ++nt) {
-        uint32_t bdo[4];
-        ldmatrix_x4(bdo, do_base + qdo_b_off + ((q0 + nt * 16) * kStride + ks * 16) * 2);
-        const uint32_t bdo0[2] = {bdo[0], bdo[1]}, bdo1[2] = {bdo[2], bdo[3]};
-        mma_16816<T>(acc_dp[2 * nt], a_v, bdo0);
-        mma_16816<T>(acc_dp[2 * nt + 1], a_v, bdo1);
-      }
-    }
+    gemm_sub(acc_dp, v_base, do_base);
     // dS^T = P^T (dP^T - D). P^T and dS^T are packed at once (element type) into the A fragments of
     // dV += P^T dO and dK += dS^T Q (k = query); packing P only now keeps one copy of it live
     // during the dP^T GEMM (d128: packing earlier spilled).
@@ -492,7 +484,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
       }
     }
     h_prev = h; m_block_prev = m_block;
-    h = h_next; m_block = m_block_next;
+    h = next.h; m_block = next.m_block;
   }
   if constexpr (Traits::kDeferDq) {
     if (with_dq && n_iter > 0) {
@@ -541,11 +533,8 @@ struct DqTraits {
 template <typename Traits, typename T, bool IsCausal>
 __global__ void __launch_bounds__(Traits::kNThreads)
 bwd_dq_kernel(const __grid_constant__ BwdParams params) {
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kNThreads = Traits::kNThreads;
-  constexpr int kStride = Traits::kStride;
+  constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kNThreads = Traits::kNThreads, kStride = Traits::kStride;
 
   extern __shared__ __align__(16) char smem_raw[];
   T* q_smem = reinterpret_cast<T*>(smem_raw);   // kBlockM x kStride

@@ -278,12 +278,8 @@ __device__ __forceinline__ void red_tile_staged(const float (&acc)[MT][NT][4], f
 template <typename Traits, typename T, bool IsCausal>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
 bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kNThreads = Traits::kNThreads;
-  constexpr int kStride = Traits::kStride;
-  constexpr int kPStride = Traits::kPStride;
+  constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kNThreads = Traits::kNThreads, kStride = Traits::kStride, kPStride = Traits::kPStride;
   constexpr int kSdpMT = Traits::kSdpWM / 16, kSdpNT = Traits::kSdpWN / 8;
   constexpr int kDkvMT = Traits::kDkvWN / 16, kDkvNT = Traits::kDkvWD / 8;
   constexpr int kDqMT = Traits::kDqWM / 16, kDqNT = Traits::kDqWD / 8;
@@ -387,14 +383,13 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   int h = hk * params.h_h_k_ratio, m_block = m_block_min;
   for (int it = 0; it < n_iter; ++it) {
     const int stage = it & 1;
-    int h_next = h, m_block_next = m_block + 1;
-    if (m_block_next == m_block_max) { m_block_next = m_block_min; ++h_next; }
+    const HeadBlock next = next_head_block(h, m_block, m_block_min, m_block_max);  // iteration it + 1
     // After this barrier: stage `stage` (and K, V) is visible; every warp is done with iteration it-1,
     // so stage^1, P and dS may be overwritten.
     cp_async_wait<0>();
     __syncthreads();
     if constexpr (!Traits::kPrefetchAfterS) {
-      if (it + 1 < n_iter) load_iter(h_next, m_block_next, stage ^ 1);
+      if (it + 1 < n_iter) load_iter(next.h, next.m_block, stage ^ 1);
       cp_async_commit();
     }
 
@@ -416,7 +411,7 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
                                                                                      k_base + sdp_b_off);
     }
     if constexpr (Traits::kPrefetchAfterS) {  // the S mma start right after the barrier
-      if (it + 1 < n_iter) load_iter(h_next, m_block_next, stage ^ 1);
+      if (it + 1 < n_iter) load_iter(next.h, next.m_block, stage ^ 1);
       cp_async_commit();
     }
     // P = exp2(S scale_log2 - lse_log2), masked.
@@ -517,7 +512,7 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
     warp_gemm_ss<T, kDkvMT, kDkvNT, kBlockM / 16, true, true, kPStride, kStride, kUnrollDkv>(acc_dk, ds_base + dkv_a_off,
                                                                                  q_base + dkv_b_off);
     dq_step();
-    h = h_next; m_block = m_block_next;
+    h = next.h; m_block = next.m_block;
   }
   cp_async_wait<0>();
 

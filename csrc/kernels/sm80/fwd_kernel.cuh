@@ -119,16 +119,7 @@ __device__ __forceinline__ void softmax_rescale_lazy(OnlineSoftmax<kMTiles>& sm,
     for (int i = 0; i < 2; ++i) {
       const int r = mt * 2 + i;
       const float m_scaled = (sm.row_max_reg[r] == -INFINITY) ? 0.f : sm.row_max_reg[r] * scale_log2;
-      float sum = sm.row_sum_reg[r];
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-        const float p0 = fast_exp2(fmaf(s[mt][nt][2 * i], scale_log2, -m_scaled));
-        const float p1 = fast_exp2(fmaf(s[mt][nt][2 * i + 1], scale_log2, -m_scaled));
-        s[mt][nt][2 * i] = p0;
-        s[mt][nt][2 * i + 1] = p1;
-        sum += p0 + p1;
-      }
-      sm.row_sum_reg[r] = sum;
+      sm.row_sum_reg[r] = exp2_row(s[mt], i, scale_log2, m_scaled, sm.row_sum_reg[r]);
     }
 }
 
@@ -136,14 +127,9 @@ template <typename Traits, bool IsCausal>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d256 64x64 spill 650 bytes (sm_90a)
     fwd_kernel(const __grid_constant__ FwdParams params) {
   using T = typename Traits::T;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kNThreads = Traits::kNThreads;
-  constexpr int kMPerWarp = Traits::kMPerWarp;
-  constexpr int kMTiles = Traits::kMTiles;
-  constexpr int kNTiles = Traits::kNTiles;
-  constexpr int kDTiles = Traits::kDTiles;
+  constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kNThreads = Traits::kNThreads, kMPerWarp = Traits::kMPerWarp;
+  constexpr int kMTiles = Traits::kMTiles, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
   using QTile = typename Traits::QTile;
   using KVTile = typename Traits::KVTile;
 

@@ -2,7 +2,7 @@
 //   1. bwd_preprocess_sm90: D = rowsum(dO * O) per query row (0 for rows >= seqlen_q, up to seqlen_q_rounded)
 //      into dsoftmax_sum, lse * log2 e into lse_log2 (+inf for rows >= seqlen_q and rows that see no key, so
 //      P = 0 there without a test), and zero the dq_accum rows of the same block.
-//   2. bwd_main_sm90 (BwdKernel): one CTA per (n_block, kv head, batch) tile, or (Persistent) one CTA per SM
+//   2. sm90_kernel<BwdKernel> (entry.cuh): one CTA per (n_block, kv head, batch) tile, or (Persistent) one CTA per SM
 //      looping over those tiles; kBlockN = 128 keys resident in shared memory (K and V, loaded once per tile by TMA). It loops over the query heads of the GQA group and the query
 //      blocks (kBlockM = 64 or 128 rows) that see the key block; Q, dO (TMA tensor loads) and the lse_log2 / D
 //      rows (1-D bulk copies) stream through a kStages-slot mbarrier pipeline. kNWarps = 12:
@@ -50,6 +50,7 @@
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
 #include "bwd_scheduler.cuh"
+#include "entry.cuh"
 #include "bwd_softmax.cuh"
 #include "pipeline.cuh"
 #include "tma.cuh"
@@ -85,6 +86,28 @@ __host__ __device__ __forceinline__ int dq_accum_index(int row, int col, int n_d
 // dK (times scale_softmax) and dV of this thread's key rows key0 and key0 + 8, kNCols accumulator columns starting
 // at col0 (wgmma accumulator order: register 4j + 2h + e is column col0 + 8j + 2t + e of row key0 + 8h), written
 // straight from registers to global as 4-byte pairs; rows >= seqlen_k and columns >= head_dim are skipped.
+// Producer loads shared by the backward kernels (this file's and bwd_kernel_hd256.cuh's), issued by one lane.
+// Key block n_block's K and V, kChunks boxes of 64 columns each (kChunkBytes apart), into k_dst / v_dst; bar
+// expects their kKVBytes bytes each.
+template <int kChunks, int kChunkBytes, int kBlockN, int kKVBytes>
+__device__ __forceinline__ void load_kv_block(const BwdTmaArgs& args, uint32_t k_dst, uint32_t v_dst, uint32_t bar,
+                                              int n_block, int head_k, int batch) {
+  mbar_arrive_expect_tx(bar, 2 * kKVBytes);
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    tma_load_4d(k_dst + c * kChunkBytes, &args.k_map, bar, c * 64, n_block * kBlockN, head_k, batch);
+    tma_load_4d(v_dst + c * kChunkBytes, &args.v_map, bar, c * 64, n_block * kBlockN, head_k, batch);
+  }
+}
+// The lse_log2 and D rows [row0, row0 + kBlockM) of a step into lse_dst / d_dst, completing on bar (rows up to
+// seqlen_q_rounded exist: the preprocess kernel writes them).
+template <int kBlockM>
+__device__ __forceinline__ void load_lse_d_rows(const BwdParams& p, uint32_t lse_dst, uint32_t d_dst, int64_t row0,
+                                                uint32_t bar) {
+  bulk_load(lse_dst, p.lse_log2 + row0, kBlockM * 4, bar);
+  bulk_load(d_dst, p.dsoftmax_sum + row0, kBlockM * 4, bar);
+}
+
 template <typename T, int kNCols>
 __device__ __forceinline__ void store_dkdv_pairs(const BwdParams& p, const float (&dk_reg)[kNCols / 2],
                                                  const float (&dv_reg)[kNCols / 2], int key0, int col0, int t,
@@ -424,14 +447,8 @@ struct BwdKernel {
         tma_prefetch_desc(&args.q_map);
         tma_prefetch_desc(&args.do_map);
       }
-      mbar_arrive_expect_tx(bar_kv(bars), 2 * kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        tma_load_4d(smem + kOffK + c * kKVChunkBytes, &args.k_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    seq.b);
-        tma_load_4d(smem + kOffV + c * kKVChunkBytes, &args.v_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    seq.b);
-      }
+      load_kv_block<kChunks, kKVChunkBytes, kBlockN, kKVBytes>(args, smem + kOffK, smem + kOffV, bar_kv(bars), n_block,
+                                                               head_k, seq.b);
     }
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
     const PipelineState<kStages> first(g0);  // this tile's first step on the Q / dO / lse / D ring
@@ -452,10 +469,8 @@ struct BwdKernel {
           tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
                       c * 64, m_block * kBlockM, head, seq.b);
         }
-        // lse_log2 and D rows of the step (rows up to seqlen_q_rounded exist: written by the preprocess).
-        const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
-        bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
-        bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
+        load_lse_d_rows<kBlockM>(p, smem + kOffLse + stage * kBlockM * 4, smem + kOffD + stage * kBlockM * 4,
+                                 d_base + static_cast<int64_t>(m_block) * kBlockM, bar_full(bars, stage));
       }
     }
   }
@@ -965,16 +980,6 @@ struct BwdKernel {
     }
   }
 };
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "csrc/kernels/sm90 needs -gencode=arch=compute_90a,code=sm_90a (wgmma, setmaxnreg), not plain sm_90 or newer"
-#endif
-template <typename Kernel>
-__global__ void __launch_bounds__(Kernel::kNThreads, 1) bwd_main_sm90(const __grid_constant__ BwdTmaArgs args) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  Kernel::run(args);
-#endif
-}
 
 }  // namespace sm90
 }  // namespace flash_ext

@@ -143,14 +143,8 @@ struct BwdKernelHd256 {
     if (lane == 0) {
       tma_prefetch_desc(&args.q_map);
       tma_prefetch_desc(&args.do_map);
-      mbar_arrive_expect_tx(bar_kv(bars), 2 * kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        tma_load_4d(smem + kOffK + c * kChunkBytes, &args.k_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    seq.b);
-        tma_load_4d(smem + kOffV + c * kChunkBytes, &args.v_map, bar_kv(bars), c * 64, n_block * kBlockN, head_k,
-                    seq.b);
-      }
+      load_kv_block<kChunks, kChunkBytes, kBlockN, kKVBytes>(args, smem + kOffK, smem + kOffV, bar_kv(bars), n_block,
+                                                             head_k, seq.b);
     }
     // A step loads Q (+ lse, D) and dO of (head, m_block) into the slots at `pipe` (one position for the Q and the
     // dO ring: kDoStages == kStages).
@@ -165,11 +159,9 @@ struct BwdKernelHd256 {
           tma_load_4d(smem + kOffQ + stage * kQBytes + c * kChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
                       m_block * kBlockM, head, seq.b);
         }
-        // lse_log2 (lse * log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D
-        // rows of the step, written by the preprocess kernel up to seqlen_q_rounded.
-        const int64_t row0 = d_base + static_cast<int64_t>(m_block) * kBlockM;
-        bulk_load(smem + kOffLse + stage * kBlockM * 4, p.lse_log2 + row0, kBlockM * 4, bar_full(bars, stage));
-        bulk_load(smem + kOffD + stage * kBlockM * 4, p.dsoftmax_sum + row0, kBlockM * 4, bar_full(bars, stage));
+        // lse_log2 (lse * log2 e; +inf for rows past seqlen_q and rows that see no key, so P = 0 there) and D.
+        load_lse_d_rows<kBlockM>(p, smem + kOffLse + stage * kBlockM * 4, smem + kOffD + stage * kBlockM * 4,
+                                 d_base + static_cast<int64_t>(m_block) * kBlockM, bar_full(bars, stage));
       }
       // dO: its slot frees after the dV products of the step kDoStages back.
       const int dstage = pipe.stage(), dphase = pipe.phase();
@@ -528,13 +520,6 @@ struct BwdKernelHd256 {
     }
   }
 };
-
-template <typename Kernel>
-__global__ void __launch_bounds__(Kernel::kNThreads, 1) bwd_main_hd256_sm90(const __grid_constant__ BwdTmaArgs args) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  Kernel::run(args);
-#endif
-}
 
 }  // namespace sm90
 }  // namespace flash_ext

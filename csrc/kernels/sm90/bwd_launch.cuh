@@ -79,7 +79,7 @@ bool launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   encode_dkdv_maps(args, params);
   launch_bwd_preprocess<T, kHeadDim>(params, stream);
   const dim3 grid_main = Kernel::Scheduler::grid(params);  // (key blocks fastest: see bwd_scheduler.cuh)
-  auto kernel = bwd_main_sm90<Kernel>;
+  auto kernel = sm90_kernel<Kernel, BwdTmaArgs>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
   launch_bwd_convert_dq<T, kHeadDim, Kernel::kNDq>(params, stream);

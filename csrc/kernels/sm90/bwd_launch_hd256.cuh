@@ -38,7 +38,7 @@ bool launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
   args.dkdv_tma = 0;  // (this kernel stages dK / dV itself)
   launch_bwd_preprocess<T, 256>(params, stream);
   const dim3 grid_main = Kernel::Scheduler::grid(params);
-  auto kernel = bwd_main_hd256_sm90<Kernel>;
+  auto kernel = sm90_kernel<Kernel, BwdTmaArgs>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
   launch_bwd_convert_dq<T, 256, Kernel::kNDq>(params, stream);

@@ -32,6 +32,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
+#include "entry.cuh"
 #include "fwd_scheduler.cuh"
 #include "pipeline.cuh"
 #include "tma.cuh"
@@ -42,10 +43,9 @@ namespace sm90 {
 
 // The kernel's only parameter (passed as __grid_constant__ so TMA can read the maps from parameter space).
 struct FwdTmaArgs {
-  CUtensorMap q_map;  // over q: (head_dim, seqlen_q, nheads, batch), box 64 x kBlockM
-  CUtensorMap k_map;  // over k: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
-  CUtensorMap v_map;  // over v: (head_dim, seqlen_k, nheads_k, batch), box 64 x kBlockN
-  CUtensorMap o_map;  // over out: (head_dim, seqlen_q, nheads, batch), box 64 x 64 (one consumer's rows)
+  // Tensor maps over q, k, v and out, each (head_dim, seqlen, heads, batch); boxes: q 64 x kBlockM, k and v
+  // 64 x kBlockN, out 64 x 64 (one consumer's rows).
+  CUtensorMap q_map, k_map, v_map, o_map;
   FwdParams params;
   FwdSchedArgs sched;  // the tile order's launch-time shape (fwd_scheduler.cuh)
 };
@@ -611,19 +611,6 @@ struct FwdKernel {
     }
   }
 };
-
-// The body exists only in the sm_90a pass; an sm_80 pass (a build listing both) compiles an empty kernel that
-// must never be launched (the API checks compute capability 9.0). Any other pass >= 9.0 (plain sm_90,
-// sm_100, ...) would silently run nothing, so it is refused at compile time.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "csrc/kernels/sm90 needs -gencode=arch=compute_90a,code=sm_90a (wgmma, setmaxnreg), not plain sm_90 or newer"
-#endif
-template <typename Kernel>
-__global__ void __launch_bounds__(Kernel::kNThreads, 1) fwd_kernel_sm90(const __grid_constant__ FwdTmaArgs args) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  Kernel::run(args);
-#endif
-}
 
 }  // namespace sm90
 }  // namespace flash_ext

@@ -84,7 +84,7 @@ bool launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   const bool persistent = !IsCausal || (Kernel::SeparateO && Scheduler::num_m_blocks(params) <= causal_persist_max_m);
   const int max_ctas = grid_limit > 0 ? grid_limit : grid_limit < 0 || persistent ? num_sm : 0;  // 0: one per tile
   const int ctas = Scheduler::grid(args.sched, params, kHeadDim, max_ctas, paired, group_hb);
-  auto kernel = fwd_kernel_sm90<Kernel>;
+  auto kernel = sm90_kernel<Kernel, FwdTmaArgs>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<ctas, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
   return true;

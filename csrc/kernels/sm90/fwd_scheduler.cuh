@@ -79,42 +79,39 @@ struct FwdStaticScheduler {
     }
     return round * g + ((round & 1) ? g - 1 - b : b);
   }
-  // Paired order: pair q -> its k (the pair is query blocks num_m_blocks - 1 - k and k), as tile_coord derives it.
+  // Unit u of the L2-grouped order (kPairs: pairs of query blocks, (num_m_blocks + 1) / 2 per (head, batch) pair;
+  // else query blocks): its slower index (idx: the query block index, or the pair's k) and its (head, batch) pair hb.
+  struct GroupPos {
+    int idx, hb;
+  };
+  template <bool kPairs>
+  __device__ static __forceinline__ GroupPos group_split(const FwdSchedArgs& s, int u) {
+    const int per_group = s.group_hb * (kPairs ? (s.num_m_blocks + 1) >> 1 : s.num_m_blocks);
+    const int group = u / per_group;
+    const int within = u - group * per_group;
+    const int hb0 = group * s.group_hb;
+    const int gsize = min(s.group_hb, s.num_hb - hb0);
+    const int idx = within / gsize;
+    return GroupPos{idx, hb0 + within - idx * gsize};
+  }
+  // Paired order: pair q -> its k (the pair is query blocks num_m_blocks - 1 - k and k).
   __device__ static __forceinline__ int pair_k(const FwdSchedArgs& s, int q) {
-    const int np = (s.num_m_blocks + 1) >> 1;
-    const int per_group = s.group_hb * np;
-    const int group = q / per_group;
-    const int gsize = min(s.group_hb, s.num_hb - group * s.group_hb);
-    return (q - group * per_group) / gsize;
+    return group_split<true>(s, q).idx;
   }
   __device__ static __forceinline__ FwdWork tile_coord(const FwdSchedArgs& s, const FwdParams& p, int t) {
     if (IsCausal && s.paired) {
-      const int q = t >> 1;
-      const int np = (s.num_m_blocks + 1) >> 1;
-      const int per_group = s.group_hb * np;
-      const int group = q / per_group;
-      const int within = q - group * per_group;
-      const int hb0 = group * s.group_hb;
-      const int gsize = min(s.group_hb, s.num_hb - hb0);
-      const int k = within / gsize;
-      const int hb = hb0 + within - k * gsize;
+      const GroupPos g = group_split<true>(s, t >> 1);
       FwdWork tile;
-      tile.m_block = (t & 1) ? k : s.num_m_blocks - 1 - k;
-      tile.head = hb % p.nheads;
-      tile.batch = hb / p.nheads;
+      tile.m_block = (t & 1) ? g.idx : s.num_m_blocks - 1 - g.idx;
+      tile.head = g.hb % p.nheads;
+      tile.batch = g.hb / p.nheads;
       return tile;
     }
-    const int per_group = s.group_hb * s.num_m_blocks;
-    const int group = t / per_group;
-    const int within = t - group * per_group;
-    const int hb0 = group * s.group_hb;
-    const int gsize = min(s.group_hb, s.num_hb - hb0);
-    const int m_idx = within / gsize;
-    const int hb = hb0 + within - m_idx * gsize;
+    const GroupPos g = group_split<false>(s, t);
     FwdWork tile;
-    tile.m_block = IsCausal ? s.num_m_blocks - 1 - m_idx : m_idx;
-    tile.head = hb % p.nheads;
-    tile.batch = hb / p.nheads;
+    tile.m_block = IsCausal ? s.num_m_blocks - 1 - g.idx : g.idx;
+    tile.head = g.hb % p.nheads;
+    tile.batch = g.hb / p.nheads;
     return tile;
   }
 };
