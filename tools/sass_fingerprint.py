@@ -2,10 +2,14 @@
 
     python tools/sass_fingerprint.py build/kernels > a.txt     # one line per kernel: hash, arch, name
     python tools/sass_fingerprint.py --diff a.txt b.txt        # kernels whose code differs
+    python tools/sass_fingerprint.py --params-moved build/kernels   # the same, blind to parameter offsets
 
 Each kernel's SASS (cuobjdump --dump-sass) is hashed with its addresses and encodings stripped; the
 kernel's name is not part of the hash (a renamed template parameter changes the mangled name, not the
-code), so --diff matches the two lists by file and architecture as multisets of hashes. cuobjdump is
+code), so --diff matches the two lists by file and architecture as multisets of hashes. --params-moved also
+writes every kernel-parameter address (constant bank 0, c[0x0][0x...]) as one symbol: for a change that only
+adds fields to the parameter structs (csrc/kernels/params.h), which moves the later fields' offsets and
+nothing else. cuobjdump is
 found on PATH, under CUDA_HOME, or in Triton's package.
 """
 import glob
@@ -38,9 +42,10 @@ def find_cuobjdump():
 
 ADDR = re.compile(r"/\*[0-9a-f]{4,}\*/")
 ENC = re.compile(r"/\* 0x[0-9a-f]+ \*/")
+PARAM = re.compile(r"c\[0x0\]\[0x[0-9a-f]+\]")
 
 
-def fingerprint(obj, exe):
+def fingerprint(obj, exe, params_moved=False):
     text = subprocess.run([exe, "--dump-sass", obj], capture_output=True, text=True, check=True).stdout
     arch, name, body, out = "?", None, [], []
 
@@ -51,7 +56,8 @@ def fingerprint(obj, exe):
     for line in text.splitlines():
         m = re.search(r"arch = (sm_\w+)", line)
         if m:
-            arch = m.group(1)
+            flush()  # the previous ELF's last kernel, under its own arch
+            arch, name, body = m.group(1), None, []
             continue
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
@@ -61,6 +67,11 @@ def fingerprint(obj, exe):
         if name is None:
             continue
         s = ENC.sub("", ADDR.sub("", line)).strip()
+        if params_moved:
+            s = PARAM.sub("c[0x0][P]", s)
+        # (cuobjdump's headers between two ELFs are not the previous ELF's last kernel)
+        if s.startswith(("Fatbin", "=====", "code for", "host =", "compile_size")):
+            continue
         if s and not s.startswith(".") and s != "..........":
             body.append(s)
     flush()
@@ -83,12 +94,17 @@ def main(argv):
                       f"{sum((cb - ca).values())} only in the second")
                 for h in (cb - ca):
                     print(f"   new {h} {names[h][:140]}")
+                for h in (ca - cb):
+                    print(f"   old {h} {names[h][:140]}")
         total = sum(sum(c.values()) for c in ga.values())
         print(f"{total} kernels in the first list; {bad} (file, arch) groups differ")
         return 1 if bad else 0
+    params_moved = bool(argv) and argv[0] == "--params-moved"
+    if params_moved:
+        argv = argv[1:]
     exe = find_cuobjdump()
     for obj in sorted(glob.glob(os.path.join(argv[0] if argv else "build/kernels", "*.o"))):
-        for h, arch, name in fingerprint(obj, exe):
+        for h, arch, name in fingerprint(obj, exe, params_moved):
             print(h, arch, name, os.path.basename(obj))
     return 0
 

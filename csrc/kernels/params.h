@@ -29,7 +29,15 @@ struct FwdParams {
 
   bool is_bf16;   // element type of q/k/v/out/dout/dq/dk/dv: bf16 if true, else fp16
   bool is_causal; // bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q
+  // The local mask policy (Mask<IsCausal, true> of mask.cuh: a sliding window and/or chunks) runs when set; it
+  // sits in the padding after is_causal, so no earlier field moves.
+  bool is_local;
   int num_sm;     // multiprocessor count of the device (for grid sizing)
+  // Local mask only (is_local): with i' = i + seqlen_k - seqlen_q, query i sees keys
+  // [i' - window_left, i' + window_right] in the chunk of i' (attention_chunk > 0). The API layer folds causal
+  // into window_right = 0 and an unbounded side into seqlen_q + seqlen_k, so both bounds are >= 0 here.
+  int window_left, window_right;
+  int attention_chunk;  // 0: no chunks
 };
 
 struct BwdParams : public FwdParams {

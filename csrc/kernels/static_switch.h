@@ -12,6 +12,21 @@
     }                                           \
   }()
 
+// Mask policy (mask.cuh): binds CAUSAL_NAME and LOCAL_NAME. The local policy runs in the kernels' non-causal
+// configuration (its work per query block is nearly uniform), so (IsCausal, IsLocal) is one of (false, false),
+// (true, false) and (false, true).
+#define MASK_SWITCH(IS_CAUSAL, IS_LOCAL, CAUSAL_NAME, LOCAL_NAME, ...) \
+  [&] {                                                                \
+    if (IS_LOCAL) {                                                    \
+      constexpr static bool CAUSAL_NAME = false;                       \
+      constexpr static bool LOCAL_NAME = true;                         \
+      return __VA_ARGS__();                                            \
+    } else {                                                           \
+      constexpr static bool LOCAL_NAME = false;                        \
+      return BOOL_SWITCH(IS_CAUSAL, CAUSAL_NAME, __VA_ARGS__);         \
+    }                                                                  \
+  }()
+
 // Element type: bf16 or fp16. Binds `elem_type`.
 #define DTYPE_SWITCH(IS_BF16, ...)          \
   [&] {                                     \

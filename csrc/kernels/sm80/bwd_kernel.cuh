@@ -223,7 +223,7 @@ bwd_convert_dq_kernel(const __grid_constant__ BwdParams params) {
 // ==================================================================================================
 // 2. dK, dV (and dQ through atomics unless params.deterministic).
 // Grid: (ceil(seqlen_k / kBlockN), nheads_k, batch). Block: kNThreads. Dynamic smem: kSmemBytes.
-template <typename Traits, typename T, bool IsCausal>
+template <typename Traits, typename T, bool IsCausal, bool IsLocal = false>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
 bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
@@ -250,7 +250,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const bool with_dq = !params.deterministic;
 
-  const Mask<IsCausal> mask(seqlen_q, seqlen_k);
+  const Mask<IsCausal, IsLocal> mask(seqlen_q, seqlen_k, params);
   const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
   const int m_block_max = mask.template m_block_max<kBlockM, kBlockN>(n_block);
   const int n_m = m_block_max > m_block_min ? m_block_max - m_block_min : 0;
@@ -404,8 +404,9 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     {
       const int key0 = n_block * kBlockN + 16 * wn + g;
       // Block fully visible unless it is the seqlen_k tail or (causal) the diagonal crosses it.
-      const bool need_mask = (n_block + 1) * kBlockN > seqlen_k ||
-                             (IsCausal && (n_block + 1) * kBlockN - 1 > m_block * kBlockM + seqlen_k - seqlen_q);
+      bool need_mask = (n_block + 1) * kBlockN > seqlen_k ||
+                       (IsCausal && (n_block + 1) * kBlockN - 1 > m_block * kBlockM + seqlen_k - seqlen_q);
+      if constexpr (IsLocal) need_mask = mask.template block_needs_mask<kBlockM, kBlockN>(m_block, n_block);
       const int key_lim = seqlen_k - key0;  // key0 + 8 * half >= seqlen_k: past the end
       // key0 - (last key that query row m_block*kBlockM sees): causal masks key0 + 8 half if this
       // + 8 half > local query row.
@@ -422,6 +423,7 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
             // Same test as mask.col_limit: key >= seqlen_k, or (causal) key > row + seqlen_k - seqlen_q.
             bool masked = (e >> 1) * 8 >= key_lim;
             if constexpr (IsCausal) masked |= key_diag + (e >> 1) * 8 - (e & 1) > ql;
+            if constexpr (IsLocal) masked = !mask.visible(m_block * kBlockM + ql + (e & 1), key0 + (e >> 1) * 8);
             if (masked) p = 0.f;
           }
           acc_s[j][e] = p;
@@ -530,7 +532,7 @@ struct DqTraits {
   static constexpr int kSmemBytes = (2 * kBlockM * kStride + 4 * kBlockN * kStride) * 2;
 };
 
-template <typename Traits, typename T, bool IsCausal>
+template <typename Traits, typename T, bool IsCausal, bool IsLocal = false>
 __global__ void __launch_bounds__(Traits::kNThreads)
 bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
@@ -549,8 +551,8 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   const int hk = h / params.h_h_k_ratio;
   const SeqInfo seq(params, b);
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
-  using MaskT = Mask<IsCausal>;
-  const MaskT mask(seqlen_q, seqlen_k);
+  using MaskT = Mask<IsCausal, IsLocal>;
+  const MaskT mask(seqlen_q, seqlen_k, params);
   // Key blocks [n_block_min, n_block_max) (empty: dq = 0); the per-element mask where the block is at
   // or past n_block_unmasked_end or (a left bound only) below n_block_unmasked_begin.
   const int n_block_min = MaskT::kHasLeftBound ? mask.template n_block_min<kBlockM, kBlockN>(m_block) : 0;

@@ -275,7 +275,7 @@ __device__ __forceinline__ void red_tile_staged(const float (&acc)[MT][NT][4], f
 }
 
 // Grid: (ceil(seqlen_k / kBlockN), nheads_k, batch). Block: kNThreads. Dynamic smem: kSmemBytes.
-template <typename Traits, typename T, bool IsCausal>
+template <typename Traits, typename T, bool IsCausal, bool IsLocal = false>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
 bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
@@ -313,12 +313,13 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const bool with_dq = !params.deterministic;
 
-  using MaskT = Mask<IsCausal>;
-  const MaskT mask(seqlen_q, seqlen_k);
+  using MaskT = Mask<IsCausal, IsLocal>;
+  const MaskT mask(seqlen_q, seqlen_k, params);
   const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
-  // The policy's m_block_max is this same expression; calling it (and seq.k_offset for K / V below)
-  // changes the machine code of the kDqStage 2 configs (d128, d256): sm80/NOTES.md.
-  const int m_block_max = (seqlen_q + kBlockM - 1) / kBlockM;
+  // The plain / causal policy's m_block_max is this same expression; calling it (and seq.k_offset for K / V
+  // below) changes the machine code of the kDqStage 2 configs (d128, d256): sm80/NOTES.md.
+  const int m_block_max =
+      IsLocal ? mask.template m_block_max<kBlockM, kBlockN>(n_block) : (seqlen_q + kBlockM - 1) / kBlockM;
   const int n_m = m_block_max > m_block_min ? m_block_max - m_block_min : 0;
   const int n_iter = n_m * params.h_h_k_ratio;  // (query head of the group, query block) pairs
 
@@ -416,8 +417,9 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
     }
     // P = exp2(S scale_log2 - lse_log2), masked.
     {
-      const bool need_mask = (n_block + 1) * kBlockN > seqlen_k ||
-                             (IsCausal && (n_block + 1) * kBlockN - 1 > m_block * kBlockM + seqlen_k - seqlen_q);
+      const bool need_mask = IsLocal ? mask.template block_needs_mask<kBlockM, kBlockN>(m_block, n_block)
+                                     : (n_block + 1) * kBlockN > seqlen_k ||
+                                           (IsCausal && (n_block + 1) * kBlockN - 1 > m_block * kBlockM + seqlen_k - seqlen_q);
 #pragma unroll
       for (int mi = 0; mi < kSdpMT; ++mi) {
 #pragma unroll
@@ -427,12 +429,19 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
           const float lse_raw = lse_s[row_l];
           const float lse_r = (m_block * kBlockM + row_l < seqlen_q && lse_raw != -INFINITY) ? lse_raw * kLog2e : INFINITY;
           const int col_lim = mask.col_limit(m_block * kBlockM + row_l) - n_block * kBlockN;
+          // The left bound (local policy only; the plain / causal policy has none).
+          const int col_lo = IsLocal ? mask.col_min(m_block * kBlockM + row_l) - n_block * kBlockN : 0;
 #pragma unroll
           for (int ni = 0; ni < kSdpNT; ++ni) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float p = fast_exp2(fmaf(acc_s[mi][ni][2 * half + e], scale_log2, -lse_r));
-              if (need_mask && sdp_wn * Traits::kSdpWN + ni * 8 + 2 * t + e >= col_lim) p = 0.f;
+              if constexpr (IsLocal) {
+                const int col = sdp_wn * Traits::kSdpWN + ni * 8 + 2 * t + e;
+                if (need_mask && (col >= col_lim || col < col_lo)) p = 0.f;
+              } else {
+                if (need_mask && sdp_wn * Traits::kSdpWN + ni * 8 + 2 * t + e >= col_lim) p = 0.f;
+              }
               acc_s[mi][ni][2 * half + e] = p;
             }
           }

@@ -123,7 +123,7 @@ __device__ __forceinline__ void softmax_rescale_lazy(OnlineSoftmax<kMTiles>& sm,
     }
 }
 
-template <typename Traits, bool IsCausal>
+template <typename Traits, bool IsCausal, bool IsLocal = false>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d256 64x64 spill 650 bytes (sm_90a)
     fwd_kernel(const __grid_constant__ FwdParams params) {
   using T = typename Traits::T;
@@ -148,9 +148,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   const int warp = tid >> 5;
   const int head_dim = params.head_dim;
 
-  using MaskT = Mask<IsCausal>;
+  using MaskT = Mask<IsCausal, IsLocal>;
   const SeqInfo seq(params, blockIdx.z);
-  const MaskT mask(seq.seqlen_q, seq.seqlen_k);
+  const MaskT mask(seq.seqlen_q, seq.seqlen_k, params);
   // Key blocks [n_block_min, n_block_max); [n_block_unmasked_end, n_block_max) and (a left bound only)
   // [n_block_min, n_block_unmasked_begin) need the per-element mask. Without a left bound both lower
   // bounds are the constant 0 the policy returns, spelled as a constant so that the compiler sees it

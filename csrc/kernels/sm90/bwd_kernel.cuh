@@ -284,7 +284,7 @@ inline void launch_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
 // DkLast: the step order of the header (else plain). Deterministic: dQ reduce-adds ordered by key block, issued by
 // the dQ-writer warp (else by the consumers, in arrival order).
 template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool DkLast_,
-          bool Deterministic_ = false, bool Persistent_ = false>
+          bool Deterministic_ = false, bool Persistent_ = false, bool IsLocal_ = false>
 struct BwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -293,6 +293,8 @@ struct BwdKernel {
   static constexpr int kBlockN = 128;  // two consumer warpgroups x 64 keys
   static constexpr int kStages = kStages_;
   static constexpr bool IsCausal = IsCausal_;
+  static constexpr bool IsLocal = IsLocal_;
+  using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges on both sides (mask.cuh)
   static constexpr bool DqSplitKeys = DqSplitKeys_;
   static constexpr bool DkLast = DkLast_;
   static constexpr bool Deterministic = Deterministic_;
@@ -396,15 +398,15 @@ struct BwdKernel {
       }
     }
   }
-  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max). Today's policies bound
-  // it by seqlen_q alone, the same for every key block: the launcher evaluates it once (args.num_m_blocks, read
-  // here from the constant bank; computing mask.m_block_max in the kernel spilled 8 bytes in two d64 / d128
-  // kernels). A policy whose bound depends on n_block returns mask.template m_block_max<kBlockM, kBlockN>(n_block).
-  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const Mask<IsCausal>& /*mask*/,
-                                                       int /*n_block*/) {
-    return args.num_m_blocks;
+  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max). The plain and causal
+  // policies bound it by seqlen_q alone, the same for every key block: the launcher evaluates it once
+  // (args.num_m_blocks, read here from the constant bank; computing mask.m_block_max in the kernel spilled 8 bytes
+  // in two d64 / d128 kernels). The local policy's bound depends on n_block (a window's left side).
+  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const MaskT& mask, int n_block) {
+    if constexpr (IsLocal) return mask.template m_block_max<kBlockM, kBlockN>(n_block);
+    else { (void)mask; (void)n_block; return args.num_m_blocks; }
   }
-  __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, const Mask<IsCausal>& mask, int n_block,
+  __device__ static __forceinline__ void step_coords(const BwdTmaArgs& args, const MaskT& mask, int n_block,
                                                      int m_block_min, int it, int& hh, int& m_block) {
     const int ratio = args.params.h_h_k_ratio;
     const int m_block_max = m_block_max_of(args, mask, n_block);
@@ -420,7 +422,7 @@ struct BwdKernel {
 
   // Pipeline steps of a key block whose query blocks are [m_block_min, m_block_max): every (head of the GQA group,
   // query block of the range). Producer, writer, consumers and the persistent tile loop all count with this.
-  __device__ static __forceinline__ int num_steps(const BwdTmaArgs& args, const Mask<IsCausal>& mask, int n_block,
+  __device__ static __forceinline__ int num_steps(const BwdTmaArgs& args, const MaskT& mask, int n_block,
                                                   int m_block_min) {
     return (m_block_max_of(args, mask, n_block) - m_block_min) * args.params.h_h_k_ratio;
   }
@@ -433,7 +435,7 @@ struct BwdKernel {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
     const SeqInfo seq(p, batch);
-    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+    MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const PipelineState<1> kv(tile_iter);  // the K / V buffer: one slot, one use per tile
     if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), kv.advanced(-1).phase());
@@ -503,7 +505,7 @@ struct BwdKernel {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
     const SeqInfo seq(p, batch);
-    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+    MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
     if (lane != 0) return;
@@ -550,7 +552,7 @@ struct BwdKernel {
     const int warp_in_wg = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const SeqInfo seq(p, batch);
-    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+    MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
     const float scale_log2 = p.scale_softmax_log2;
@@ -610,7 +612,7 @@ struct BwdKernel {
       fence_regs(s_reg);
       // P^T = exp2(S^T scale_log2 - lse_log2[col]) (0 where masked)
       bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
-      if constexpr (Mask<IsCausal>::kHasLeftBound) {
+      if constexpr (MaskT::kHasLeftBound) {
         need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
       }
       recompute_pt(s_reg, smem + kOffLse, stage * kBlockM, t, scale_log2);
@@ -907,7 +909,7 @@ struct BwdKernel {
       // Pipeline steps of tile (nb, bb): the query-block range of its key block, for its batch entry.
       auto tile_steps = [&](int nb, int bb) {
         const SeqInfo seq(p, bb);
-        Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+        MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
         return num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
       };
       // Static order (non-causal).

@@ -62,7 +62,7 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-template <typename T_, bool IsCausal_, bool Stagger_, bool Det_ = false>
+template <typename T_, bool IsCausal_, bool Stagger_, bool Det_ = false, bool IsLocal_ = false>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
@@ -73,6 +73,8 @@ struct BwdKernelHd256 {
   static constexpr int kDoStages = 2;  // dO slots
   static_assert(kDoStages == kStages && kStages == 2, "one ring position for Q, dO and the P^T / dS^T buffers");
   static constexpr bool IsCausal = IsCausal_;
+  static constexpr bool IsLocal = IsLocal_;
+  using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges on both sides (mask.cuh)
   // Stagger: the CTA of key block n_block visits its query blocks starting at (n_block mod their count) and wraps,
   // so that concurrently running CTAs (neighbouring key blocks) add into different dq_accum blocks instead of all
   // into the same one at the same time.
@@ -125,11 +127,12 @@ struct BwdKernelHd256 {
     return b + 8 * (1 + 2 * kStages + kDoStages + s);
   }
 
-  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max): evaluated once by the
-  // launcher (args.num_m_blocks), as in bwd_kernel.cuh's BwdKernel::m_block_max_of, which says why.
-  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const Mask<IsCausal>& /*mask*/,
-                                                       int /*n_block*/) {
-    return args.num_m_blocks;
+  // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max): for the plain and
+  // causal policies evaluated once by the launcher (args.num_m_blocks), as in bwd_kernel.cuh's
+  // BwdKernel::m_block_max_of, which says why; the local policy's depends on n_block.
+  __device__ static __forceinline__ int m_block_max_of(const BwdTmaArgs& args, const MaskT& mask, int n_block) {
+    if constexpr (IsLocal) return mask.template m_block_max<kBlockM, kBlockN>(n_block);
+    else { (void)mask; (void)n_block; return args.num_m_blocks; }
   }
 
   // ------------------------------------------------------------------------------------------ producer
@@ -138,7 +141,7 @@ struct BwdKernelHd256 {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
     const SeqInfo seq(p, batch);
-    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+    MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     if (lane == 0) {
       tma_prefetch_desc(&args.q_map);
@@ -204,7 +207,7 @@ struct BwdKernelHd256 {
     const int warp_in_wg = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const SeqInfo seq(p, batch);
-    Mask<IsCausal> mask(seq.seqlen_q, seq.seqlen_k);
+    MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_m = m_block_max_of(args, mask, n_block) - m_block_min;  // query blocks per head
     const int rot = Stagger && n_m > 0 ? n_block % n_m : 0;  // see Stagger
@@ -276,7 +279,7 @@ struct BwdKernelHd256 {
       wgmma_wait<1>();
       fence_regs(s_reg);
       bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
-      if constexpr (Mask<IsCausal>::kHasLeftBound) {
+      if constexpr (MaskT::kHasLeftBound) {
         need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
       }
 #pragma unroll
@@ -297,8 +300,8 @@ struct BwdKernelHd256 {
           for (int e = 0; e < 2; ++e) {
             const int row = m_block * kBlockM + cw * kQh + 8 * j + 2 * t + e;
             const int lo = mask.col_min(row), hi = mask.col_limit(row);
-            if (!Mask<IsCausal>::visible_in(key0, lo, hi)) s_reg[4 * j + e] = 0.f;
-            if (!Mask<IsCausal>::visible_in(key0 + 8, lo, hi)) s_reg[4 * j + 2 + e] = 0.f;
+            if (!MaskT::visible_in(key0, lo, hi)) s_reg[4 * j + e] = 0.f;
+            if (!MaskT::visible_in(key0 + 8, lo, hi)) s_reg[4 * j + 2 + e] = 0.f;
           }
         }
       }

@@ -27,9 +27,9 @@ template <bool IsCausal> struct BwdTileHd256Det : BwdTileHd256<IsCausal> {
   static constexpr bool Stagger = false;
 };
 
-template <typename T, bool IsCausal, bool Stagger, bool Det = false>
+template <typename T, bool IsCausal, bool Stagger, bool Det = false, bool IsLocal = false>
 bool launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernelHd256<T, IsCausal, Stagger, Det>;
+  using Kernel = BwdKernelHd256<T, IsCausal, Stagger, Det, IsLocal>;
   if (Det && params.dq_semaphore == nullptr) return false;  // sm90_bwd_supported said no
   BwdTmaArgs args;
   args.params = params;
@@ -47,13 +47,13 @@ bool launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
 
 inline bool run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
   return DTYPE_SWITCH(params.is_bf16, [&] {
-    return BOOL_SWITCH(params.is_causal, IsCausal, [&] {
+    return MASK_SWITCH(params.is_causal, params.is_local, IsCausal, IsLocal, [&] {
       if (params.deterministic) {
         using Tile = BwdTileHd256Det<IsCausal>;
-        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, true>(params, stream);
+        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, true, IsLocal>(params, stream);
       } else {
         using Tile = BwdTileHd256<IsCausal>;
-        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, false>(params, stream);
+        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, false, IsLocal>(params, stream);
       }
     });
   });

@@ -57,7 +57,7 @@ struct FwdTmaArgs {
 // diagonal, which the tile's lower warpgroups do need; all of them when its rows are >= seqlen_q): it only frees
 // their K / V slots and takes its ping-pong turns. Without it every warpgroup visits every key block of the tile.
 template <typename T_, int kHeadDim_, int kBlockN_, int kStages_, bool IsCausal_, bool PingPong_, bool DoubleP_,
-          bool ChainTiles_, int kNumWG_, bool WgSkip_>
+          bool ChainTiles_, int kNumWG_, bool WgSkip_, bool IsLocal_ = false>
 struct FwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -71,7 +71,8 @@ struct FwdKernel {
   static constexpr bool DoubleP = DoubleP_;
   static constexpr bool ChainTiles = ChainTiles_;
   static constexpr bool WgSkip = WgSkip_;
-  using MaskT = Mask<IsCausal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
+  static constexpr bool IsLocal = IsLocal_;
+  using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
   using Scheduler = FwdStaticScheduler<kBlockM, IsCausal>;  // the CTA's tiles and their order (fwd_scheduler.cuh)
   using Tile = FwdWork;                                          // (m_block, head, batch)
   // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
@@ -263,7 +264,7 @@ struct FwdKernel {
     const int g = lane / 4, t = lane % 4;
     const int m_block = tile.m_block;
     const SeqInfo seq(p, tile.batch);
-    const MaskT mask(seq.seqlen_q, seq.seqlen_k);
+    const MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     // The tile's key blocks (what the producer loads): [n_block_min, n_tile_max), n_tile of them, from the last
     // one down. WgSkip: this warpgroup's rows see only [n_block_min, n_block_max) of them (its 64-row block of the
     // query blocks at kBlockM 64); it skips the first n_tile_max - n_block_max slots. (With a left bound it still
@@ -507,7 +508,7 @@ struct FwdKernel {
     // The key blocks each tile consumed (what consumer_tile derives from its SeqInfo). TODO(varlen): per tile from
     // SeqInfo(params, tile.batch); a Mask built in the loop reorders ptxas's code of the loop-invariant dense bound
     // (see csrc/kernels/sm90/NOTES.md, eighth session), so the dense case keeps it hoisted.
-    const Mask<IsCausal> mask(args.params.seqlen_q, args.params.seqlen_k);
+    const MaskT mask(args.params.seqlen_q, args.params.seqlen_k, args.params);
     PipelineState<kStages> kv;  // the K / V ring: the next tile's first slot
     int tile_iter = 0;
     // ChainTiles: consumer 0 issues first; the token then alternates over all GEMM issues of all tiles (both
@@ -540,7 +541,7 @@ struct FwdKernel {
   __device__ static void producer(const FwdTmaArgs& args, uint32_t smem, uint32_t bars) {
     const FwdParams& p = args.params;
     // Key blocks per tile: as in consumer(), hoisted for the dense case. TODO(varlen): from the tile's SeqInfo.
-    const Mask<IsCausal> mask(p.seqlen_q, p.seqlen_k);
+    const MaskT mask(p.seqlen_q, p.seqlen_k, p);
     tma_prefetch_desc(&args.q_map);
     tma_prefetch_desc(&args.k_map);
     tma_prefetch_desc(&args.v_map);
