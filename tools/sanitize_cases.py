@@ -1,6 +1,7 @@
 """A handful of small forward+backward calls for compute-sanitizer (memcheck / racecheck): seqlen tails,
 causal with seqlen_q != seqlen_k both ways, GQA, padded head dims (also ones not a multiple of 8),
-deterministic mode, inputs whose base pointers are not 16-byte aligned; each family.
+deterministic mode, inputs whose base pointers are not 16-byte aligned, the local mask (sliding windows, chunks,
+key blocks no query sees); each family.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_cases.py
 
@@ -36,6 +37,13 @@ CASES = [  # batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, causal, dete
     (2, 77, 130, 4, 2, 64, False, False, 1),
     (1, 130, 77, 2, 2, 128, True, True, 2),
 ]
+# The local mask policy: (batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, deterministic, attention kwargs).
+LOCAL_CASES = [
+    (1, 300, 700, 2, 1, 64, False, dict(window_size=(100, 0))),  # keys 0..299 seen by no query: dK / dV = 0
+    (2, 513, 257, 4, 2, 128, True, dict(window_size=(64, 32))),   # rows that see no key (i' < -32)
+    (1, 260, 260, 2, 2, 256, False, dict(window_size=(-1, 5), attention_chunk=96)),
+    (1, 200, 333, 2, 1, 96, True, dict(causal=True, attention_chunk=64)),
+]
 
 
 def make(shape, offset):
@@ -69,7 +77,16 @@ def main():
             torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
-        print(f"{family}: {len(CASES)} cases ran", flush=True)
+        for b, sq, sk, h, hk, d, det, kw in LOCAL_CASES:
+            q, k, v = make((b, sq, h, d), 0), make((b, sk, hk, d), 0), make((b, sk, hk, d), 0)
+            case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} det={det} {kw}"
+            out = flash_ext.attention(q, k, v, deterministic=det, **kw)
+            torch.cuda.synchronize()
+            print(f"{case}: forward done", flush=True)
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+            torch.cuda.synchronize()
+            print(f"{case}: backward done", flush=True)
+        print(f"{family}: {len(CASES) + len(LOCAL_CASES)} cases ran", flush=True)
 
 
 if __name__ == "__main__":
