@@ -493,11 +493,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
         const int64_t mlen = std::min(kBlockM, s.seqlen_q - m0);
         const auto [k_min, k_max] = mask.keys(m0, mlen);
         if (k_max <= n0 || k_min >= n0 + nlen || k_min == k_max) continue;  // no row of this block sees the keys
-        auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
-        dv_j.addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
+        // Pass 1's tile of this row block (cut at its k_max): the same operands give bitwise the same S and dP, so
+        // dS = P * (dP - D) is exactly 0 where pass 1's is (a row that sees one key). Keys past k_max get nothing.
+        const int64_t tlen = std::min(nlen, k_max - n0);
+        auto [p, dp] = recompute(b, h, m0, mlen, n0, tlen, t);
+        dv_j.narrow(0, 0, tlen).addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
         at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
-        raw_ds(ds, mlen, nlen, t);
-        dk_j.addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK += scale dS^T Q
+        raw_ds(ds, mlen, tlen, t);
+        dk_j.narrow(0, 0, tlen).addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK
       }
     }
   });
