@@ -17,6 +17,13 @@ def _default_scale(softmax_scale, head_dim):
     return softmax_scale if softmax_scale is not None else head_dim ** -0.5
 
 
+def _check_devices(q, alibi_slopes, attn_bias, sinks):
+    # The dispatcher runs these fake kernels, not the C++ checks, when one of the tensors is on the meta device.
+    for name, t in (("alibi_slopes", alibi_slopes), ("attn_bias", attn_bias), ("sinks", sinks)):
+        torch._check(t is None or t.device == q.device,
+                     lambda: f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
 @torch.library.register_fake("flash_ext::attention_forward")
 def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, deterministic=False, window_left=-1,
                             window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, attention_chunk=0,
@@ -27,6 +34,7 @@ def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, determini
     torch._check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
                  lambda: "q's nheads must be divisible by k's nheads_k")
     torch._check(attn_bias is None or attn_bias.dim() == 4, lambda: "attn_bias must be a 4-D tensor")
+    _check_devices(q, alibi_slopes, attn_bias, sinks)
     batch, seqlen_q, nheads, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, nheads, head_dim))
     lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
@@ -40,6 +48,7 @@ def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, det
     torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
     torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
     torch._check(not bias_requires_grad or attn_bias is not None, lambda: "bias_requires_grad needs an attn_bias")
+    _check_devices(q, alibi_slopes, attn_bias, sinks)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_requires_grad else q.new_empty((0,))
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
