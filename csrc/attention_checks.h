@@ -103,5 +103,86 @@ inline void check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at
               lse.device());
 }
 
+
+// The masks and score modifiers of issue 15 (docs/ARCHITECTURE.md, "Masks and score modifiers"), checked
+// once for every device. `window_left` / `window_right` are resolved: causal sets the right bound to 0.
+struct Features {
+  int64_t window_left = -1, window_right = -1;  // -1: unbounded on that side
+  int64_t attention_chunk = 0;                  // 0: off
+  double softcap = 0.0;                         // 0: off
+  bool has_alibi = false, has_bias = false, has_sinks = false;
+  bool bias_is_bool = false;
+  // Whether the mask is the plain causal one or none at all: the only masks the kernels ran before issue 15.
+  bool mask_is_plain() const { return window_left < 0 && attention_chunk == 0; }
+  bool is_causal_only() const { return mask_is_plain() && window_right == 0; }
+};
+
+// A per-head (or per-(batch, head)) float vector argument: alibi_slopes, sinks.
+inline void check_head_vector(const at::Tensor& t, const char* name, const at::Tensor& q, const AttnShape& s,
+                              bool allow_batch) {
+  const bool shape_ok = (t.dim() == 1 && t.size(0) == s.nheads) ||
+                        (allow_batch && t.dim() == 2 && t.size(0) == s.batch && t.size(1) == s.nheads);
+  if (allow_batch) {
+    TORCH_CHECK(shape_ok, name, " must have shape (nheads,) = (", fmt(s.nheads), ") or (batch, nheads) = (",
+                fmt(s.batch), ", ", fmt(s.nheads), "), got ", fmt(t.sizes()));
+  } else {
+    TORCH_CHECK(shape_ok, name, " must have shape (nheads,) = (", fmt(s.nheads), "), got ", fmt(t.sizes()));
+  }
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == q.scalar_type(), name,
+              " must be float32 or q's dtype (", q.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), name, " must be on the device of q (", q.device(), "), got ", t.device());
+}
+
+// attn_bias: 4-D, each dim 1 or the full size of (batch, nheads, seqlen_q, seqlen_k) (a full-size dim may have
+// stride 0: it is read in place), bool or float32 or q's dtype, on q's device.
+inline void check_bias(const at::Tensor& bias, const at::Tensor& q, const AttnShape& s) {
+  const int64_t full[4] = {s.batch, s.nheads, s.seqlen_q, s.seqlen_k};
+  bool ok = bias.dim() == 4;
+  for (int d = 0; d < 4 && ok; ++d) ok = bias.size(d) == 1 || bias.size(d) == full[d];
+  TORCH_CHECK(ok, "attn_bias must be a 4-D tensor broadcastable to (batch, nheads, seqlen_q, seqlen_k) = (",
+              fmt(s.batch), ", ", fmt(s.nheads), ", ", fmt(s.seqlen_q), ", ", fmt(s.seqlen_k),
+              ") (each dim 1 or that size), got ", fmt(bias.sizes()));
+  const auto t = bias.scalar_type();
+  TORCH_CHECK(t == at::kBool || t == at::kFloat || t == q.scalar_type(),
+              "attn_bias must be bool (a mask), float32 or q's dtype (", q.scalar_type(), "), got ", t);
+  TORCH_CHECK(bias.device() == q.device(), "attn_bias must be on the device of q (", q.device(), "), got ",
+              bias.device());
+}
+
+// Every check of the issue-15 arguments; returns them resolved (causal -> right bound 0).
+inline Features check_features(const at::Tensor& q, const AttnShape& s, bool causal, int64_t window_left,
+                               int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                               const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk,
+                               const std::optional<at::Tensor>& sinks, bool bias_requires_grad = false) {
+  TORCH_CHECK(window_left >= -1, "window_left (window_size[0]) must be >= -1 (-1: unbounded), got ", fmt(window_left));
+  TORCH_CHECK(window_right >= -1, "window_right (window_size[1]) must be >= -1 (-1: unbounded), got ",
+              fmt(window_right));
+  TORCH_CHECK(attention_chunk >= 0, "attention_chunk must be >= 0 (0: off), got ", fmt(attention_chunk));
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0 (0: off), got ",
+              fmt(softcap));
+  Features f;
+  f.window_left = window_left;
+  f.window_right = causal ? 0 : window_right;
+  f.attention_chunk = attention_chunk;
+  f.softcap = softcap;
+  if (alibi_slopes.has_value()) {
+    check_head_vector(*alibi_slopes, "alibi_slopes", q, s, /*allow_batch=*/true);
+    f.has_alibi = true;
+  }
+  if (sinks.has_value()) {
+    check_head_vector(*sinks, "sinks", q, s, /*allow_batch=*/false);
+    f.has_sinks = true;
+  }
+  if (attn_bias.has_value()) {
+    check_bias(*attn_bias, q, s);
+    f.has_bias = true;
+    f.bias_is_bool = attn_bias->scalar_type() == at::kBool;
+  }
+  TORCH_CHECK(!bias_requires_grad || (f.has_bias && !f.bias_is_bool),
+              f.has_bias ? "bias_requires_grad: attn_bias is a bool mask, and a gradient of a bool mask does not exist"
+                         : "bias_requires_grad needs an attn_bias (none was passed)");
+  return f;
+}
+
 }  // namespace
 }  // namespace flash_ext

@@ -7,74 +7,97 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 namespace flash_ext {
 
+// The arguments after `deterministic` are the masks and score modifiers of issue 15; their meaning, in the
+// order they act on a score, is in docs/ARCHITECTURE.md ("Masks and score modifiers"). Defaults mean "off".
+#define FLASH_EXT_FEATURE_ARGS                                                                             \
+  "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "              \
+  "Tensor? attn_bias=None, int attention_chunk=0, Tensor? sinks=None"
+
 TORCH_LIBRARY(flash_ext, m) {
   // out: (batch, seqlen_q, nheads, head_dim) in q's dtype; lse: (batch, nheads, seqlen_q) float32,
-  // natural-log log-sum-exp of the scaled scores (-inf for a row that sees no key).
-  // `deterministic` is not used by the forward (always deterministic); autograd passes it on to
-  // attention_backward.
+  // natural-log log-sum-exp of the scores (with sinks: including exp(sink); -inf for a row that sees no key
+  // and has no sink). `deterministic` is not used by the forward (always deterministic); autograd passes it
+  // on to attention_backward.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
-      "bool deterministic=False) -> (Tensor out, Tensor lse)");
+      "bool deterministic=False, " FLASH_EXT_FEATURE_ARGS ") -> (Tensor out, Tensor lse)");
+  // dbias: attn_bias's sizes and dtype when bias_requires_grad, else empty (numel 0); dsinks: sinks' shape
+  // and dtype when sinks are given, else empty.
   m.def(
       "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "float softmax_scale, bool causal, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softmax_scale, bool causal, bool deterministic=False, " FLASH_EXT_FEATURE_ARGS
+      ", bool bias_requires_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor dsinks)");
   // What users call: returns out and is differentiable through attention_forward's autograd.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
-      "bool deterministic=False) -> Tensor");
+      "bool deterministic=False, " FLASH_EXT_FEATURE_ARGS ") -> Tensor");
 }
 
+using OptTensor = std::optional<at::Tensor>;
+using FwdResult = std::tuple<at::Tensor, at::Tensor>;
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using FwdSig = FwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>, bool, bool,
+                         int64_t, int64_t, double, const OptTensor&, const OptTensor&, int64_t, const OptTensor&);
+using BwdSig = BwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, double, bool, bool, int64_t, int64_t, double,
+                         const OptTensor&, const OptTensor&, int64_t, const OptTensor&, bool);
+
 static at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      std::optional<double> softmax_scale, bool causal,
-                                      bool deterministic) {
-  static auto fwd = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("flash_ext::attention_forward", "")
-                        .typed<std::tuple<at::Tensor, at::Tensor>(
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            std::optional<double>, bool, bool)>();
-  return std::get<0>(fwd.call(q, k, v, softmax_scale, causal, deterministic));
+                                      std::optional<double> softmax_scale, bool causal, bool deterministic,
+                                      int64_t window_left, int64_t window_right, double softcap,
+                                      const OptTensor& alibi_slopes, const OptTensor& attn_bias,
+                                      int64_t attention_chunk, const OptTensor& sinks) {
+  static auto fwd =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flash_ext::attention_forward", "").typed<FwdSig>();
+  return std::get<0>(fwd.call(q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap,
+                              alibi_slopes, attn_bias, attention_chunk, sinks));
 }
 
 TORCH_LIBRARY_IMPL(flash_ext, CompositeImplicitAutograd, m) {
   m.impl("attention", &attention_composite);
 }
 
-// torch.autocast: like SDPA, the ops run in the autocast dtype (float16 / bfloat16): floating inputs other than
-// float64 are cast to it (lse stays float32), then the op runs with autocast off. `attention` needs no entry of
-// its own: it goes through attention_forward. The casts are recorded by autograd, so gradients reach float32
-// leaves in float32.
+// torch.autocast: like SDPA, the ops run in the autocast dtype (float16 / bfloat16): q, k, v (and dout, out in
+// the backward) other than float64 are cast to it (lse stays float32), then the op runs with autocast off.
+// alibi_slopes, attn_bias and sinks are passed as they are: float32 is always legal for them (and so is a bias
+// in q's pre-autocast dtype when that was float32). `attention` needs no entry of its own: it goes through
+// attention_forward. The casts are recorded by autograd, so gradients reach float32 leaves in float32.
 template <c10::DeviceType kDevice>
-static std::tuple<at::Tensor, at::Tensor> attention_forward_autocast(const at::Tensor& q, const at::Tensor& k,
-                                                                     const at::Tensor& v,
-                                                                     std::optional<double> softmax_scale,
-                                                                     bool causal, bool deterministic) {
+static FwdResult attention_forward_autocast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            std::optional<double> softmax_scale, bool causal, bool deterministic,
+                                            int64_t window_left, int64_t window_right, double softcap,
+                                            const OptTensor& alibi_slopes, const OptTensor& attn_bias,
+                                            int64_t attention_chunk, const OptTensor& sinks) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flash_ext::attention_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, std::optional<double>, bool, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flash_ext::attention_forward", "").typed<FwdSig>();
   return op.call(at::autocast::cached_cast(to, q, kDevice), at::autocast::cached_cast(to, k, kDevice),
-                 at::autocast::cached_cast(to, v, kDevice), softmax_scale, causal, deterministic);
+                 at::autocast::cached_cast(to, v, kDevice), softmax_scale, causal, deterministic, window_left,
+                 window_right, softcap, alibi_slopes, attn_bias, attention_chunk, sinks);
 }
 
 template <c10::DeviceType kDevice>
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autocast(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, double softmax_scale, bool causal, bool deterministic) {
+static BwdResult attention_backward_autocast(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                             double softmax_scale, bool causal, bool deterministic,
+                                             int64_t window_left, int64_t window_right, double softcap,
+                                             const OptTensor& alibi_slopes, const OptTensor& attn_bias,
+                                             int64_t attention_chunk, const OptTensor& sinks,
+                                             bool bias_requires_grad) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flash_ext::attention_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, double, bool, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flash_ext::attention_backward", "").typed<BwdSig>();
   auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, kDevice); };
-  return op.call(cast(dout), cast(q), cast(k), cast(v), cast(out), lse, softmax_scale, causal, deterministic);
+  return op.call(cast(dout), cast(q), cast(k), cast(v), cast(out), lse, softmax_scale, causal, deterministic,
+                 window_left, window_right, softcap, alibi_slopes, attn_bias, attention_chunk, sinks,
+                 bias_requires_grad);
 }
 
 TORCH_LIBRARY_IMPL(flash_ext, AutocastCUDA, m) {

@@ -1,24 +1,53 @@
 """Public Python API."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 
+def _window_bounds(window_size) -> Tuple[int, int]:
+    """window_size as a pair of ints (left, right); the op itself rejects bounds below -1."""
+    ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2 and all(
+        isinstance(w, (int, torch.SymInt)) and not isinstance(w, bool) for w in window_size)
+    if not ok:
+        raise ValueError(f"flash_ext.attention: window_size must be a pair of ints (left, right), -1 meaning "
+                         f"unbounded on that side; got {window_size!r}")
+    return window_size[0], window_size[1]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              softmax_scale: Optional[float] = None, return_lse: bool = False,
-              deterministic: bool = False):
-    """Exact attention softmax(softmax_scale * q k^T [+ causal mask]) v, computed IO-aware.
+              softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
+              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+              attn_bias: Optional[torch.Tensor] = None, attention_chunk: int = 0,
+              sinks: Optional[torch.Tensor] = None, return_lse: bool = False, deterministic: bool = False):
+    """Exact attention softmax(softmax_scale * q k^T [+ modifiers, masks]) v, computed IO-aware.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim) with
-    nheads % nheads_k == 0 (MQA/GQA). Only the last dimension must be contiguous. Causal with
-    seqlen_q != seqlen_k is aligned bottom-right. softmax_scale defaults to 1/sqrt(head_dim).
+    nheads % nheads_k == 0 (MQA/GQA). softmax_scale defaults to 1/sqrt(head_dim). With i' = i + seqlen_k -
+    seqlen_q (bottom-right alignment), query i sees key j when:
+      causal: j <= i' (a right bound of 0; combines with a left bound);
+      window_size=(left, right): i' - left <= j <= i' + right, -1 unbounded on that side;
+      attention_chunk > 0: i' // attention_chunk == j // attention_chunk (floor division);
+      attn_bias bool: attn_bias[b, h, i, j] is True.
+    The score s = softmax_scale * q.k is modified in this order: softcap > 0 -> softcap * tanh(s / softcap);
+    alibi_slopes ((nheads,) or (batch, nheads)) -> s - slope * |i' - j|; a float attn_bias -> s + attn_bias.
+    attn_bias: broadcastable to (batch, nheads, seqlen_q, seqlen_k) (fewer dims get leading size-1 dims;
+    broadcast dims are read in place), bool, float32 or q's dtype; a float bias that requires grad gets its
+    gradient. sinks: (nheads,) logits added to each row's softmax denominator (nothing added to the output),
+    differentiable. A row that sees no key gets out 0 and lse -inf (lse = sink with sinks).
     deterministic=True makes the backward bitwise reproducible (CUDA; the CPU path always is).
     Returns out (batch, seqlen_q, nheads, head_dim), and with return_lse also the float32
     log-sum-exp (batch, nheads, seqlen_q) (not differentiable).
+    The CUDA kernels raise NotImplementedError for window, chunk, softcap, alibi_slopes, attn_bias and sinks
+    until the later steps of issue 15 land; the CPU path runs them all.
     """
+    window_left, window_right = _window_bounds(window_size)
+    if attn_bias is not None and attn_bias.dim() < 4:  # a view: autograd maps dbias back to the caller's shape
+        attn_bias = attn_bias.view((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+    args = (q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes,
+            attn_bias, attention_chunk, sinks)
     if return_lse:
-        return torch.ops.flash_ext.attention_forward(q, k, v, softmax_scale, causal, deterministic)
-    return torch.ops.flash_ext.attention(q, k, v, softmax_scale, causal, deterministic)
+        return torch.ops.flash_ext.attention_forward(*args)
+    return torch.ops.flash_ext.attention(*args)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
@@ -26,13 +55,11 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
          enable_gqa: bool = False) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention on (batch, nheads, seqlen, head_dim).
 
-    attn_mask and dropout are not supported yet and raise. SDPA's is_causal is aligned top-left
-    (query i sees keys j <= i); flash_ext.attention's causal is aligned bottom-right. The two agree
-    when seqlen_q == seqlen_k; for is_causal with seqlen_q != seqlen_k this function raises rather
-    than silently change the meaning.
+    attn_mask (bool: True = may attend; or float, added to the scores) broadcastable to
+    (batch, nheads, seqlen_q, seqlen_k) is passed on as attn_bias. is_causal is aligned top-left as in SDPA
+    (query i sees keys j <= i, also when seqlen_q != seqlen_k). attn_mask together with is_causal raises, as
+    SDPA's documentation and its math backend do. Dropout is not supported yet and raises.
     """
-    if attn_mask is not None:
-        raise NotImplementedError("flash_ext.sdpa: attn_mask is not supported yet (pass is_causal instead)")
     if dropout_p != 0.0:
         raise NotImplementedError(f"flash_ext.sdpa: dropout_p must be 0.0, got {dropout_p}")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -42,9 +69,21 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
     if key.shape[1] != query.shape[1] and not enable_gqa:
         raise ValueError(f"flash_ext.sdpa: key has {key.shape[1]} heads and query {query.shape[1]}; "
                          "pass enable_gqa=True for grouped-query attention")
-    if is_causal and query.shape[2] != key.shape[2]:
-        raise NotImplementedError(
-            f"flash_ext.sdpa: is_causal with seqlen_q ({query.shape[2]}) != seqlen_k ({key.shape[2]}) is "
-            "top-left aligned in SDPA and not supported; flash_ext.attention(causal=True) aligns bottom-right")
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("flash_ext.sdpa: attn_mask must not be set when is_causal=True (as in "
+                           "torch.nn.functional.scaled_dot_product_attention); fold the causal mask into attn_mask")
+    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
+    causal, window_size, bias = False, (-1, -1), attn_mask
+    if is_causal:
+        # Top-left: query i sees keys j <= i. With i' = i + seqlen_k - seqlen_q that is j <= i' + (seqlen_q -
+        # seqlen_k): a window's right bound where it is >= 0, else (seqlen_q < seqlen_k) a bool mask.
+        if seqlen_q == seqlen_k:
+            causal = True
+        elif seqlen_q > seqlen_k:
+            window_size = (-1, seqlen_q - seqlen_k)
+        else:
+            bias = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=query.device).tril_().view(
+                1, 1, seqlen_q, seqlen_k)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    return attention(q, k, v, causal=is_causal, softmax_scale=scale).transpose(1, 2)
+    return attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window_size,
+                     attn_bias=bias).transpose(1, 2)

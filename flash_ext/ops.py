@@ -8,18 +8,33 @@ import torch
 
 from . import _C  # noqa: F401  (the schemas must exist before we register against them)
 
+# Positions of the differentiable inputs of attention_forward besides q, k, v.
+_BIAS_INDEX = 10
+_SINKS_INDEX = 12
+
 
 def _default_scale(softmax_scale, head_dim):
     return softmax_scale if softmax_scale is not None else head_dim ** -0.5
 
 
+def _check_devices(q, alibi_slopes, attn_bias, sinks):
+    # The dispatcher runs these fake kernels, not the C++ checks, when one of the tensors is on the meta device.
+    for name, t in (("alibi_slopes", alibi_slopes), ("attn_bias", attn_bias), ("sinks", sinks)):
+        torch._check(t is None or t.device == q.device,
+                     lambda: f"{name} must be on the device of q ({q.device}), got {t.device}")
+
+
 @torch.library.register_fake("flash_ext::attention_forward")
-def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, deterministic=False):
+def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, deterministic=False, window_left=-1,
+                            window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, attention_chunk=0,
+                            sinks=None):
     torch._check(q.dim() == 4, lambda: f"q must be a 4-D tensor, got {q.dim()}-D")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be 4-D tensors")
     torch._check(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "head_dim must match")
     torch._check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
                  lambda: "q's nheads must be divisible by k's nheads_k")
+    torch._check(attn_bias is None or attn_bias.dim() == 4, lambda: "attn_bias must be a 4-D tensor")
+    _check_devices(q, alibi_slopes, attn_bias, sinks)
     batch, seqlen_q, nheads, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, nheads, head_dim))
     lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
@@ -27,32 +42,46 @@ def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, determini
 
 
 @torch.library.register_fake("flash_ext::attention_backward")
-def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic=False):
+def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic=False, window_left=-1,
+                             window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, attention_chunk=0,
+                             sinks=None, bias_requires_grad=False):
     torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
     torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+    torch._check(not bias_requires_grad or attn_bias is not None, lambda: "bias_requires_grad needs an attn_bias")
+    _check_devices(q, alibi_slopes, attn_bias, sinks)
+    dbias = attn_bias.new_empty(attn_bias.shape) if bias_requires_grad else q.new_empty((0,))
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, deterministic = inputs
+    (q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes, attn_bias,
+     attention_chunk, sinks) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_bias, sinks)
     ctx.softmax_scale = _default_scale(softmax_scale, q.shape[-1])
     ctx.causal = causal
     ctx.deterministic = deterministic
+    ctx.features = (window_left, window_right, softcap, attention_chunk)
     # lse is returned for inspection; gradients flow through out only.
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, attn_bias, sinks = ctx.saved_tensors
+    window_left, window_right, softcap, attention_chunk = ctx.features
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     elif grad_out.stride(-1) != 1:  # e.g. out.sum() gives a gradient expanded with stride 0
         grad_out = grad_out.contiguous()
-    dq, dk, dv = torch.ops.flash_ext.attention_backward(
-        grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    # A bool mask has no gradient (and cannot require one).
+    bias_grad = attn_bias is not None and attn_bias.is_floating_point() and ctx.needs_input_grad[_BIAS_INDEX]
+    dq, dk, dv, dbias, dsinks = torch.ops.flash_ext.attention_backward(
+        grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic, window_left, window_right,
+        softcap, alibi_slopes, attn_bias, attention_chunk, sinks, bias_grad)
+    return (dq, dk, dv, None, None, None, None, None, None, None,
+            dbias if bias_grad else None, None,
+            dsinks if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX] else None)
 
 
 torch.library.register_autograd(

@@ -115,15 +115,15 @@ def test_sdpa_matches_torch_sdpa(device, causal):
 
 
 def test_sdpa_rejects_what_it_does_not_support():
+    """attn_mask and top-left is_causal are supported since issue 15 (tests/test_variants.py); attn_mask with
+    is_causal raises as torch's SDPA documents (and its math backend does)."""
     q = torch.randn(1, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        flash_ext.sdpa(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="dropout_p"):
         flash_ext.sdpa(q, q, q, dropout_p=0.1)
     with pytest.raises(ValueError, match="enable_gqa"):
         flash_ext.sdpa(q, q[:, :1], q[:, :1])
-    with pytest.raises(NotImplementedError, match="top-left"):
-        flash_ext.sdpa(q, q[:, :, :4], q[:, :, :4], is_causal=True)
+    with pytest.raises(RuntimeError, match="attn_mask must not be set when is_causal=True"):
+        flash_ext.sdpa(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
     with pytest.raises(ValueError, match="query must be a 4-D"):
         flash_ext.sdpa(q[0], q, q)
 

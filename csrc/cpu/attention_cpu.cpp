@@ -29,12 +29,25 @@
 // saved float32 lse, so P reproduces the forward's normalization exactly; where it is float64 the saved
 // float32 lse would cap P at float32 accuracy, so lse is recomputed in float64 first. Either way a row
 // that sees a single key gets P = 1 exactly and dS = P * (dP - D) cancels to exactly 0.
+//
+// Masks and score modifiers (docs/ARCHITECTURE.md, "Masks and score modifiers"): every score tile goes through
+// the same two steps, ScoreMods::apply then KeyRange::apply, in the forward and in both backward passes, so the
+// three compute the same S. The
+// window, causal and chunk masks give each row an interval of visible keys whose ends never decrease with the
+// row (KeyRange): a query row block visits only the key blocks its rows can see, the backward's key-block pass
+// only the query blocks that can see it, and only tiles that a boundary crosses pay for the per-element test.
+// dbias is accumulated in float64 by pass 1; where the bias is broadcast over batch, heads or query rows, the
+// pass-1 tasks that share its elements run one after another inside one task (for_each_block's `serial`),
+// so every dbias element has one owner and the sum has a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
 
 #include "../attention_checks.h"
 
@@ -67,32 +80,170 @@ constexpr at::ScalarType kBwdAccType = at::kDouble;
 int64_t num_blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
 
 // Runs fn(block, head, batch, scratch) for every task of a (batch, heads, blocks) grid over at::parallel_for,
-// without autograd; each worker makes its own scratch tensors once (make_scratch()).
+// without autograd; each worker makes its own scratch tensors once (make_scratch()). The tasks that differ only
+// in a dim marked in `serial` (batch, heads, blocks) run one after another, in increasing order, inside one
+// parallel task: what they write in common has one owner.
+struct Serial {
+  bool batch = false, heads = false, blocks = false;
+};
 template <typename MakeScratch, typename Fn>
-void for_each_block(int64_t batch, int64_t heads, int64_t blocks, MakeScratch make_scratch, Fn fn) {
-  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+void for_each_block(int64_t batch, int64_t heads, int64_t blocks, MakeScratch make_scratch, Fn fn,
+                    Serial serial = {}) {
+  const int64_t pb = serial.batch ? 1 : batch, ph = serial.heads ? 1 : heads, pm = serial.blocks ? 1 : blocks;
+  at::parallel_for(0, pb * ph * pm, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad_in_worker;
     auto scratch = make_scratch();
-    for (int64_t task = begin; task < end; ++task)
-      fn(task % blocks, (task / blocks) % heads, task / (blocks * heads), scratch);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t tm = task % pm, th = (task / pm) % ph, tb = task / (pm * ph);
+      for (int64_t b = serial.batch ? 0 : tb; b < (serial.batch ? batch : tb + 1); ++b)
+        for (int64_t h = serial.heads ? 0 : th; h < (serial.heads ? heads : th + 1); ++h)
+          for (int64_t mb = serial.blocks ? 0 : tm; mb < (serial.blocks ? blocks : tm + 1); ++mb)
+            fn(mb, h, b, scratch);
+    }
   });
 }
 
-// Keys [0, key_end) are visible to at least one row of [m0, m0 + mlen); causal is bottom-right aligned.
-int64_t key_end(int64_t m0, int64_t mlen, int64_t sq, int64_t sk, bool causal) {
-  if (!causal) return sk;
-  return std::clamp<int64_t>(m0 + mlen + sk - sq, 0, sk);
+int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
-// Sets S[r][c] = -inf where key n0 + c is in the causal future of query m0 + r; tiles the diagonal
-// does not cross are left untouched.
-void mask_causal_tile(at::Tensor& S, int64_t m0, int64_t n0, int64_t sq, int64_t sk) {
-  const int64_t mlen = S.size(0), nlen = S.size(1);
-  // Key col is visible to row r iff n0 + c <= m0 + r + sk - sq.
-  if (n0 + nlen - 1 <= m0 + sk - sq) return;
-  auto cols = at::arange(n0, n0 + nlen, S.options().dtype(at::kLong));
-  auto limits = at::arange(m0 + sk - sq, m0 + mlen + sk - sq, S.options().dtype(at::kLong));
-  S.masked_fill_(cols.unsqueeze(0) > limits.unsqueeze(1), -std::numeric_limits<double>::infinity());
+// Which keys each query row sees under the window, causal and chunk masks: row i (i' = i + seqlen_k -
+// seqlen_q, bottom-right aligned) sees the keys [lo(i), hi(i)). Both ends never decrease with i, so the keys
+// some row of a block sees are [lo(first row), hi(last row)), and a key block is seen by a contiguous run of
+// query blocks.
+struct KeyRange {
+  int64_t sq, sk, left, right, chunk;  // left / right: -1 unbounded (causal is right = 0); chunk: 0 off
+
+  KeyRange(int64_t sq_, int64_t sk_, const Features& f)
+      : sq(sq_), sk(sk_), left(f.window_left), right(f.window_right), chunk(f.attention_chunk) {
+    // A bound beyond sq + sk hides nothing; capping it keeps the arithmetic below from overflowing.
+    left = std::min(left, sq + sk);
+    right = std::min(right, sq + sk);
+  }
+  bool plain() const { return left < 0 && right < 0 && chunk == 0; }
+  bool has_left() const { return left >= 0 || chunk > 0; }
+  int64_t lo(int64_t i) const {
+    const int64_t r = i + sk - sq;
+    int64_t v = 0;
+    if (left >= 0) v = std::max(v, r - left);
+    if (chunk > 0) v = std::max(v, floor_div(r, chunk) * chunk);
+    return std::min(v, sk);
+  }
+  int64_t hi(int64_t i) const {
+    const int64_t r = i + sk - sq;
+    int64_t v = sk;
+    if (right >= 0) v = std::min(v, r + right + 1);
+    if (chunk > 0) v = std::min(v, (floor_div(r, chunk) + 1) * chunk);
+    return std::max<int64_t>(v, 0);
+  }
+  // Keys [first, second) are seen by at least one row of [m0, m0 + mlen) (first == second: none).
+  std::pair<int64_t, int64_t> keys(int64_t m0, int64_t mlen) const {
+    if (plain()) return {0, sk};
+    const int64_t a = lo(m0), b = hi(m0 + mlen - 1);
+    return {a, std::max(a, b)};
+  }
+  // Whether every row of [m0, m0 + mlen) sees every key of [n0, n0 + nlen): the tile needs no test.
+  bool full(int64_t m0, int64_t mlen, int64_t n0, int64_t nlen) const {
+    return plain() || (n0 >= lo(m0 + mlen - 1) && n0 + nlen <= hi(m0));
+  }
+  // Sets S[r][c] = -inf where row m0 + r does not see key n0 + c.
+  void apply(at::Tensor& S, int64_t m0, int64_t n0) const {
+    const int64_t mlen = S.size(0), nlen = S.size(1);
+    if (full(m0, mlen, n0, nlen)) return;
+    const auto long_opts = S.options().dtype(at::kLong);
+    at::Tensor his = at::empty({mlen, 1}, long_opts), los;
+    int64_t* hp = his.data_ptr<int64_t>();
+    for (int64_t r = 0; r < mlen; ++r) hp[r] = hi(m0 + r);
+    const at::Tensor cols = at::arange(n0, n0 + nlen, long_opts).unsqueeze(0);
+    at::Tensor hide = cols >= his;
+    if (has_left()) {
+      los = at::empty({mlen, 1}, long_opts);
+      int64_t* lp = los.data_ptr<int64_t>();
+      for (int64_t r = 0; r < mlen; ++r) lp[r] = lo(m0 + r);
+      hide.logical_or_(cols < los);
+    }
+    S.masked_fill_(hide, -std::numeric_limits<double>::infinity());
+  }
+};
+
+// The score modifiers, applied to a tile of scale * Q K^T in this order: softcap, ALiBi, attn_bias.
+struct ScoreMods {
+  int64_t sq = 0, sk = 0, nheads = 0;
+  double softcap = 0.0;
+  std::vector<double> slopes;  // ALiBi: nheads or batch * nheads entries (empty: off)
+  bool slopes_per_batch = false;
+  at::Tensor bias;  // 4-D, read in place with its strides (undefined: off)
+  bool bias_is_bool = false;
+
+  // The bias (or dbias) elements of tile (b, h, rows m0.., keys n0..): a view with size-1 dims where the
+  // bias is broadcast.
+  static at::Tensor tile_of(const at::Tensor& t, int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0,
+                            int64_t nlen) {
+    at::Tensor x = t.select(0, t.size(0) == 1 ? 0 : b).select(0, t.size(1) == 1 ? 0 : h);
+    if (x.size(0) != 1) x = x.narrow(0, m0, mlen);
+    if (x.size(1) != 1) x = x.narrow(1, n0, nlen);
+    return x;
+  }
+
+  // s: the tile of rows m0.. and keys n0.. of (b, h). With softcap, `tanh_out` (if given, the shape of s)
+  // gets t = tanh(S_raw / softcap), the backward's derivative factor 1 - t^2.
+  void apply(at::Tensor& s, int64_t b, int64_t h, int64_t m0, int64_t n0, at::Tensor* tanh_out) const {
+    const int64_t mlen = s.size(0), nlen = s.size(1);
+    if (softcap > 0) {
+      s.div_(softcap).tanh_();
+      if (tanh_out != nullptr) tanh_out->copy_(s);
+      s.mul_(softcap);
+    }
+    if (!slopes.empty()) {
+      const double slope = slopes[slopes_per_batch ? b * nheads + h : h];
+      const auto opts = s.options();
+      const at::Tensor rows = at::arange(m0 + sk - sq, m0 + mlen + sk - sq, opts).unsqueeze(1);
+      const at::Tensor cols = at::arange(n0, n0 + nlen, opts).unsqueeze(0);
+      s.add_((rows - cols).abs_().mul_(-slope));
+    }
+    if (bias.defined()) {
+      const at::Tensor t = tile_of(bias, b, h, m0, mlen, n0, nlen);
+      if (bias_is_bool) s.masked_fill_(t.logical_not(), -std::numeric_limits<double>::infinity());
+      else s.add_(t);
+    }
+  }
+};
+
+ScoreMods make_mods(const AttnShape& s, const Features& f, const std::optional<at::Tensor>& alibi_slopes,
+                    const std::optional<at::Tensor>& attn_bias) {
+  ScoreMods mods;
+  mods.sq = s.seqlen_q, mods.sk = s.seqlen_k, mods.nheads = s.nheads;
+  mods.softcap = f.softcap;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor sl = alibi_slopes->detach().to(at::kDouble).contiguous();
+    mods.slopes.assign(sl.data_ptr<double>(), sl.data_ptr<double>() + sl.numel());
+    mods.slopes_per_batch = sl.dim() == 2;
+  }
+  if (attn_bias.has_value()) {
+    mods.bias = attn_bias->detach();
+    mods.bias_is_bool = f.bias_is_bool;
+  }
+  return mods;
+}
+
+// Sink logits per head in float64 (empty: no sinks).
+std::vector<double> sink_values(const std::optional<at::Tensor>& sinks) {
+  if (!sinks.has_value()) return {};
+  const at::Tensor t = sinks->detach().to(at::kDouble).contiguous();
+  return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());
+}
+
+// One more step of the online softmax for a sink: a column of logit `sink` and value 0. m is the running max,
+// l the running sum of exp(S - m), o (if given) the output accumulator of that sum.
+void fold_sink(at::Tensor& m, at::Tensor& l, at::Tensor* o, double sink) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor m_new = at::clamp_min(m, sink);
+  const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
+  const at::Tensor alpha = (m - m_safe).exp_();
+  l.mul_(alpha).add_((m_safe.neg() + sink).exp_());
+  if (o != nullptr) o->mul_(alpha.unsqueeze(1));
+  m = m_new;
 }
 
 void check_cpu_dtype(at::ScalarType dtype) {
@@ -105,21 +256,25 @@ at::Tensor front(const at::Tensor& buf, int64_t rows, int64_t cols) {
   return buf.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                         const at::Tensor& v_in,
-                                                         std::optional<double> softmax_scale, bool causal,
-                                                         bool /*deterministic*/) {
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, std::optional<double> softmax_scale,
+    bool causal, bool /*deterministic*/, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+    int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const auto dtype = q_in.scalar_type();
   check_cpu_dtype(dtype);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                    attention_chunk, sinks_in);
 
   at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
   at::Tensor lse = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  if (s.seqlen_k == 0) {  // no keys: every row sees nothing
+  if (s.seqlen_k == 0) {  // no keys: every row sees nothing (but its sink)
     out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+    if (sinks_in.has_value()) lse.copy_(sinks_in->detach().to(at::kFloat).view({1, s.nheads, 1}).expand_as(lse));
+    else lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
 
@@ -131,6 +286,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   const int64_t group = s.nheads / s.nheads_k;
   const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM);
   const double inf = std::numeric_limits<double>::infinity();
+  const KeyRange mask(s.seqlen_q, s.seqlen_k, f);
+  const ScoreMods mods = make_mods(s, f, alibi_slopes, attn_bias);
+  const std::vector<double> sinks = sink_values(sinks_in);
 
   auto make_scratch = [&]() {
     return std::make_pair(at::empty({kBlockM, kBlockN}, q.options()), at::empty({kBlockM, s.head_dim}, q.options()));
@@ -146,12 +304,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
     at::Tensor o_i = front(o_buf, mlen, s.head_dim).zero_();
     at::Tensor m_i = at::full({mlen}, -inf, q.options());  // running max of S
     at::Tensor l_i = at::zeros({mlen}, q.options());       // running sum of exp(S - m)
-    const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
-    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-      const int64_t nlen = std::min(kBlockN, n_end - n0);
+    // The key blocks some row of this block sees: [n_min, n_max), tiles aligned to kBlockN.
+    const auto [n_min, n_max] = mask.keys(m0, mlen);
+    for (int64_t n0 = n_min / kBlockN * kBlockN; n0 < n_max; n0 += kBlockN) {
+      const int64_t nlen = std::min(kBlockN, n_max - n0);
       at::Tensor s_ij = front(s_buf, mlen, nlen);
       at::mm_out(s_ij, q_i, k_h.narrow(0, n0, nlen).t());
-      if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
+      mods.apply(s_ij, b, h, m0, n0, nullptr);
+      mask.apply(s_ij, m0, n0);
       const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
       // Rows that have seen no key yet keep m = -inf; subtract 0 there so exp gives 0, not NaN.
       const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
@@ -161,7 +321,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
       o_i.mul_(alpha.unsqueeze(1)).addmm_(s_ij, v_h.narrow(0, n0, nlen));
       m_i = m_new;
     }
-    // Epilogue: O /= l, lse = m + log(l); a row that saw no key gets O = 0 and lse = -inf.
+    if (!sinks.empty()) fold_sink(m_i, l_i, &o_i, sinks[h]);
+    // Epilogue: O /= l, lse = m + log(l); a row that saw no key (and no sink) gets O = 0 and lse = -inf.
     const at::Tensor seen = l_i > 0;
     o_i.div_(at::where(seen, l_i, at::ones_like(l_i)).unsqueeze(1));
     out_acc.select(0, b).select(1, h).narrow(0, m0, mlen).copy_(o_i);
@@ -171,22 +332,34 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q_in,
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, double softmax_scale, bool causal,
-    bool /*deterministic: the CPU backward is always deterministic*/) {
+    bool /*deterministic: the CPU backward is always deterministic*/, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+    int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in, bool bias_requires_grad) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const auto dtype = q_in.scalar_type();
   check_cpu_dtype(dtype);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                    attention_chunk, sinks_in, bias_requires_grad);
 
   const auto acc = kBwdAccType;
   at::Tensor dq = at::zeros({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options().dtype(acc));
   at::Tensor dk = at::zeros({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options().dtype(acc));
   at::Tensor dv = at::zeros({s.batch, s.seqlen_k, s.nheads_k, s.head_dim}, q_in.options().dtype(acc));
+  // dbias: the bias's sizes (a dim of size 1 sums over the rows, keys, heads or batch it is broadcast over);
+  // every element is written by one pass-1 task. Empty when not asked for, as dsinks without sinks.
+  at::Tensor dbias = bias_requires_grad ? at::zeros(attn_bias->sizes(), q_in.options().dtype(acc))
+                                        : at::empty({0}, q_in.options());
+  at::Tensor dsinks = sinks_in.has_value() ? at::zeros({s.nheads}, q_in.options().dtype(acc))
+                                           : at::empty({0}, q_in.options());
   auto finish = [&]() {
-    return std::make_tuple(dq.to(dtype), dk.to(dtype), dv.to(dtype));
+    return std::make_tuple(dq.to(dtype), dk.to(dtype), dv.to(dtype),
+                           bias_requires_grad ? dbias.to(attn_bias->scalar_type()) : dbias,
+                           sinks_in.has_value() ? dsinks.to(sinks_in->scalar_type()) : dsinks);
   };
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) return finish();
 
@@ -210,21 +383,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor D = at::empty({s.batch, s.nheads, s.seqlen_q}, q.options());
   const int64_t group = s.nheads / s.nheads_k;
   const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM), n_nblocks = num_blocks(s.seqlen_k, kBlockN);
+  const KeyRange mask(s.seqlen_q, s.seqlen_k, f);
+  const ScoreMods mods = make_mods(s, f, alibi_slopes, attn_bias);
+  const std::vector<double> sinks = sink_values(sinks_in);
+  const bool has_softcap = f.softcap > 0;
 
-  // Per-thread tiles: S in the score type, P and dP (later dS) in float64.
+  // Per-thread tiles: S in the score type, P and dP (later dS) in float64, tanh(S_raw / softcap) in the score type.
   struct Tiles {
-    at::Tensor s, p, dp;
+    at::Tensor s, p, dp, t;
   };
   auto make_tiles = [&]() {
     return Tiles{at::empty({kBlockM, kBlockN}, q_s.options()), at::empty({kBlockM, kBlockN}, q.options()),
-                 at::empty({kBlockM, kBlockN}, q.options())};
+                 at::empty({kBlockM, kBlockN}, q.options()),
+                 has_softcap ? at::empty({kBlockM, kBlockN}, q_s.options()) : at::Tensor()};
   };
-  // S (mlen x nlen) for rows m0.. of head h and keys n0.., masked, in the score type.
+  // S (mlen x nlen) for rows m0.. of head h and keys n0.., modified and masked as in the forward, in the score type.
   auto scores = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Tiles& t) {
     at::Tensor s_ij = front(t.s, mlen, nlen);
     at::mm_out(s_ij, q_s.select(0, b).select(1, h).narrow(0, m0, mlen) * scale,
                k_s.select(0, b).select(1, h / group).narrow(0, n0, nlen).t());
-    if (causal) mask_causal_tile(s_ij, m0, n0, s.seqlen_q, s.seqlen_k);
+    at::Tensor t_ij;
+    if (has_softcap) t_ij = front(t.t, mlen, nlen);
+    mods.apply(s_ij, b, h, m0, n0, has_softcap ? &t_ij : nullptr);
+    mask.apply(s_ij, m0, n0);
     return s_ij;
   };
   // Recomputes P and dP = dO V^T (mlen x nlen) for rows m0.. of head h and keys n0...
@@ -241,55 +422,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
                v.select(0, b).select(1, h / group).narrow(0, n0, nlen).t());
     return std::make_pair(p, dp);
   };
-  // dS = P * (dP - D), in place of dP.
+  // dS = P * (dP - D), in place of dP: the gradient of the score after the modifiers (dbias).
   auto make_ds = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, at::Tensor& p, at::Tensor& dp) {
     return dp.sub_(D.select(0, b).select(0, h).narrow(0, m0, mlen).unsqueeze(1)).mul_(p);
   };
+  // dS_raw, the gradient of scale * Q K^T: through the softcap's tanh, dS * (1 - t^2), in place.
+  auto raw_ds = [&](at::Tensor& ds, int64_t mlen, int64_t nlen, Tiles& t) {
+    if (has_softcap) ds.mul_(front(t.t, mlen, nlen).square().neg_().add_(1.0));
+  };
 
   // Pass 1, parallel over (batch, head, row block): D = sum_j P_ij dP_ij (self-consistent with the
-  // recomputed P, so the rows of dS sum to zero, and to exactly zero for a row with one key), then dQ.
+  // recomputed P, so the rows of dS sum to zero, and to exactly zero for a row with one key), then dQ and dbias.
+  // A bias broadcast over batch, heads or rows makes those dims serial (one owner per dbias element).
+  Serial serial;
+  if (bias_requires_grad) {
+    serial.batch = dbias.size(0) == 1, serial.heads = dbias.size(1) == 1, serial.blocks = dbias.size(2) == 1;
+  }
   for_each_block(s.batch, s.nheads, n_mblocks, make_tiles, [&](int64_t mb, int64_t h, int64_t b, Tiles& t) {
     const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
-    const int64_t n_end = key_end(m0, mlen, s.seqlen_q, s.seqlen_k, causal);
-    if (exact_lse) {  // online max and sum over the row block's keys, as in the forward
+    const auto [n_min, n_max] = mask.keys(m0, mlen);
+    const int64_t n_start = n_min / kBlockN * kBlockN;
+    if (exact_lse) {  // online max and sum over the row block's keys (and its sink), as in the forward
       at::Tensor m_i = at::full({mlen}, -inf, q.options()), l_i = at::zeros({mlen}, q.options());
-      for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-        at::Tensor s_ij = scores(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
+      for (int64_t n0 = n_start; n0 < n_max; n0 += kBlockN) {
+        at::Tensor s_ij = scores(b, h, m0, mlen, n0, std::min(kBlockN, n_max - n0), t);
         const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
         const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
         l_i.mul_((m_i - m_safe).exp_()).add_(s_ij.sub_(m_safe.unsqueeze(1)).exp_().sum(1));
         m_i = m_new;
       }
+      if (!sinks.empty()) fold_sink(m_i, l_i, nullptr, sinks[h]);
       lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(l_i > 0, m_i + l_i.log(), inf));
     }
     at::Tensor d_i = D.select(0, b).select(0, h).narrow(0, m0, mlen).zero_();
-    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-      auto [p, dp] = recompute(b, h, m0, mlen, n0, std::min(kBlockN, n_end - n0), t);
+    for (int64_t n0 = n_start; n0 < n_max; n0 += kBlockN) {
+      auto [p, dp] = recompute(b, h, m0, mlen, n0, std::min(kBlockN, n_max - n0), t);
       d_i.add_((p * dp).sum(1));
     }
     at::Tensor dq_i = dq.select(0, b).select(1, h).narrow(0, m0, mlen);
-    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
-      const int64_t nlen = std::min(kBlockN, n_end - n0);
+    for (int64_t n0 = n_start; n0 < n_max; n0 += kBlockN) {
+      const int64_t nlen = std::min(kBlockN, n_max - n0);
       auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
-      const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
+      at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
+      if (bias_requires_grad) {  // dbias += dS, summed over the dims the bias is broadcast over
+        at::Tensor db = ScoreMods::tile_of(dbias, b, h, m0, mlen, n0, nlen);
+        at::Tensor red = db.size(0) == 1 ? ds.sum(0, /*keepdim=*/true) : ds;
+        if (db.size(1) == 1) red = red.sum(1, /*keepdim=*/true);
+        db.add_(red);
+      }
+      raw_ds(ds, mlen, nlen, t);
       dq_i.addmm_(ds, k.select(0, b).select(1, h / group).narrow(0, n0, nlen), 1.0, scale);  // dQ += scale dS K
     }
   });
 
-  // Pass 2: dK and dV, parallel over (batch, K/V head, column block); sums over the group's heads.
+  // dsink_h = -sum over (batch, rows) of exp(sink_h - lse) * D: the sink's share of each row's denominator
+  // times the row's dO . O. A row that sees nothing has D = 0.
+  if (!sinks.empty()) {
+    const at::Tensor sink = at::tensor(sinks, q.options()).view({1, s.nheads, 1});
+    dsinks.copy_((sink - lse).exp_().mul_(D).sum({0, 2}).neg_());
+  }
+
+  // Pass 2: dK and dV, parallel over (batch, K/V head, column block); sums over the group's heads, over the
+  // query blocks that see the column block.
   for_each_block(s.batch, s.nheads_k, n_nblocks, make_tiles, [&](int64_t nb, int64_t hk, int64_t b, Tiles& t) {
     const int64_t n0 = nb * kBlockN, nlen = std::min(kBlockN, s.seqlen_k - n0);
     at::Tensor dk_j = dk.select(0, b).select(1, hk).narrow(0, n0, nlen);
     at::Tensor dv_j = dv.select(0, b).select(1, hk).narrow(0, n0, nlen);
-    // Causal: the first query row that sees key n0 is n0 - (sk - sq).
-    const int64_t m_start = causal ? std::clamp<int64_t>(n0 - (s.seqlen_k - s.seqlen_q), 0, s.seqlen_q) : 0;
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      for (int64_t m0 = (m_start / kBlockM) * kBlockM; m0 < s.seqlen_q; m0 += kBlockM) {
+      for (int64_t m0 = 0; m0 < s.seqlen_q; m0 += kBlockM) {
         const int64_t mlen = std::min(kBlockM, s.seqlen_q - m0);
-        auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
-        dv_j.addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
-        const at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
-        dk_j.addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK += scale dS^T Q
+        const auto [k_min, k_max] = mask.keys(m0, mlen);
+        if (k_max <= n0 || k_min >= n0 + nlen || k_min == k_max) continue;  // no row of this block sees the keys
+        // Pass 1's tile of this row block (cut at its k_max): the same operands give bitwise the same S and dP, so
+        // dS = P * (dP - D) is exactly 0 where pass 1's is (a row that sees one key). Keys past k_max get nothing.
+        const int64_t tlen = std::min(nlen, k_max - n0);
+        auto [p, dp] = recompute(b, h, m0, mlen, n0, tlen, t);
+        dv_j.narrow(0, 0, tlen).addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
+        at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
+        raw_ds(ds, mlen, tlen, t);
+        dk_j.narrow(0, 0, tlen).addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK
       }
     }
   });

@@ -180,11 +180,31 @@ void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, 
   p.sm80_smem_limit = sm80_smem_limit();
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                          const at::Tensor& v_in, std::optional<double> softmax_scale,
-                                                          bool causal, bool /*deterministic*/) {
+// The issue-15 features the CUDA kernels do not run yet (docs/ARCHITECTURE.md, "Issue 15 plan"): each raises
+// NotImplementedError naming it; the CPU path runs them all. Returns the causal flag the kernels run with (a
+// window (-1, 0) is causal). The later steps of issue 15 remove these checks one by one as the kernels land.
+bool check_cuda_features(const Features& f, bool bias_requires_grad) {
+  const char* tail = " is not implemented in the CUDA kernels yet; it runs on the CPU";
+  TORCH_CHECK_NOT_IMPLEMENTED(f.window_left < 0 && f.window_right <= 0, "flash_ext: a sliding window (window_size)",
+                              tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(f.attention_chunk == 0, "flash_ext: attention_chunk", tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(f.softcap == 0.0, "flash_ext: softcap", tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_alibi, "flash_ext: alibi_slopes", tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_bias && !bias_requires_grad, "flash_ext: attn_bias", tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_sinks, "flash_ext: sinks", tail);
+  return f.window_right == 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, std::optional<double> softmax_scale,
+    bool causal_in, bool /*deterministic*/, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+    int64_t attention_chunk, const std::optional<at::Tensor>& sinks) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                    attention_chunk, sinks);
+  const bool causal = check_cuda_features(f, false);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
@@ -221,12 +241,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q_in
   return {caller_head_dim(out, s.head_dim), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, double softmax_scale, bool causal, bool deterministic) {
+    const at::Tensor& out_in, const at::Tensor& lse_in, double softmax_scale, bool causal_in, bool deterministic,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk, const std::optional<at::Tensor>& sinks,
+    bool bias_requires_grad) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                    attention_chunk, sinks, bias_requires_grad);
+  const bool causal = check_cuda_features(f, bias_requires_grad);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
@@ -234,9 +260,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   at::Tensor dq = at::empty({s.batch, s.seqlen_q, s.nheads, hd}, q_in.options());
   at::Tensor dk = at::empty({s.batch, s.seqlen_k, s.nheads_k, hd}, q_in.options());
   at::Tensor dv = at::empty({s.batch, s.seqlen_k, s.nheads_k, hd}, q_in.options());
-  auto results = [&] {
+  auto results = [&] {  // dbias and dsinks: empty, as no feature that has them runs here yet
     return std::make_tuple(caller_head_dim(dq, s.head_dim), caller_head_dim(dk, s.head_dim),
-                           caller_head_dim(dv, s.head_dim));
+                           caller_head_dim(dv, s.head_dim), at::empty({0}, q_in.options()),
+                           at::empty({0}, q_in.options()));
   };
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
