@@ -20,7 +20,8 @@ from reference import assert_fa_close, attention_ref, attention_ref_grads
 from test_attention import make_inputs
 
 # The features the CUDA kernels do not run yet: remove one here when its kernel lands.
-CUDA_PENDING = {"window", "chunk", "softcap", "alibi", "bias", "sinks"}
+# window and chunk: the local mask policy (csrc/kernels/mask.cuh) in every kernel.
+CUDA_PENDING = {"softcap", "alibi", "bias", "sinks"}
 
 INF = float("inf")
 
@@ -164,10 +165,15 @@ def check_variant(device, dtype, c):
     poison_cuda_allocator(((batch, sq, nheads, d), dtype), ((batch, nheads, sq), torch.float32))
     out, lse = flash_ext.attention(q, k, v, return_lse=True, **feats, **kw)
     poison_cuda_allocator(((batch, sq, nheads, d), dtype), (tuple(k.shape), dtype), (tuple(v.shape), dtype))
-    out2 = flash_ext.attention(q, k, v, **feats, **kw)
+    det = c.get("deterministic", False)
+    out2 = flash_ext.attention(q, k, v, deterministic=det, **feats, **kw)
     names = ["dq", "dk", "dv"] + (["dbias"] if bias_grad else []) + (["dsinks"] if sinks is not None else [])
     leaves = [q, k, v] + ([bias] if bias_grad else []) + ([sinks] if sinks is not None else [])
-    ours = dict(zip(names, torch.autograd.grad(out2, leaves, dout)))
+    ours = dict(zip(names, torch.autograd.grad(out2, leaves, dout, retain_graph=det)))
+    if det:  # deterministic: a second backward is bitwise the first
+        again = torch.autograd.grad(out2, leaves, dout)
+        for name, g in zip(names, again):
+            assert torch.equal(g, ours[name]), f"{name} differs between two deterministic backward calls"
 
     out_ref, lse_ref, g_ref = attention_ref_grads(dout, q, k, v, True, bias, sinks, bias_grad, alibi_slopes=alibi,
                                                   **kw)
@@ -180,6 +186,25 @@ def check_variant(device, dtype, c):
     for name in names:
         assert ours[name].dtype == leaves[names.index(name)].dtype, f"{name}: dtype {ours[name].dtype}"
         assert_fa_close(name, ours[name], g_ref[name], g_pt[name], dtype)
+
+
+# CUDA only: the local mask in every instantiated kernel family and head dim, at lengths where it skips whole key
+# blocks on both sides, leaves key blocks that no query sees (dK / dV = 0) and query blocks that see nothing, with
+# the deterministic backward too. dtypes alternate.
+LOCAL_PATTERNS = [
+    dict(name="window-causal", sq=1100, sk=1100, causal=True, window_size=(256, -1)),
+    dict(name="window-both", sq=1000, sk=1300, window_size=(300, 200)),
+    dict(name="window-narrow-sq>sk", sq=1300, sk=600, window_size=(10, 0)),  # 700 rows see no key
+    dict(name="window-sq<sk", sq=300, sk=1500, window_size=(100, 0)),  # 1100 keys no query sees
+    dict(name="chunk-causal", sq=1100, sk=1100, causal=True, attention_chunk=256),
+    dict(name="chunk-window", sq=777, sk=1500, attention_chunk=500, window_size=(-1, 64)),
+]
+LOCAL_CUDA_CASES = []
+for _i, (_d, _p) in enumerate((d, p) for d in (64, 96, 128, 192, 256) for p in LOCAL_PATTERNS):
+    _kw = {k: v for k, v in _p.items() if k not in ("name", "sq", "sk")}
+    LOCAL_CUDA_CASES.append((torch.bfloat16 if _i % 2 else torch.float16,
+                             case(f"local-{_p['name']}-d{_d}", _p["sq"], _p["sk"], _d, (L_GQA, L_MHA)[_i % 2],
+                                  deterministic=_i % 3 == 0, **_kw)))
 
 
 def _params():
@@ -195,6 +220,9 @@ def _params():
                                            reason=f"not in the CUDA kernels yet: {', '.join(pending)}"))
         for dtype in (torch.float16, torch.bfloat16):
             params.append(pytest.param("cuda", dtype, c, marks=marks, id=f"cuda-{str(dtype)[6:]}-{c['name']}"))
+    for dtype, c in LOCAL_CUDA_CASES:
+        det = "-det" if c["deterministic"] else ""
+        params.append(pytest.param("cuda", dtype, c, marks=[requires_cuda], id=f"cuda-{str(dtype)[6:]}-{c['name']}{det}"))
     return params
 
 
@@ -494,7 +522,6 @@ def test_bad_backward_feature_arguments():
 
 @requires_cuda
 @pytest.mark.parametrize("feature,kwargs", [
-    ("window", dict(window_size=(8, 0))), ("attention_chunk", dict(attention_chunk=16)),
     ("softcap", dict(softcap=5.0)), ("alibi_slopes", dict(alibi_slopes="h")),
     ("attn_bias", dict(attn_bias="mask")), ("sinks", dict(sinks="h"))])
 def test_cuda_names_the_feature_it_does_not_run_yet(feature, kwargs):

@@ -181,18 +181,29 @@ void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, 
 }
 
 // The issue-15 features the CUDA kernels do not run yet (docs/ARCHITECTURE.md, "Issue 15 plan"): each raises
-// NotImplementedError naming it; the CPU path runs them all. Returns the causal flag the kernels run with (a
-// window (-1, 0) is causal). The later steps of issue 15 remove these checks one by one as the kernels land.
-bool check_cuda_features(const Features& f, bool bias_requires_grad) {
+// NotImplementedError naming it; the CPU path runs them all. The later steps of issue 15 remove these checks one by
+// one as the kernels land. The masks run: plain, causal, and the local policy (a window, chunks) of
+// csrc/kernels/mask.cuh.
+void check_cuda_features(const Features& f, bool bias_requires_grad) {
   const char* tail = " is not implemented in the CUDA kernels yet; it runs on the CPU";
-  TORCH_CHECK_NOT_IMPLEMENTED(f.window_left < 0 && f.window_right <= 0, "flash_ext: a sliding window (window_size)",
-                              tail);
-  TORCH_CHECK_NOT_IMPLEMENTED(f.attention_chunk == 0, "flash_ext: attention_chunk", tail);
   TORCH_CHECK_NOT_IMPLEMENTED(f.softcap == 0.0, "flash_ext: softcap", tail);
   TORCH_CHECK_NOT_IMPLEMENTED(!f.has_alibi, "flash_ext: alibi_slopes", tail);
   TORCH_CHECK_NOT_IMPLEMENTED(!f.has_bias && !bias_requires_grad, "flash_ext: attn_bias", tail);
   TORCH_CHECK_NOT_IMPLEMENTED(!f.has_sinks, "flash_ext: sinks", tail);
-  return f.window_right == 0;
+}
+
+// The mask the kernels run: causal (the plain causal policy) where the window is (-1, 0) without chunks, else the
+// local policy where there is any bound or chunk, with unbounded sides as a bound no row reaches.
+void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
+  p.is_causal = f.is_causal_only();
+  p.is_local = !f.mask_is_plain() || f.window_right > 0;
+  const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
+  TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: seqlen_q + seqlen_k must be < 2^30 on CUDA, got ",
+              fmt(unbounded));
+  auto bound = [&](int64_t w) { return static_cast<int>(w < 0 || w > unbounded ? unbounded : w); };
+  p.window_left = bound(f.window_left);
+  p.window_right = bound(f.window_right);
+  p.attention_chunk = static_cast<int>(f.attention_chunk > unbounded ? unbounded : f.attention_chunk);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
@@ -204,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks);
-  const bool causal = check_cuda_features(f, false);
+  check_cuda_features(f, false);
+  const bool causal = f.is_causal_only();
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
@@ -220,6 +232,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
   FwdParams params;
   fill_fwd_params(params, q, k, v, out, lse, s, scale, causal, props);
+  fill_mask_params(params, f, s);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   bool launched = false;
@@ -252,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks, bias_requires_grad);
-  const bool causal = check_cuda_features(f, bias_requires_grad);
+  check_cuda_features(f, bias_requires_grad);
+  const bool causal = f.is_causal_only();
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
@@ -278,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   BwdParams params;
   fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, causal, deterministic, props);
+  fill_mask_params(params, f, s);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   // Workspace: dQ accumulated in float32, D = rowsum(dO * O). Both are written (zeroed) by the kernels.
