@@ -479,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // times the row's dO . O. A row that sees nothing has D = 0.
   if (!sinks.empty()) {
     const at::Tensor sink = at::tensor(sinks, q.options()).view({1, s.nheads, 1});
-    dsinks.copy_((sink - lse).exp_().mul_(D).sum({0, 2}).neg_());
+    dsinks.copy_((sink - lse).exp_().mul_(D).sum(2).sum(0).neg_());
   }
 
   // Pass 2: dK and dV, parallel over (batch, K/V head, column block); sums over the group's heads, over the
