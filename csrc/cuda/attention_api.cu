@@ -135,9 +135,42 @@ int sm80_smem_limit() {
   return static_cast<int>(v);
 }
 
+// The issue-15 features the CUDA kernels do not run yet (docs/ARCHITECTURE.md, "Issue 15 plan"): each raises
+// NotImplementedError naming it; the CPU path runs them all. The later steps of issue 15 remove these checks one by
+// one as the kernels land. The masks run: plain, causal, and the local policy (a window, chunks) of
+// csrc/kernels/mask.cuh.
+// Returns the arguments checked and resolved (check_features).
+Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causal, int64_t window_left,
+                             int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                             const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk,
+                             const std::optional<at::Tensor>& sinks, bool bias_requires_grad) {
+  const Features f = check_features(q, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                    attention_chunk, sinks, bias_requires_grad);
+  const char* tail = " is not implemented in the CUDA kernels yet; it runs on the CPU";
+  TORCH_CHECK_NOT_IMPLEMENTED(f.softcap == 0.0, "flash_ext: softcap", tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_alibi, "flash_ext: alibi_slopes", tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_bias && !bias_requires_grad, "flash_ext: attn_bias", tail);
+  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_sinks, "flash_ext: sinks", tail);
+  return f;
+}
+
+// The mask the kernels run: causal (the plain causal policy) where the window is (-1, 0) without chunks, else the
+// local policy where there is any bound or chunk, with unbounded sides as a bound no row reaches.
+void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
+  p.is_causal = f.is_causal_only();
+  p.is_local = !f.mask_is_plain() || f.window_right > 0;
+  const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
+  TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: seqlen_q + seqlen_k must be < 2^30 on CUDA, got ",
+              fmt(unbounded));
+  auto bound = [&](int64_t w) { return static_cast<int>(w < 0 || w > unbounded ? unbounded : w); };
+  p.window_left = bound(f.window_left);
+  p.window_right = bound(f.window_right);
+  p.attention_chunk = static_cast<int>(f.attention_chunk > unbounded ? unbounded : f.attention_chunk);
+}
+
 void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const AttnShape& s, double scale,
-                     bool causal, const cudaDeviceProp* props) {
+                     const Features& f, const cudaDeviceProp* props) {
   std::memset(&p, 0, sizeof(p));
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -158,17 +191,17 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.scale_softmax = static_cast<float>(scale);
   p.scale_softmax_log2 = static_cast<float>(scale * 1.4426950408889634);  // scale * log2(e)
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
-  p.is_causal = causal;
+  fill_mask_params(p, f, s);
   p.num_sm = props->multiProcessorCount;
 }
 
 // The forward's params plus the backward's tensors; the workspaces are allocated per family below.
 void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
-                     const at::Tensor& dk, const at::Tensor& dv, const AttnShape& s, double scale, bool causal,
-                     bool deterministic, const cudaDeviceProp* props) {
+                     const at::Tensor& dk, const at::Tensor& dv, const AttnShape& s, double scale,
+                     const Features& f, bool deterministic, const cudaDeviceProp* props) {
   std::memset(&p, 0, sizeof(p));
-  fill_fwd_params(p, q, k, v, out, lse, s, scale, causal, props);
+  fill_fwd_params(p, q, k, v, out, lse, s, scale, f, props);
   p.dout = dout.data_ptr();
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
@@ -180,32 +213,6 @@ void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, 
   p.sm80_smem_limit = sm80_smem_limit();
 }
 
-// The issue-15 features the CUDA kernels do not run yet (docs/ARCHITECTURE.md, "Issue 15 plan"): each raises
-// NotImplementedError naming it; the CPU path runs them all. The later steps of issue 15 remove these checks one by
-// one as the kernels land. The masks run: plain, causal, and the local policy (a window, chunks) of
-// csrc/kernels/mask.cuh.
-void check_cuda_features(const Features& f, bool bias_requires_grad) {
-  const char* tail = " is not implemented in the CUDA kernels yet; it runs on the CPU";
-  TORCH_CHECK_NOT_IMPLEMENTED(f.softcap == 0.0, "flash_ext: softcap", tail);
-  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_alibi, "flash_ext: alibi_slopes", tail);
-  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_bias && !bias_requires_grad, "flash_ext: attn_bias", tail);
-  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_sinks, "flash_ext: sinks", tail);
-}
-
-// The mask the kernels run: causal (the plain causal policy) where the window is (-1, 0) without chunks, else the
-// local policy where there is any bound or chunk, with unbounded sides as a bound no row reaches.
-void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
-  p.is_causal = f.is_causal_only();
-  p.is_local = !f.mask_is_plain() || f.window_right > 0;
-  const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
-  TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: seqlen_q + seqlen_k must be < 2^30 on CUDA, got ",
-              fmt(unbounded));
-  auto bound = [&](int64_t w) { return static_cast<int>(w < 0 || w > unbounded ? unbounded : w); };
-  p.window_left = bound(f.window_left);
-  p.window_right = bound(f.window_right);
-  p.attention_chunk = static_cast<int>(f.attention_chunk > unbounded ? unbounded : f.attention_chunk);
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, std::optional<double> softmax_scale,
     bool causal_in, bool /*deterministic*/, int64_t window_left, int64_t window_right, double softcap,
@@ -213,10 +220,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     int64_t attention_chunk, const std::optional<at::Tensor>& sinks) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
-  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
-                                    attention_chunk, sinks);
-  check_cuda_features(f, false);
-  const bool causal = f.is_causal_only();
+  const Features f = check_cuda_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes,
+                                         attn_bias, attention_chunk, sinks, false);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
@@ -231,8 +236,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   }
   const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
   FwdParams params;
-  fill_fwd_params(params, q, k, v, out, lse, s, scale, causal, props);
-  fill_mask_params(params, f, s);
+  fill_fwd_params(params, q, k, v, out, lse, s, scale, f, props);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   bool launched = false;
@@ -261,12 +265,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk, const std::optional<at::Tensor>& sinks,
     bool bias_requires_grad) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
-  check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
-  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
-                                    attention_chunk, sinks, bias_requires_grad);
-  check_cuda_features(f, bias_requires_grad);
-  const bool causal = f.is_causal_only();
+  const Features f = check_cuda_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes,
+                                         attn_bias, attention_chunk, sinks, bias_requires_grad);
+  check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
@@ -291,8 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                              : at::empty(lse_in.sizes(), lse_in.options()).copy_(lse_in);
 
   BwdParams params;
-  fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, causal, deterministic, props);
-  fill_mask_params(params, f, s);
+  fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, f, deterministic, props);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   // Workspace: dQ accumulated in float32, D = rowsum(dO * O). Both are written (zeroed) by the kernels.
