@@ -138,8 +138,7 @@ int sm80_smem_limit() {
 // The issue-15 features the CUDA kernels do not run yet (docs/ARCHITECTURE.md, "Issue 15 plan"): each raises
 // NotImplementedError naming it; the CPU path runs them all. The later steps of issue 15 remove these checks one by
 // one as the kernels land. The masks run: plain, causal, and the local policy (a window, chunks) of
-// csrc/kernels/mask.cuh.
-// Returns the arguments checked and resolved (check_features).
+// csrc/kernels/mask.cuh. Returns the arguments checked and resolved (check_features).
 Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causal, int64_t window_left,
                              int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
                              const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk,
@@ -159,9 +158,10 @@ Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causa
 void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
   p.is_causal = f.is_causal_only();
   p.is_local = !f.mask_is_plain() || f.window_right > 0;
+  if (!p.is_local) return;  // (the window fields stay 0: no other policy reads them)
   const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
-  TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: seqlen_q + seqlen_k must be < 2^30 on CUDA, got ",
-              fmt(unbounded));
+  TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: a window or chunks need seqlen_q + seqlen_k < 2^30 on "
+              "CUDA (the local mask's bounds are int), got ", fmt(unbounded));
   auto bound = [&](int64_t w) { return static_cast<int>(w < 0 || w > unbounded ? unbounded : w); };
   p.window_left = bound(f.window_left);
   p.window_right = bound(f.window_right);
