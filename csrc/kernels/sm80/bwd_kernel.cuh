@@ -404,9 +404,9 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     {
       const int key0 = n_block * kBlockN + 16 * wn + g;
       // Block fully visible unless it is the seqlen_k tail or (causal) the diagonal crosses it.
-      bool need_mask = (n_block + 1) * kBlockN > seqlen_k ||
-                       (IsCausal && (n_block + 1) * kBlockN - 1 > m_block * kBlockM + seqlen_k - seqlen_q);
-      if constexpr (IsLocal) need_mask = mask.template block_needs_mask<kBlockM, kBlockN>(m_block, n_block);
+      const bool need_mask = IsLocal ? mask.template block_needs_mask<kBlockM, kBlockN>(m_block, n_block)
+                                     : (n_block + 1) * kBlockN > seqlen_k ||
+                                           (IsCausal && (n_block + 1) * kBlockN - 1 > m_block * kBlockM + seqlen_k - seqlen_q);
       const int key_lim = seqlen_k - key0;  // key0 + 8 * half >= seqlen_k: past the end
       // key0 - (last key that query row m_block*kBlockM sees): causal masks key0 + 8 half if this
       // + 8 half > local query row.
@@ -421,9 +421,13 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
           float p = fast_exp2(fmaf(acc_s[j][e], scale_log2, (e & 1) ? -lse2.y : -lse2.x));
           if (need_mask) {
             // Same test as mask.col_limit: key >= seqlen_k, or (causal) key > row + seqlen_k - seqlen_q.
-            bool masked = (e >> 1) * 8 >= key_lim;
-            if constexpr (IsCausal) masked |= key_diag + (e >> 1) * 8 - (e & 1) > ql;
-            if constexpr (IsLocal) masked = !mask.visible(m_block * kBlockM + ql + (e & 1), key0 + (e >> 1) * 8);
+            bool masked;
+            if constexpr (IsLocal) {
+              masked = !mask.visible(m_block * kBlockM + ql + (e & 1), key0 + (e >> 1) * 8);
+            } else {
+              masked = (e >> 1) * 8 >= key_lim;
+              if constexpr (IsCausal) masked |= key_diag + (e >> 1) * 8 - (e & 1) > ql;
+            }
             if (masked) p = 0.f;
           }
           acc_s[j][e] = p;
