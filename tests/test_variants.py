@@ -20,8 +20,9 @@ from reference import assert_fa_close, attention_ref, attention_ref_grads
 from test_attention import make_inputs
 
 # The features the CUDA kernels do not run yet: remove one here when its kernel lands.
-# window and chunk: the local mask policy (csrc/kernels/mask.cuh) in every kernel.
-CUDA_PENDING = {"softcap", "alibi", "bias", "sinks"}
+# window and chunk: the local mask policy (csrc/kernels/mask.cuh) in every kernel; softcap and ALiBi: the score
+# modifiers (csrc/kernels/score_mod.cuh) in every kernel.
+CUDA_PENDING = {"bias", "sinks"}
 
 INF = float("inf")
 
@@ -199,8 +200,19 @@ LOCAL_PATTERNS = [
     dict(name="chunk-causal", sq=1100, sk=1100, causal=True, attention_chunk=256),
     dict(name="chunk-window", sq=777, sk=1500, attention_chunk=500, window_size=(-1, 64)),
 ]
+# The score modifiers on CUDA, every kernel head dim: softcap and ALiBi alone, with causal, with a window, both
+# at once; odd lengths both ways, per-head and per-(batch, head) slopes, GQA (the key-side backward kernels visit
+# the query heads of a KV head in turn, each with its own slope).
+MOD_PATTERNS = [
+    dict(name="softcap", sq=1000, sk=1000, softcap=20.0, scale_inputs=2.0),
+    dict(name="softcap-causal", sq=700, sk=1100, causal=True, softcap=5.0, scale_inputs=2.0),
+    dict(name="alibi-causal", sq=1100, sk=1100, causal=True, alibi="h"),
+    dict(name="alibi-bh-sq>sk", sq=1300, sk=600, alibi="bh"),
+    dict(name="softcap-alibi-window", sq=900, sk=1300, window_size=(200, 100), softcap=8.0, alibi="h",
+         scale_inputs=2.0),
+]
 LOCAL_CUDA_CASES = []
-for _i, (_d, _p) in enumerate((d, p) for d in (64, 96, 128, 192, 256) for p in LOCAL_PATTERNS):
+for _i, (_d, _p) in enumerate((d, p) for d in (64, 96, 128, 192, 256) for p in LOCAL_PATTERNS + MOD_PATTERNS):
     _kw = {k: v for k, v in _p.items() if k not in ("name", "sq", "sk")}
     LOCAL_CUDA_CASES.append((torch.bfloat16 if _i % 2 else torch.float16,
                              case(f"local-{_p['name']}-d{_d}", _p["sq"], _p["sk"], _d, (L_GQA, L_MHA)[_i % 2],
@@ -521,9 +533,7 @@ def test_bad_backward_feature_arguments():
 
 
 @requires_cuda
-@pytest.mark.parametrize("feature,kwargs", [
-    ("softcap", dict(softcap=5.0)), ("alibi_slopes", dict(alibi_slopes="h")),
-    ("attn_bias", dict(attn_bias="mask")), ("sinks", dict(sinks="h"))])
+@pytest.mark.parametrize("feature,kwargs", [("attn_bias", dict(attn_bias="mask")), ("sinks", dict(sinks="h"))])
 def test_cuda_names_the_feature_it_does_not_run_yet(feature, kwargs):
     """Until its kernel lands (then this case goes), a CUDA call with a feature raises NotImplementedError naming it."""
     q = torch.randn(1, 16, 4, 32, device="cuda", dtype=torch.bfloat16)

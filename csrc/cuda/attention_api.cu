@@ -138,7 +138,7 @@ int sm80_smem_limit() {
 // The issue-15 features the CUDA kernels do not run yet (docs/ARCHITECTURE.md, "Issue 15 plan"): each raises
 // NotImplementedError naming it; the CPU path runs them all. The later steps of issue 15 remove these checks one by
 // one as the kernels land. The masks run: plain, causal, and the local policy (a window, chunks) of
-// csrc/kernels/mask.cuh. Returns the arguments checked and resolved (check_features).
+// csrc/kernels/mask.cuh; the score modifiers softcap and ALiBi run (csrc/kernels/score_mod.cuh). Returns the arguments checked and resolved (check_features).
 Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causal, int64_t window_left,
                              int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
                              const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk,
@@ -146,8 +146,6 @@ Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causa
   const Features f = check_features(q, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks, bias_requires_grad);
   const char* tail = " is not implemented in the CUDA kernels yet; it runs on the CPU";
-  TORCH_CHECK_NOT_IMPLEMENTED(f.softcap == 0.0, "flash_ext: softcap", tail);
-  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_alibi, "flash_ext: alibi_slopes", tail);
   TORCH_CHECK_NOT_IMPLEMENTED(!f.has_bias && !bias_requires_grad, "flash_ext: attn_bias", tail);
   TORCH_CHECK_NOT_IMPLEMENTED(!f.has_sinks, "flash_ext: sinks", tail);
   return f;
@@ -156,8 +154,10 @@ Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causa
 // The mask the kernels run: causal (the plain causal policy) where the window is (-1, 0) without chunks, else the
 // local policy where there is any bound or chunk, with unbounded sides as a bound no row reaches.
 void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
-  p.is_causal = f.is_causal_only();
-  p.is_local = !f.mask_is_plain() || f.window_right > 0;
+  // The general path (the local policy and the score modifiers, csrc/kernels/score_mod.cuh) runs for any window,
+  // chunk, softcap or ALiBi; causal then is its window (-1, 0), and the plain causal policy does not run.
+  p.is_local = !f.mask_is_plain() || f.window_right > 0 || f.softcap > 0.0 || f.has_alibi;
+  p.is_causal = f.is_causal_only() && !p.is_local;
   if (!p.is_local) return;  // (the window fields stay 0: no other policy reads them)
   const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
   TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: a window or chunks need seqlen_q + seqlen_k < 2^30 on "
@@ -166,6 +166,26 @@ void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
   p.window_left = bound(f.window_left);
   p.window_right = bound(f.window_right);
   p.attention_chunk = static_cast<int>(f.attention_chunk > unbounded ? unbounded : f.attention_chunk);
+}
+
+// The score modifiers' fields (general path only; FwdParams). `alibi` is alibi_slopes as the kernels read it
+// (alibi_for_kernels), kept alive by the caller until the launch.
+void fill_score_mod_params(FwdParams& p, const Features& f, const at::Tensor& alibi, double scale) {
+  if (f.softcap > 0.0) {
+    p.softcap_in = static_cast<float>(scale / f.softcap);
+    p.softcap_out = static_cast<float>(f.softcap / scale);
+  }
+  if (alibi.defined()) {
+    p.alibi_slopes = alibi.data_ptr<float>();
+    p.alibi_batch_stride = alibi.dim() == 2 ? alibi.stride(0) : 0;
+  }
+}
+
+// alibi_slopes (checked by check_features: (nheads,) or (batch, nheads), float32 or q's dtype, on q's device) as
+// the kernels read it: float32, contiguous rows (a copy where it is not); undefined without ALiBi.
+at::Tensor alibi_for_kernels(const std::optional<at::Tensor>& alibi_slopes) {
+  if (!alibi_slopes.has_value() || !alibi_slopes->defined()) return at::Tensor();
+  return alibi_slopes->to(at::kFloat).contiguous();
 }
 
 void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -237,6 +257,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
   FwdParams params;
   fill_fwd_params(params, q, k, v, out, lse, s, scale, f, props);
+  const at::Tensor alibi = alibi_for_kernels(alibi_slopes);
+  fill_score_mod_params(params, f, alibi, scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   bool launched = false;
@@ -294,6 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   BwdParams params;
   fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, f, deterministic, props);
+  const at::Tensor alibi = alibi_for_kernels(alibi_slopes);
+  fill_score_mod_params(params, f, alibi, scale);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   // Workspace: dQ accumulated in float32, D = rowsum(dO * O). Both are written (zeroed) by the kernels.

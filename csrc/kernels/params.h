@@ -29,8 +29,9 @@ struct FwdParams {
 
   bool is_bf16;   // element type of q/k/v/out/dout/dq/dk/dv: bf16 if true, else fp16
   bool is_causal; // bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q
-  // The local mask policy (Mask<IsCausal, true> of mask.cuh: a sliding window and/or chunks) runs when set; it
-  // sits in the padding after is_causal, so no earlier field moves.
+  // The general path runs when set: the local mask policy (Mask<IsCausal, true> of mask.cuh: a sliding window
+  // and/or chunks) and the score modifiers below, all at run time. It sits in the padding after is_causal, so no
+  // earlier field moves.
   bool is_local;
   int num_sm;     // multiprocessor count of the device (for grid sizing)
   // Local mask only (is_local): with i' = i + seqlen_k - seqlen_q, query i sees keys
@@ -38,6 +39,14 @@ struct FwdParams {
   // into window_right = 0 and an unbounded side into seqlen_q + seqlen_k, so both bounds are >= 0 here.
   int window_left, window_right;
   int attention_chunk;  // 0: no chunks
+  // Score modifiers (csrc/kernels/score_mod.cuh), general path only (is_local): the raw score s = q.k becomes
+  //   softcap_out * tanh(s * softcap_in)        softcap_in = scale / softcap, softcap_out = softcap / scale
+  // (0, 0: no softcap), plus -slope / scale * |i' - j| with slope alibi_slopes[b * alibi_batch_stride + h]
+  // (float32; nullptr: no ALiBi). Both stay in raw units, so the softmax, the lse and the backward's scale
+  // are those of the plain path.
+  float softcap_in, softcap_out;
+  const float* alibi_slopes;
+  int64_t alibi_batch_stride;  // 0: one slope per head for every batch entry
 };
 
 struct BwdParams : public FwdParams {

@@ -25,6 +25,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../mask.cuh"
+#include "../score_mod.cuh"
 #include "../seqinfo.cuh"
 
 namespace flash_ext {
@@ -251,6 +252,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   const bool with_dq = !params.deterministic;
 
   const Mask<IsCausal, IsLocal> mask(seqlen_q, seqlen_k, params);
+  // The score modifiers: read (and their code run) only in the general path's instantiation.
+  ScoreMod mod = IsLocal ? ScoreMod(params, b, hk * params.h_h_k_ratio, seqlen_q, seqlen_k) : ScoreMod();
   const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
   const int m_block_max = mask.template m_block_max<kBlockM, kBlockN>(n_block);
   const int n_m = m_block_max > m_block_min ? m_block_max - m_block_min : 0;
@@ -372,6 +375,9 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
 
     const float* lse_s = lse_smem + stage * kBlockM;
     const float* dsum_s = dsum_smem + stage * kBlockM;
+    if constexpr (IsLocal) {
+      if (params.h_h_k_ratio > 1) mod.set_head(params, b, h);  // this iteration's query head
+    }
     // The query block is processed in sub-blocks of kSubM queries (registers: d128 spills with 64).
 #pragma unroll 1
     for (int q0 = 0; q0 < kBlockM; q0 += kSubM) {
@@ -399,6 +405,27 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     // S^T = K Q^T: 16 keys x kSubM queries per warp.
     float acc_s[kSubM / 8][4];
     gemm_sub(acc_s, k_base, q_base);
+    // The score modifiers (general path): key rows key0, key0 + 8; queries m_block kBlockM + q0 + 8j + 2t (+1).
+    const float ip_sub = IsLocal ? mod.row_pos(m_block * kBlockM + q0 + 2 * t) : 0.f;
+    const float key0f = IsLocal ? static_cast<float>(n_block * kBlockN + 16 * wn + g) : 0.f;
+    (void)ip_sub;
+    (void)key0f;
+    if constexpr (IsLocal) {
+      if (mod.has_softcap()) {
+#pragma unroll
+        for (int j = 0; j < kSubM / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[j][e] = mod.softcap(acc_s[j][e]);
+      }
+      if (mod.has_alibi()) {
+#pragma unroll
+        for (int j = 0; j < kSubM / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc_s[j][e] = mod.add_alibi(acc_s[j][e], ip_sub + static_cast<float>(8 * j + (e & 1)),
+                                        key0f + static_cast<float>(8 * (e >> 1)));
+      }
+    }
 
     // P^T = exp2(S^T * scale_log2 - lse_log2), masked. (Key rows g, g + 8 of the warp's 16.)
     {
@@ -448,6 +475,16 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
       float ds[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[e] = acc_s[j][e] * (acc_dp[j][e] - ((e & 1) ? dsum2.y : dsum2.x));
+      if constexpr (IsLocal) {
+        if (mod.has_softcap()) {  // through the softcap: dS o (1 - t^2), t from P (ScoreMod::dtanh_from_p)
+          const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + q0 + 8 * j + 2 * t);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            ds[e] *= mod.dtanh_from_p(acc_s[j][e], (e & 1) ? lse2.y : lse2.x,
+                                      mod.alibi_term(ip_sub + static_cast<float>(8 * j + (e & 1)),
+                                                     key0f + static_cast<float>(8 * (e >> 1))));
+        }
+      }
       a_p[j / 2][(j & 1) * 2] = pack2<T>(acc_s[j][0], acc_s[j][1]);
       a_p[j / 2][(j & 1) * 2 + 1] = pack2<T>(acc_s[j][2], acc_s[j][3]);
       a_ds[j / 2][(j & 1) * 2] = pack2<T>(ds[0], ds[1]);
@@ -557,6 +594,8 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   using MaskT = Mask<IsCausal, IsLocal>;
   const MaskT mask(seqlen_q, seqlen_k, params);
+  // The score modifiers: read (and their code run) only in the general path's instantiation.
+  const ScoreMod mod = IsLocal ? ScoreMod(params, b, h, seqlen_q, seqlen_k) : ScoreMod();
   // Key blocks [n_block_min, n_block_max) (empty: dq = 0); the per-element mask where the block is at
   // or past n_block_unmasked_end or (a left bound only) below n_block_unmasked_begin.
   const int n_block_min = MaskT::kHasLeftBound ? mask.template n_block_min<kBlockM, kBlockN>(m_block) : 0;
@@ -642,6 +681,27 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
     }
     bool need_mask = n_block >= n_block_unmasked_end;
     if constexpr (MaskT::kHasLeftBound) need_mask = need_mask || n_block < n_block_unmasked_begin;
+    // The score modifiers (general path): rows m_block kBlockM + 16 warp + g (+8), keys n_block kBlockN + 8j + 2t (+1).
+    const float ip0 = IsLocal ? mod.row_pos(m_block * kBlockM + 16 * warp + g) : 0.f;
+    const float col0 = IsLocal ? static_cast<float>(n_block * kBlockN + 2 * t) : 0.f;
+    (void)ip0;
+    (void)col0;
+    if constexpr (IsLocal) {
+      if (mod.has_softcap()) {
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[j][e] = mod.softcap(acc_s[j][e]);
+      }
+      if (mod.has_alibi()) {
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc_s[j][e] = mod.add_alibi(acc_s[j][e], ip0 + static_cast<float>(8 * (e >> 1)),
+                                        col0 + static_cast<float>(8 * j + (e & 1)));
+      }
+    }
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
 #pragma unroll
@@ -654,6 +714,13 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
           mask.apply(p, col, MaskT::kHasLeftBound ? mask.col_min(row) : 0, mask.col_limit(row), 0.f);
         }
         acc_dp[j][e] = p * (acc_dp[j][e] - dsum_r[half]);
+        if constexpr (IsLocal) {
+          if (mod.has_softcap()) {  // through the softcap: dS o (1 - t^2), t from P (ScoreMod::dtanh_from_p)
+            acc_dp[j][e] *= mod.dtanh_from_p(p, lse_r[half],
+                                             mod.alibi_term(ip0 + static_cast<float>(8 * half),
+                                                            col0 + static_cast<float>(8 * j + (e & 1))));
+          }
+        }
       }
     }
     // dQ += dS K (k = key).

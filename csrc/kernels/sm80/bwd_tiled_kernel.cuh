@@ -32,6 +32,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../mask.cuh"
+#include "../score_mod.cuh"
 #include "bwd_kernel.cuh"
 
 namespace flash_ext {
@@ -415,6 +416,34 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
       if (it + 1 < n_iter) load_iter(next.h, next.m_block, stage ^ 1);
       cp_async_commit();
     }
+    // The score modifiers (general path only: constructed in its branches, as every addition to this kernel
+    // perturbed the plain and causal instantiations' code): query head h, queries m_block kBlockM + row_l, keys
+    // n_block kBlockN + col_l (as below).
+    if constexpr (IsLocal) {
+      const ScoreMod mod(params, b, h, seqlen_q, seqlen_k);
+      const float ip_blk = mod.row_pos(m_block * kBlockM), key_blk = static_cast<float>(n_block * kBlockN);
+      if (mod.has_softcap()) {
+#pragma unroll
+        for (int mi = 0; mi < kSdpMT; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < kSdpNT; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[mi][ni][e] = mod.softcap(acc_s[mi][ni][e]);
+      }
+      if (mod.has_alibi()) {
+#pragma unroll
+        for (int mi = 0; mi < kSdpMT; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < kSdpNT; ++ni)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row_l = sdp_wm * Traits::kSdpWM + mi * 16 + g + 8 * (e >> 1);
+              const int col_l = sdp_wn * Traits::kSdpWN + ni * 8 + 2 * t + (e & 1);
+              acc_s[mi][ni][e] = mod.add_alibi(acc_s[mi][ni][e], ip_blk + static_cast<float>(row_l),
+                                               key_blk + static_cast<float>(col_l));
+            }
+      }
+    }
     // P = exp2(S scale_log2 - lse_log2), masked.
     {
       const bool need_mask = IsLocal ? mask.template block_needs_mask<kBlockM, kBlockN>(m_block, n_block)
@@ -465,8 +494,19 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
         for (int ni = 0; ni < kSdpNT; ++ni) {
           const int col_l = sdp_wn * Traits::kSdpWN + ni * 8 + 2 * t;
           const float p0 = acc_s[mi][ni][2 * half], p1 = acc_s[mi][ni][2 * half + 1];
-          const float ds0 = p0 * (acc_dp[mi][ni][2 * half] - dsum);
-          const float ds1 = p1 * (acc_dp[mi][ni][2 * half + 1] - dsum);
+          float ds0 = p0 * (acc_dp[mi][ni][2 * half] - dsum);
+          float ds1 = p1 * (acc_dp[mi][ni][2 * half + 1] - dsum);
+          if constexpr (IsLocal) {
+            const ScoreMod mod(params, b, h, seqlen_q, seqlen_k);
+            if (mod.has_softcap()) {  // through the softcap: dS o (1 - t^2), t from P (ScoreMod::dtanh_from_p)
+              const float ip_blk = mod.row_pos(m_block * kBlockM), key_blk = static_cast<float>(n_block * kBlockN);
+              const float lse_raw = lse_s[row_l];
+              const float lse_r = lse_raw * kLog2e;  // (P = 0 where it was +inf: dtanh_from_p gives 0 there)
+              const float ip = ip_blk + static_cast<float>(row_l), key = key_blk + static_cast<float>(col_l);
+              ds0 *= mod.dtanh_from_p(p0, lse_r, mod.alibi_term(ip, key));
+              ds1 *= mod.dtanh_from_p(p1, lse_r, mod.alibi_term(ip, key + 1.f));
+            }
+          }
           *reinterpret_cast<uint32_t*>(p_smem + row_l * kPStride + col_l) = pack2<T>(p0, p1);
           *reinterpret_cast<uint32_t*>(ds_smem + row_l * kPStride + col_l) = pack2<T>(ds0, ds1);
         }

@@ -25,6 +25,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../mask.cuh"
+#include "../score_mod.cuh"
 #include "../seqinfo.cuh"
 #include "../softmax.cuh"
 #include "smem_layout.cuh"
@@ -162,6 +163,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
       MaskT::kHasLeftBound ? mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block) : 0;
 
   const int row_base = m_block * kBlockM;           // first query row of the block
+  // The score modifiers: read (and their loops run) only in the general path's instantiation.
+  const ScoreMod mod = IsLocal ? ScoreMod(params, b, h, seq.seqlen_q, seq.seqlen_k) : ScoreMod();
   // Re-read where the code before SeqInfo read it; the batch index comes from the register b where
   // K / V keep their base pointers, else from blockIdx.z (where the index is read shapes the register
   // allocation; both are the same entry).
@@ -327,6 +330,34 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
             [&](int row0, int k) { return k_ldsm(row0, k * 16); });
     }
 
+    if constexpr (IsLocal) {
+      if (mod.has_softcap()) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = mod.softcap(acc_s[mt][nt][e]);
+      }
+      if (mod.has_alibi()) {
+        const float col0 = static_cast<float>(n_block * kBlockN + 2 * t);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float ip = mod.row_pos(row_base + warp_row0 + mt * 16 + g + 8 * i);
+#pragma unroll
+            for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                acc_s[mt][nt][2 * i + e] =
+                    mod.add_alibi(acc_s[mt][nt][2 * i + e], ip, col0 + static_cast<float>(nt * 8 + e));
+              }
+            }
+          }
+        }
+      }
+    }
     if constexpr (kIsMasked) {
       // Keys the policy hides from the row (past seqlen_k; causal: past the diagonal) -> -inf.
 #pragma unroll

@@ -558,6 +558,8 @@ struct BwdKernel {
     const float scale_log2 = p.scale_softmax_log2;
     // This thread's key rows (global): key0 and key0 + 8.
     const int key0 = n_block * kBlockN + cw * 64 + warp_in_wg * 16 + g;
+    // The score modifiers: read (and their code run) only in the general path's instantiation.
+    ScoreMod mod = IsLocal ? ScoreMod(p, batch, head_k * p.h_h_k_ratio, seq.seqlen_q, seq.seqlen_k) : ScoreMod();
 
     float dv_reg[kHeadDim / 2], dk_reg[kHeadDim / 2];
 #pragma unroll
@@ -606,8 +608,11 @@ struct BwdKernel {
     // ---- wait for S^T / dP^T (no other wgmma group in flight); P^T, dS^T into A fragments.
     auto softmax = [&](int it) {
       const int stage = pipe.stage();
-      int hh_unused, m_block;
-      step_coords(args, mask, n_block, m_block_min, it, hh_unused, m_block);
+      int hh, m_block;
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
+      if constexpr (IsLocal) {
+        if (p.h_h_k_ratio > 1) mod.set_head(p, batch, head_k * p.h_h_k_ratio + hh);  // this step's query head
+      }
       wgmma_wait<1>();
       fence_regs(s_reg);
       // P^T = exp2(S^T scale_log2 - lse_log2[col]) (0 where masked)
@@ -615,11 +620,17 @@ struct BwdKernel {
       if constexpr (MaskT::kHasLeftBound) {
         need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
       }
+      if constexpr (IsLocal) {
+        if (mod.active()) score_mod_st(s_reg, mod, m_block * kBlockM, key0, t);
+      }
       recompute_pt(s_reg, smem + kOffLse, stage * kBlockM, t, scale_log2);
       if (need_mask) mask_pt(s_reg, mask, m_block * kBlockM, key0, t);
       wgmma_wait<0>();
       fence_regs(dp_reg);
       ds_from_pt(dp_reg, s_reg, smem + kOffD, stage * kBlockM, t);  // dS^T = P^T o (dP^T - D)
+      if constexpr (IsLocal) {
+        if (mod.has_softcap()) softcap_grad_st(dp_reg, s_reg, smem + kOffLse, stage * kBlockM, mod, m_block * kBlockM, key0, t);
+      }
       // P^T, dS^T as A operands of dV += P^T dO, dK += dS^T Q (k-step kk: q columns 16kk..16kk+15).
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {

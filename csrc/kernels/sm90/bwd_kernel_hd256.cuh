@@ -224,6 +224,8 @@ struct BwdKernelHd256 {
     // This thread's key rows: local row r0 = 16 warp + g and r0 + 8; global key0, key0 + 8.
     const int r0 = warp_in_wg * 16 + g;
     const int key0 = n_block * kBlockN + r0;
+    // The score modifiers: read (and their code run) only in the general path's instantiation.
+    ScoreMod mod = IsLocal ? ScoreMod(p, batch, head_k * p.h_h_k_ratio, seq.seqlen_q, seq.seqlen_k) : ScoreMod();
 
     float dv_reg[kNDq / 2], dk_reg[kNDq / 2];
 #pragma unroll
@@ -276,8 +278,14 @@ struct BwdKernelHd256 {
     auto softmax = [&](int it) {
       const int stage = pipe.stage();
       const int m_block = m_block_of(it);
+      if constexpr (IsLocal) {
+        if (p.h_h_k_ratio > 1) mod.set_head(p, batch, head_k * p.h_h_k_ratio + hh_of(it));  // this step's query head
+      }
       wgmma_wait<1>();
       fence_regs(s_reg);
+      if constexpr (IsLocal) {
+        if (mod.active()) score_mod_st(s_reg, mod, m_block * kBlockM + cw * kQh, key0, t);
+      }
       bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
       if constexpr (MaskT::kHasLeftBound) {
         need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
@@ -317,6 +325,12 @@ struct BwdKernelHd256 {
         dp_reg[4 * j + 1] = s_reg[4 * j + 1] * (dp_reg[4 * j + 1] - d2.y);
         dp_reg[4 * j + 2] = s_reg[4 * j + 2] * (dp_reg[4 * j + 2] - d2.x);
         dp_reg[4 * j + 3] = s_reg[4 * j + 3] * (dp_reg[4 * j + 3] - d2.y);
+      }
+      if constexpr (IsLocal) {
+        if (mod.has_softcap()) {
+          softcap_grad_st(dp_reg, s_reg, smem + kOffLse, stage * kBlockM + cw * kQh, mod, m_block * kBlockM + cw * kQh,
+                          key0, t);
+        }
       }
     };
 

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include "../ptx.cuh"
+#include "../score_mod.cuh"
 
 namespace flash_ext {
 namespace sm90 {
@@ -51,6 +52,50 @@ __device__ __forceinline__ void ds_from_pt(float (&dp)[N], const float (&p)[N], 
     dp[4 * j + 1] = p[4 * j + 1] * (dp[4 * j + 1] - d2.y);
     dp[4 * j + 2] = p[4 * j + 2] * (dp[4 * j + 2] - d2.x);
     dp[4 * j + 3] = p[4 * j + 3] * (dp[4 * j + 3] - d2.y);
+  }
+}
+
+// The score modifiers on S^T (general path), before P^T is recomputed from it: q0 is the query row of the tile's
+// column 0, key0 this thread's first key row.
+template <int N>
+__device__ __forceinline__ void score_mod_st(float (&s)[N], const ScoreMod& mod, int q0, int key0, int t) {
+  if (mod.has_softcap()) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) s[i] = mod.softcap(s[i]);
+  }
+  if (mod.has_alibi()) {
+    const float k0 = static_cast<float>(key0), k1 = static_cast<float>(key0 + 8);
+    const float ip = mod.row_pos(q0 + 2 * t);
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float ipq = ip + static_cast<float>(8 * j + e);
+        s[4 * j + e] = mod.add_alibi(s[4 * j + e], ipq, k0);
+        s[4 * j + 2 + e] = mod.add_alibi(s[4 * j + 2 + e], ipq, k1);
+      }
+    }
+  }
+}
+
+// dS^T through the softcap (general path, softcap on): dS^T o (1 - t^2), t recovered from P^T
+// (ScoreMod::dtanh_from_p); `lse`, `row0` as in recompute_pt, q0 and key0 as in score_mod_st.
+template <int N>
+__device__ __forceinline__ void softcap_grad_st(float (&ds)[N], const float (&p)[N], uint32_t lse, int row0,
+                                                const ScoreMod& mod, int q0, int key0, int t) {
+  const float k0 = static_cast<float>(key0), k1 = static_cast<float>(key0 + 8);
+  const float ip = mod.row_pos(q0 + 2 * t);
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    float2 l2;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(l2.x), "=f"(l2.y) : "r"(lse + (row0 + 8 * j + 2 * t) * 4));
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float ipq = ip + static_cast<float>(8 * j + e);
+      const float l = e ? l2.y : l2.x;
+      ds[4 * j + e] *= mod.dtanh_from_p(p[4 * j + e], l, mod.alibi_term(ipq, k0));
+      ds[4 * j + 2 + e] *= mod.dtanh_from_p(p[4 * j + 2 + e], l, mod.alibi_term(ipq, k1));
+    }
   }
 }
 

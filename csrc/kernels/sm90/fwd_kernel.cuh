@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 #include "../mask.cuh"
+#include "../score_mod.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
@@ -192,6 +193,28 @@ struct FwdKernel {
     }
   }
 
+  // The score modifiers (general path only) on this thread's scores of key block n_block: rows row0 and row0 + 8
+  // at positions ip0 and ip1 (ScoreMod::row_pos).
+  __device__ static __forceinline__ void apply_score_mod(float (&s_reg)[kBlockN / 2], const ScoreMod& mod, int n_block,
+                                                         int t, float ip0, float ip1) {
+    if (mod.has_softcap()) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) s_reg[i] = mod.softcap(s_reg[i]);
+    }
+    if (mod.has_alibi()) {
+      const float col0 = static_cast<float>(n_block * kBlockN + 2 * t);
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float c = col0 + static_cast<float>(8 * j + e);
+          s_reg[4 * j + e] = mod.add_alibi(s_reg[4 * j + e], ip0, c);
+          s_reg[4 * j + 2 + e] = mod.add_alibi(s_reg[4 * j + 2 + e], ip1, c);
+        }
+      }
+    }
+  }
+
   // Online softmax of one block for this thread's two rows (row g and g + 8 of its warp's 16): updates
   // the running max m (raw score units) and the thread-partial row sum l, turns s into P, returns the
   // factors that rescale O.
@@ -296,6 +319,11 @@ struct FwdKernel {
     const int lo0 = mask.col_min(row0), lo1 = mask.col_min(row0 + 8);
     (void)lo0;
     (void)lo1;
+    // The score modifiers: read (and their loops run) only in the general path's instantiation.
+    const ScoreMod mod = IsLocal ? ScoreMod(p, seq.b, tile.head, seq.seqlen_q, seq.seqlen_k) : ScoreMod();
+    const float ip0 = IsLocal ? mod.row_pos(row0) : 0.f, ip1 = IsLocal ? mod.row_pos(row0 + 8) : 0.f;
+    (void)ip0;
+    (void)ip1;
 
     const float scale_log2 = p.scale_softmax_log2;
     const uint32_t q_smem = smem + kOffQ + cw * 64 * 128;  // this warpgroup's 64 rows in each chunk
@@ -352,6 +380,9 @@ struct FwdKernel {
         fence_regs(s_reg);
         if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
         if (SeparateO && n_iters == 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done: Q free
+        if constexpr (IsLocal) {
+          if (mod.active()) apply_score_mod(s_reg, mod, n_block_max - 1, t, ip0, ip1);
+        }
         if (n_block_max - 1 >= n_unmasked_end || (MaskT::kHasLeftBound && n_block_max - 1 < n_unmasked_begin)) {
           if constexpr (MaskT::kHasLeftBound) apply_mask(s_reg, n_block_max - 1, t, lo0, lim0, lo1, lim1);
           else apply_mask(s_reg, n_block_max - 1, t, 0, lim0, 0, lim1);
@@ -384,6 +415,9 @@ struct FwdKernel {
         if (SeparateO && i == n_iters - 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done
         // The softmax sits in its own branches: ptxas hoists a wgmma wait above the instructions of its basic
         // block, which would make the softmax wait for P V; a branch join keeps the wait below the softmax.
+        if constexpr (IsLocal) {
+          if (mod.active()) apply_score_mod(s_reg, mod, n_block, t, ip0, ip1);
+        }
         bool masked = n_block >= n_unmasked_end;
         if constexpr (MaskT::kHasLeftBound) masked = masked || n_block < n_unmasked_begin;  // left edge
         if (masked) {
