@@ -1,13 +1,25 @@
-"""GPU benchmark of the masks and score modifiers (issue 15), beside our own plain and causal times on the same
-inputs: hidden 2048 (head dim 64 / 128 -> 32 / 16 heads), batch 1, bf16, seqlen 16k and 32k, forward and
-backward (= (fwd + bwd) - fwd), medians of triton.testing.do_bench, as bench/bench_attention.py measures.
+"""GPU benchmark of the masks and score modifiers (issue 15): bf16, batch 1, hidden 2048 (head dim 64 / 128 ->
+32 / 16 heads), seqlen 16k and 32k, forward and backward (= (fwd + bwd) - fwd), medians of
+triton.testing.do_bench, as bench/bench_attention.py measures. Three groups of rows, each timed at every shape:
 
-Rows: causal, and each variant the CUDA kernels run (today the local mask: a sliding window (4096, 0), i.e.
-Mistral's pattern, and chunks of 8192 with causal, Llama 4's). The ratio column is variant / causal: a window of
-4096 sees 0.44 of the causal area at 16k and 0.23 at 32k (rows see min(i + 1, 4097) keys instead of i + 1), so
-the time ratio cannot fall below those.
+masks      causal, and the local masks against it: a sliding window (4096, 0) (Mistral's pattern) and chunks of
+           8192 with causal (Llama 4's). Ratio = variant / causal. These rows skip keys, so they should be
+           cheaper: a window of 4096 sees 0.44 of the causal area at 16k and 0.23 at 32k (row i sees
+           min(i + 1, 4097) keys instead of i + 1), chunks of 8192 0.50 and 0.25; the time ratio cannot fall
+           below the area ratio (the table prints it).
+modifiers  the score modifiers against the same call without them: "plain" (no mask), "softcap 50" and
+           "alibi" (standard geometric slopes 2^(-8 (h + 1) / nheads)) against plain; "causal", "softcap 50
+           + causal" and "alibi + causal" against causal. Ratio (vs_plain) = with modifier / without. Target
+           of issue 15: at most 1.10, forward and backward.
+flex       Gemma 2's pattern, window (4096, 0) + softcap 50, ours against torch's FlexAttention
+           (torch.compile'd flex_attention, score_mod 50 tanh(s / 50), a block mask for kv <= q and
+           q - kv <= 4096, built once per shape outside the timing; inputs copied to its (B, H, S, D) layout
+           outside the timing). Speed-up = flex time / our time. Target: at least 1.3, forward and backward.
+           A flex failure (e.g. a compile error) is printed and recorded as null; the run goes on.
 
-    python bench/bench_variants.py [--quick] [--pytest-summary "..."]
+A row whose call raises (e.g. a feature the CUDA kernels do not run yet) is printed and recorded as null too.
+
+    python bench/bench_variants.py [--quick] [--only masks,modifiers,flex] [--pytest-summary "..."]
 
 Writes bench/results/variants-<gpu>-<date>-<commit>.json / .md.
 """
@@ -17,6 +29,7 @@ import json
 import os
 import statistics
 import subprocess
+import traceback
 
 import torch
 from triton.testing import do_bench
@@ -24,74 +37,286 @@ from triton.testing import do_bench
 import flash_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GROUPS = ("masks", "modifiers", "flex")
+WINDOW, SOFTCAP, CHUNK = 4096, 50.0, 8192
+MODIFIER_TARGET, FLEX_TARGET = 1.10, 1.3
+
+# name -> (flash_ext kwargs, baseline row). "alibi_slopes": True stands for the standard slopes of the shape.
 VARIANTS = {
-    "causal": dict(causal=True),
-    "window(4096,0)": dict(window_size=(4096, 0)),
-    "chunk 8192 + causal": dict(causal=True, attention_chunk=8192),
+    "plain": (dict(), "plain"),
+    "causal": (dict(causal=True), "causal"),
+    "window(4096,0)": (dict(window_size=(WINDOW, 0)), "causal"),
+    "chunk 8192 + causal": (dict(causal=True, attention_chunk=CHUNK), "causal"),
+    "softcap 50": (dict(softcap=SOFTCAP), "plain"),
+    "alibi": (dict(alibi_slopes=True), "plain"),
+    "softcap 50 + causal": (dict(softcap=SOFTCAP, causal=True), "causal"),
+    "alibi + causal": (dict(alibi_slopes=True, causal=True), "causal"),
 }
+MASK_ROWS = ("causal", "window(4096,0)", "chunk 8192 + causal")
+MODIFIER_ROWS = ("plain", "softcap 50", "alibi", "causal", "softcap 50 + causal", "alibi + causal")
+GEMMA_NAME = "window(4096,0) + softcap 50"
+GEMMA_KWARGS = dict(window_size=(WINDOW, 0), softcap=SOFTCAP)
 
 
-def time_pair(q, k, v, dout, kwargs, reps):
+def alibi_slopes(nheads):
+    return torch.tensor([2 ** (-8 * (h + 1) / nheads) for h in range(nheads)], device="cuda", dtype=torch.float32)
+
+
+def area_vs_causal(name, seqlen):
+    """Visible (query, key) pairs of a mask row / those of causal, at seqlen_q == seqlen_k."""
+    causal = seqlen * (seqlen + 1) // 2
+    if name == "window(4096,0)":
+        return sum(min(i + 1, WINDOW + 1) for i in range(seqlen)) / causal
+    if name == "chunk 8192 + causal":
+        full, rest = divmod(seqlen, CHUNK)
+        return (full * CHUNK * (CHUNK + 1) // 2 + rest * (rest + 1) // 2) / causal
+    return 1.0
+
+
+def time_fns(fwd, fwd_bwd, reps, label):
+    """(fwd ms, bwd ms, error): several do_bench runs, median of their medians (clock and scheduling noise
+    between runs); bwd = (fwd + bwd) - fwd. A call that raises gives None for what it spoils, and its message."""
+    f = fb = None
+    err = []
+    for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        try:
+            ms = statistics.median(do_bench(fn, warmup=25, rep=100) for _ in range(reps))
+        except Exception as e:  # noqa: BLE001 -- recorded and printed, the run goes on
+            print(f"{label}: {what} FAILED: {type(e).__name__}: {e}", flush=True)
+            err.append(f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            ms = None
+        if what == "fwd":
+            f = ms
+        else:
+            fb = ms
+    b = fb - f if f is not None and fb is not None else None
+    return f, b, "; ".join(err) or None
+
+
+def time_pair(q, k, v, dout, kwargs, reps, label=""):
     fwd = lambda: flash_ext.attention(q, k, v, **kwargs)
 
     def fwd_bwd():
         out = flash_ext.attention(q, k, v, **kwargs)
         torch.autograd.grad(out, (q, k, v), dout)
-    # Several do_bench runs, median of their medians (clock and scheduling noise between runs).
-    f = statistics.median(do_bench(fwd, warmup=25, rep=100) for _ in range(reps))
-    fb = statistics.median(do_bench(fwd_bwd, warmup=25, rep=100) for _ in range(reps))
-    return f, fb - f
+    return time_fns(fwd, fwd_bwd, reps, label)
+
+
+def ratio(a, b):
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def ratio_text(x, base):
+    return f"{x:.3f}x {base}" if x is not None else f"— x {base}"
+
+
+_flex = {}
+
+
+def softcap_mod(score, b, h, q_idx, kv_idx):
+    return SOFTCAP * torch.tanh(score / SOFTCAP)
+
+
+def gemma_mask(b, h, q_idx, kv_idx):
+    # Ours is bottom-right aligned; at seqlen_q == seqlen_k window (4096, 0) is exactly this.
+    return (kv_idx <= q_idx) & (q_idx - kv_idx <= WINDOW)
+
+
+def flex_fns(q, k, v, dout, seqlen):
+    """FlexAttention's fwd and fwd+bwd on (B, H, S, D) copies of q, k, v for window (4096, 0) + softcap 50, and
+    its forward output in our layout (for a correctness check). Built outside the timing: the copies, the
+    block mask, the compile (first call)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _flex:
+        _flex["fn"] = torch.compile(flex_attention, dynamic=False)
+    flex = _flex["fn"]
+
+    block_mask = create_block_mask(gemma_mask, B=None, H=None, Q_LEN=seqlen, KV_LEN=seqlen, device=q.device)
+    qf, kf, vf = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+    doutf = dout.transpose(1, 2).contiguous()
+    fwd = lambda: flex(qf, kf, vf, score_mod=softcap_mod, block_mask=block_mask)
+
+    def fwd_bwd():
+        out = flex(qf, kf, vf, score_mod=softcap_mod, block_mask=block_mask)
+        torch.autograd.grad(out, (qf, kf, vf), doutf)
+    fwd_bwd()  # compiles forward and backward; a failure here is the flex failure
+    out = fwd().detach().transpose(1, 2)  # in grad mode, as timed (no_grad would compile once more)
+    torch.cuda.synchronize()
+    return fwd, fwd_bwd, out
+
+
+def bench_shape(head_dim, seqlen, groups, reps, rows, flex_rows, errors):
+    nheads = 2048 // head_dim
+    q, k, v = (torch.randn(1, seqlen, nheads, head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    slopes = alibi_slopes(nheads)
+    names = []
+    if "masks" in groups:
+        names += MASK_ROWS
+    if "modifiers" in groups:
+        names += [n for n in MODIFIER_ROWS if n not in names]
+    # Baselines first, so every ratio is known when its row prints.
+    names = [n for n in VARIANTS if n in names and VARIANTS[n][1] == n] + \
+            [n for n in VARIANTS if n in names and VARIANTS[n][1] != n]
+    times = {}
+    for name in names:
+        kw, base = VARIANTS[name]
+        kw = {key: (slopes if key == "alibi_slopes" else val) for key, val in kw.items()}
+        label = f"d{head_dim} {seqlen} {name}"
+        f, b, err = time_pair(q, k, v, dout, kw, reps, label)
+        times[name] = (f, b)
+        bf, bb = times[base]
+        fr, br = ratio(f, bf), ratio(b, bb)
+        row = dict(head_dim=head_dim, seqlen=seqlen, variant=name, base=base, fwd_ms=f, bwd_ms=b, error=err,
+                   in_masks=name in MASK_ROWS and "masks" in groups,
+                   in_modifiers=name in MODIFIER_ROWS and "modifiers" in groups)
+        if name in MASK_ROWS:
+            row.update(fwd_vs_causal=fr, bwd_vs_causal=br, area_vs_causal=area_vs_causal(name, seqlen))
+        if name in MODIFIER_ROWS:
+            # vs_plain: with the modifier / the same call without it (None on the two baseline rows).
+            row.update(fwd_vs_plain=fr if base != name else None, bwd_vs_plain=br if base != name else None)
+        rows.append(row)
+        if err:
+            errors.append(f"{label}: {err}")
+        print(f"{label}: fwd {fmt(f)} ms ({ratio_text(fr, base)}), bwd {fmt(b)} ms ({ratio_text(br, base)})",
+              flush=True)
+    if "flex" in groups:
+        label = f"d{head_dim} {seqlen} {GEMMA_NAME}"
+        f, b, err = time_pair(q, k, v, dout, GEMMA_KWARGS, reps, label + " (flash_ext)")
+        if err:
+            errors.append(f"{label} (flash_ext): {err}")
+        ff = fb = max_diff = flex_err = None
+        try:
+            fwd, fwd_bwd, flex_out = flex_fns(q, k, v, dout, seqlen)
+            with torch.no_grad():
+                try:
+                    ours = flash_ext.attention(q, k, v, **GEMMA_KWARGS)
+                    max_diff = (ours.float() - flex_out.float()).abs().max().item()
+                except Exception:  # noqa: BLE001 -- ours failing is already recorded above
+                    pass
+            del flex_out
+            ff, fb, flex_err = time_fns(fwd, fwd_bwd, reps, label + " (flex)")
+            del fwd, fwd_bwd
+        except Exception as e:  # noqa: BLE001 -- a flex failure is recorded as null, the run goes on
+            print(f"{label}: FlexAttention FAILED: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+            msg = str(e).strip().splitlines()
+            flex_err = f"{type(e).__name__}: {msg[0] if msg else ''}"
+        if flex_err:
+            errors.append(f"{label} (flex): {flex_err}")
+        fs, bs = ratio(ff, f), ratio(fb, b)
+        flex_rows.append(dict(head_dim=head_dim, seqlen=seqlen, variant=GEMMA_NAME, fwd_ms=f, bwd_ms=b,
+                              flex_fwd_ms=ff, flex_bwd_ms=fb, fwd_speedup=fs, bwd_speedup=bs,
+                              max_abs_diff=max_diff, error=err, flex_error=flex_err))
+        print(f"{label}: fwd {fmt(f)} ms (flex {fmt(ff)} ms, {fmt(fs)}x), bwd {fmt(b)} ms (flex {fmt(fb)} ms, "
+              f"{fmt(bs)}x), max |ours - flex| {fmt(max_diff, '.2e')}", flush=True)
+    del q, k, v, dout
+
+
+def markdown(res):
+    gpu, commit = res["gpu"], res["commit"]
+    groups, rows, flex_rows = res["groups"], res["rows"], res["flex"]
+    lines = [f"# Masks and score modifiers: {gpu}, commit {commit}, torch {res['torch']}, {res['date']}",
+             "", f"GPU tests on this commit: {res['pytest_summary'] or '(not given)'}", "",
+             f"bf16, batch 1, hidden 2048; medians (ms) of do_bench (median of {res['reps']} run"
+             f"{'s' if res['reps'] > 1 else ''}); bwd = (fwd + bwd) - fwd; — = not measured (see Errors).", ""]
+    if "masks" in groups:
+        lines += ["## Masks vs causal", "",
+                  "ratio = variant / causal at the same shape; area = the variant's visible (query, key) pairs / "
+                  "causal's, the floor of the time ratio.", "",
+                  "| head dim | seqlen | variant | area / causal | fwd ms | fwd / causal | bwd ms | bwd / causal |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if r.get("in_masks"):
+                lines.append(f"| {r['head_dim']} | {r['seqlen']} | {r['variant']} | {fmt(r['area_vs_causal'])} | "
+                             f"{fmt(r['fwd_ms'])} | {fmt(r['fwd_vs_causal'])} | {fmt(r['bwd_ms'])} | "
+                             f"{fmt(r['bwd_vs_causal'])} |")
+        lines.append("")
+    if "modifiers" in groups:
+        lines += ["## Score modifiers vs the same call without them", "",
+                  f"vs_plain = variant / its baseline (plain for the non-causal rows, causal for the causal ones) "
+                  f"at the same shape; target of issue 15: <= {MODIFIER_TARGET:.2f}, forward and backward.", "",
+                  "| head dim | seqlen | variant | baseline | fwd ms | fwd vs_plain | bwd ms | bwd vs_plain | "
+                  f"<= {MODIFIER_TARGET:.2f} |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|---|"]
+        order = {name: i for i, name in enumerate(MODIFIER_ROWS)}
+        for r in sorted((r for r in rows if r.get("in_modifiers")),
+                        key=lambda r: (r["head_dim"], r["seqlen"], order[r["variant"]])):
+            fr, br = r["fwd_vs_plain"], r["bwd_vs_plain"]
+            if r["base"] == r["variant"]:
+                met = "(baseline)"
+            elif fr is None or br is None:
+                met = "—"
+            else:
+                met = "yes" if max(fr, br) <= MODIFIER_TARGET else "no"
+            lines.append(f"| {r['head_dim']} | {r['seqlen']} | {r['variant']} | {r['base']} | "
+                         f"{fmt(r['fwd_ms'])} | {fmt(fr)} | {fmt(r['bwd_ms'])} | {fmt(br)} | {met} |")
+        lines.append("")
+    if "flex" in groups:
+        lines += [f"## {GEMMA_NAME} (Gemma 2's pattern): flash_ext vs FlexAttention", "",
+                  "FlexAttention: torch.compile(flex_attention), score_mod 50 tanh(s / 50), block mask kv <= q and "
+                  "q - kv <= 4096 (built once per shape, outside the timing), inputs in (B, H, S, D). "
+                  f"speed-up = flex / flash_ext; target: >= {FLEX_TARGET:.1f}, forward and backward. "
+                  "max diff = max |ours - flex| of the forward outputs.", "",
+                  "| head dim | seqlen | fwd ms | flex fwd ms | fwd speed-up | bwd ms | flex bwd ms | bwd speed-up | "
+                  f">= {FLEX_TARGET:.1f} | max diff |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+        for r in flex_rows:
+            fs, bs = r["fwd_speedup"], r["bwd_speedup"]
+            met = "—" if fs is None or bs is None else ("yes" if min(fs, bs) >= FLEX_TARGET else "no")
+            lines.append(f"| {r['head_dim']} | {r['seqlen']} | {fmt(r['fwd_ms'])} | {fmt(r['flex_fwd_ms'])} | "
+                         f"{fmt(fs, '.2f')} | {fmt(r['bwd_ms'])} | {fmt(r['flex_bwd_ms'])} | {fmt(bs, '.2f')} | "
+                         f"{met} | {fmt(r['max_abs_diff'], '.2e')} |")
+        lines.append("")
+    if res["errors"]:
+        lines += ["## Errors", ""] + [f"- {e}" for e in res["errors"]] + [""]
+    return "\n".join(lines)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one do_bench run per figure instead of three")
+    ap.add_argument("--only", default=",".join(GROUPS),
+                    help=f"comma list of row groups to run, of {', '.join(GROUPS)} (default: all)")
     ap.add_argument("--pytest-summary", default="")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
+    groups = [g.strip() for g in args.only.split(",") if g.strip()]
+    bad = [g for g in groups if g not in GROUPS]
+    if bad or not groups:
+        ap.error(f"--only: unknown group(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(GROUPS)}")
+    groups = [g for g in GROUPS if g in groups]
     reps = 1 if args.quick else 3
     torch.manual_seed(0)
     # Clocks up first (the first config would otherwise run at idle clocks).
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     do_bench(lambda: a @ a, warmup=200, rep=2000)
-    rows = []
+    rows, flex_rows, errors = [], [], []
     for head_dim in (64, 128):
-        nheads = 2048 // head_dim
         for seqlen in (16384, 32768):
-            q, k, v = (torch.randn(1, seqlen, nheads, head_dim, device="cuda", dtype=torch.bfloat16,
-                                   requires_grad=True) for _ in range(3))
-            dout = torch.randn_like(q)
-            base = None
-            for name, kw in VARIANTS.items():
-                f, b = time_pair(q, k, v, dout, kw, reps)
-                if base is None:
-                    base = (f, b)
-                rows.append(dict(head_dim=head_dim, seqlen=seqlen, variant=name, fwd_ms=f, bwd_ms=b,
-                                 fwd_vs_causal=f / base[0], bwd_vs_causal=b / base[1]))
-                print(f"d{head_dim} {seqlen} {name}: fwd {f:.3f} ms ({f / base[0]:.3f}x causal), "
-                      f"bwd {b:.3f} ms ({b / base[1]:.3f}x causal)", flush=True)
-            del q, k, v, dout
+            bench_shape(head_dim, seqlen, groups, reps, rows, flex_rows, errors)
     commit = os.environ.get("FLASH_EXT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
     commit = commit[:7]
     gpu = torch.cuda.get_device_name()
     res = dict(commit=commit, gpu=gpu, torch=torch.__version__, date=datetime.date.today().isoformat(),
-               pytest_summary=args.pytest_summary, reps=reps, rows=rows)
+               pytest_summary=args.pytest_summary, reps=reps, groups=groups,
+               targets=dict(modifier_vs_plain_max=MODIFIER_TARGET, flex_speedup_min=FLEX_TARGET),
+               rows=rows, flex=flex_rows, errors=errors)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"variants-{gpu.lower().replace(' ', '-')}-{res['date']}-{commit}")
     with open(stem + ".json", "w") as fh:
         json.dump(res, fh, indent=1)
-    lines = [f"# Masks and score modifiers vs causal: {gpu}, commit {commit}, torch {res['torch']}, {res['date']}",
-             "", f"GPU tests on this commit: {args.pytest_summary or '(not given)'}", "",
-             "bf16, batch 1, hidden 2048; medians (ms) of do_bench; ratio = variant / causal at the same shape.", "",
-             "| head dim | seqlen | variant | fwd ms | fwd / causal | bwd ms | bwd / causal |",
-             "|---:|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['head_dim']} | {r['seqlen']} | {r['variant']} | {r['fwd_ms']:.3f} | "
-                     f"{r['fwd_vs_causal']:.3f} | {r['bwd_ms']:.3f} | {r['bwd_vs_causal']:.3f} |")
+    md = markdown(res)
     with open(stem + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        fh.write(md + "\n")
+    print(md)
 
 
 if __name__ == "__main__":
