@@ -37,8 +37,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     deterministic=True makes the backward bitwise reproducible (CUDA; the CPU path always is).
     Returns out (batch, seqlen_q, nheads, head_dim), and with return_lse also the float32
     log-sum-exp (batch, nheads, seqlen_q) (not differentiable).
-    The CUDA kernels run causal, window_size, attention_chunk, softcap and alibi_slopes; they raise
-    NotImplementedError for attn_bias and sinks until the later steps of issue 15 land. The CPU path runs them all.
+    The CUDA kernels and the CPU path run every one of these features, forward and backward.
     """
     window_left, window_right = _window_bounds(window_size)
     if attn_bias is not None and attn_bias.dim() < 4:  # a view: autograd maps dbias back to the caller's shape

@@ -374,7 +374,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // recomputes lse in float64 (one more sweep of S per row block) and P = exp(S - lse) is then exact to
   // float64, with P = 1 exactly for a row that sees one key. Otherwise S is rounded to float32 and the
   // saved lse is used, as the forward computed them.
-  const bool exact_lse = s_is_acc;
+  // With sinks it is recomputed in float32 S's case too: dsinks sums exp(sink - lse) D over every row of a head,
+  // and the float32 lse's rounding, added up over the rows, exceeded what PyTorch's float32 gradient gets.
+  const bool exact_lse = s_is_acc || sinks_in.has_value();
   // lse = -inf (a row that sees no key) would give exp(s - lse) = inf; +inf gives P = 0 instead.
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor lse = exact_lse ? at::empty({s.batch, s.nheads, s.seqlen_q}, q.options())

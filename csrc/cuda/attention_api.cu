@@ -135,28 +135,27 @@ int sm80_smem_limit() {
   return static_cast<int>(v);
 }
 
-// The issue-15 features the CUDA kernels do not run yet (docs/ARCHITECTURE.md, "Issue 15 plan"): each raises
-// NotImplementedError naming it; the CPU path runs them all. The later steps of issue 15 remove these checks one by
-// one as the kernels land. The masks run: plain, causal, and the local policy (a window, chunks) of
-// csrc/kernels/mask.cuh; the score modifiers softcap and ALiBi run (csrc/kernels/score_mod.cuh). Returns the arguments checked and resolved (check_features).
+// The issue-15 arguments on CUDA: every feature runs (docs/ARCHITECTURE.md, "Issue 15 plan"): the masks (plain,
+// causal, the local policy of csrc/kernels/mask.cuh), softcap, ALiBi and the bias (csrc/kernels/score_mod.cuh) and
+// sinks. A feature some later issue adds before its kernels have it raises NotImplementedError naming it here.
+// Returns the arguments checked and resolved (check_features).
 Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causal, int64_t window_left,
                              int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
                              const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk,
                              const std::optional<at::Tensor>& sinks, bool bias_requires_grad) {
   const Features f = check_features(q, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks, bias_requires_grad);
-  const char* tail = " is not implemented in the CUDA kernels yet; it runs on the CPU";
-  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_bias && !bias_requires_grad, "flash_ext: attn_bias", tail);
-  TORCH_CHECK_NOT_IMPLEMENTED(!f.has_sinks, "flash_ext: sinks", tail);
   return f;
 }
 
 // The mask the kernels run: causal (the plain causal policy) where the window is (-1, 0) without chunks, else the
 // local policy where there is any bound or chunk, with unbounded sides as a bound no row reaches.
 void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
-  // The general path (the local policy and the score modifiers, csrc/kernels/score_mod.cuh) runs for any window,
-  // chunk, softcap or ALiBi; causal then is its window (-1, 0), and the plain causal policy does not run.
-  p.is_local = !f.mask_is_plain() || f.window_right > 0 || f.softcap > 0.0 || f.has_alibi;
+  // The general path (the local policy, the score modifiers of csrc/kernels/score_mod.cuh and the sinks) runs for
+  // any window, chunk, softcap, ALiBi or sinks; causal then is its window (-1, 0), and the plain causal policy does
+  // not run.
+  p.is_local =
+      !f.mask_is_plain() || f.window_right > 0 || f.softcap > 0.0 || f.has_alibi || f.has_sinks || f.has_bias;
   p.is_causal = f.is_causal_only() && !p.is_local;
   if (!p.is_local) return;  // (the window fields stay 0: no other policy reads them)
   const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
@@ -168,9 +167,11 @@ void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
   p.attention_chunk = static_cast<int>(f.attention_chunk > unbounded ? unbounded : f.attention_chunk);
 }
 
-// The score modifiers' fields (general path only; FwdParams). `alibi` is alibi_slopes as the kernels read it
-// (alibi_for_kernels), kept alive by the caller until the launch.
-void fill_score_mod_params(FwdParams& p, const Features& f, const at::Tensor& alibi, double scale) {
+// The score modifiers' and the sinks' fields (general path only; FwdParams). `alibi` and `sinks` are the
+// arguments as the kernels read them (float_for_kernels), kept alive by the caller until the launch.
+void fill_score_mod_params(FwdParams& p, const Features& f, const at::Tensor& alibi, const at::Tensor& sinks,
+                           double scale) {
+  if (sinks.defined()) p.sinks = sinks.data_ptr<float>();
   if (f.softcap > 0.0) {
     p.softcap_in = static_cast<float>(scale / f.softcap);
     p.softcap_out = static_cast<float>(f.softcap / scale);
@@ -181,11 +182,46 @@ void fill_score_mod_params(FwdParams& p, const Features& f, const at::Tensor& al
   }
 }
 
-// alibi_slopes (checked by check_features: (nheads,) or (batch, nheads), float32 or q's dtype, on q's device) as
-// the kernels read it: float32, contiguous rows (a copy where it is not); undefined without ALiBi.
-at::Tensor alibi_for_kernels(const std::optional<at::Tensor>& alibi_slopes) {
-  if (!alibi_slopes.has_value() || !alibi_slopes->defined()) return at::Tensor();
-  return alibi_slopes->to(at::kFloat).contiguous();
+// The bias's fields (general path only): the tensor as the caller passed it (checked by check_bias: 4-D, each dim 1
+// or full, bool, float32 or q's dtype), read in place through its strides; a dim of size 1 gets stride 0.
+// The kernels address an element inside a (batch, head) slice with 32-bit offsets (csrc/kernels/score_mod.cuh); a
+// bias whose slice spans 2^31 elements or more is read from a copy with contiguous slices (its broadcast dims kept
+// broadcast), and one whose contiguous slice still does not fit is refused. Returns the tensor the kernels read
+// (kept alive by the caller until the launch).
+at::Tensor bias_for_kernels(const std::optional<at::Tensor>& attn_bias) {
+  if (!attn_bias.has_value() || !attn_bias->defined()) return at::Tensor();
+  at::Tensor b = *attn_bias;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int d = 2; d < 4; ++d) last += (t.size(d) - 1) * (t.size(d) == 1 ? 0 : t.stride(d));
+    return last;
+  };
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  if (span(b) >= limit) {
+    for (int d = 0; d < 4; ++d)
+      if (b.size(d) > 1 && b.stride(d) == 0) b = b.narrow(d, 0, 1);  // a broadcast dim stays one slice
+    b = b.contiguous();
+    TORCH_CHECK(span(b) < limit, "attn_bias on CUDA: seqlen_q * seqlen_k must be below 2^31 elements per (batch, "
+                "head) slice, got ", fmt(b.size(2)), " x ", fmt(b.size(3)));
+  }
+  return b;
+}
+
+void fill_bias_params(FwdParams& p, const at::Tensor& b, const at::Tensor& q) {
+  if (!b.defined()) return;
+  p.attn_bias = b.data_ptr();
+  p.bias_kind = b.scalar_type() == at::kBool ? 1 : b.scalar_type() == at::kFloat ? 2 : 3;
+  TORCH_INTERNAL_ASSERT(p.bias_kind != 3 || b.scalar_type() == q.scalar_type());
+  int64_t* strides[4] = {&p.bias_batch_stride, &p.bias_head_stride, &p.bias_row_stride, &p.bias_col_stride};
+  for (int d = 0; d < 4; ++d) *strides[d] = b.size(d) == 1 ? 0 : b.stride(d);
+}
+
+// alibi_slopes or sinks (checked by check_features: (nheads,), or (batch, nheads) for the slopes, float32 or q's
+// dtype, on q's device) as the kernels read them: float32, contiguous rows (a copy where they are not); undefined
+// where the argument is absent.
+at::Tensor float_for_kernels(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return t->to(at::kFloat).contiguous();
 }
 
 void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -249,16 +285,22 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, hd}, q_in.options());
   at::Tensor lse = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
   if (s.batch == 0 || s.seqlen_q == 0 || s.nheads == 0) return {caller_head_dim(out, s.head_dim), lse};
-  if (s.seqlen_k == 0) {
+  if (s.seqlen_k == 0) {  // no key: out 0, lse -inf (with sinks: the sink, as for any row that sees no key)
     out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+    if (f.has_sinks) {
+      lse.copy_(sinks->to(at::kFloat).view({1, s.nheads, 1}).expand_as(lse));
+    } else {
+      lse.fill_(-std::numeric_limits<float>::infinity());
+    }
     return {caller_head_dim(out, s.head_dim), lse};
   }
   const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
   FwdParams params;
   fill_fwd_params(params, q, k, v, out, lse, s, scale, f, props);
-  const at::Tensor alibi = alibi_for_kernels(alibi_slopes);
-  fill_score_mod_params(params, f, alibi, scale);
+  const at::Tensor alibi = float_for_kernels(alibi_slopes), sinks_f32 = float_for_kernels(sinks);
+  fill_score_mod_params(params, f, alibi, sinks_f32, scale);
+  const at::Tensor bias = bias_for_kernels(attn_bias);
+  fill_bias_params(params, bias, q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   bool launched = false;
@@ -298,14 +340,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor dq = at::empty({s.batch, s.seqlen_q, s.nheads, hd}, q_in.options());
   at::Tensor dk = at::empty({s.batch, s.seqlen_k, s.nheads_k, hd}, q_in.options());
   at::Tensor dv = at::empty({s.batch, s.seqlen_k, s.nheads_k, hd}, q_in.options());
-  auto results = [&] {  // dbias and dsinks: empty, as no feature that has them runs here yet
+  at::Tensor dbias_full;  // allocated below, once the shapes are known to be non-empty
+  // dbias (bias_requires_grad): the kernels' dS (dbias_full) summed over the bias's dims of size 1, in its dtype and
+  // sizes; zeros where no kernel ran. dsinks (with sinks): dsink_h = -sum over (b, i) of
+  // exp(sink_h - lse[b, h, i]) D[b, h, i] (docs/ARCHITECTURE.md), from the kernels' D workspace `dsum` (batch x nheads
+  // x seqlen_q_rounded; undefined: no row ran, D = 0) and the lse; a row with lse = -inf (no key, a sink of -inf)
+  // adds nothing.
+  auto results = [&](const at::Tensor& dsum, const at::Tensor& lse_f32) {
+    at::Tensor dsinks = at::empty({0}, q_in.options());
+    if (f.has_sinks) {
+      if (dsum.defined()) {
+        const at::Tensor lse_rows = lse_f32.view({s.batch, s.nheads, s.seqlen_q});
+        const at::Tensor p_sink = at::exp(sinks->to(at::kFloat).view({1, s.nheads, 1}) - lse_rows);
+        const at::Tensor terms =
+            at::where(at::isneginf(lse_rows), at::zeros_like(p_sink), p_sink * dsum.narrow(2, 0, s.seqlen_q));
+        dsinks = terms.sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());
+      } else {
+        dsinks = at::zeros_like(*sinks);
+      }
+    }
+    at::Tensor dbias = at::empty({0}, q_in.options());
+    if (bias_requires_grad) {
+      const at::Tensor& bias = *attn_bias;
+      if (dbias_full.defined()) {
+        std::vector<int64_t> dims;
+        for (int64_t d = 0; d < 4; ++d)
+          if (bias.size(d) == 1) dims.push_back(d);
+        dbias = (dims.empty() ? dbias_full : dbias_full.sum(dims, /*keepdim=*/true)).to(bias.scalar_type());
+      } else {
+        dbias = at::zeros(bias.sizes(), bias.options());
+      }
+    }
     return std::make_tuple(caller_head_dim(dq, s.head_dim), caller_head_dim(dk, s.head_dim),
-                           caller_head_dim(dv, s.head_dim), at::empty({0}, q_in.options()),
-                           at::empty({0}, q_in.options()));
+                           caller_head_dim(dv, s.head_dim), dbias, dsinks);
   };
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
-    return results();
+    return results(at::Tensor(), at::Tensor());
   }
   const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
   const at::Tensor out = kernel_ready(out_in, hd), dout = kernel_ready(dout_in, hd);
@@ -316,8 +387,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   BwdParams params;
   fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, f, deterministic, props);
-  const at::Tensor alibi = alibi_for_kernels(alibi_slopes);
-  fill_score_mod_params(params, f, alibi, scale);
+  const at::Tensor alibi = float_for_kernels(alibi_slopes), sinks_f32 = float_for_kernels(sinks);
+  fill_score_mod_params(params, f, alibi, sinks_f32, scale);
+  const at::Tensor bias = bias_for_kernels(attn_bias);
+  fill_bias_params(params, bias, q);
+  // dbias: dS of every (batch, head, row, key) in float32 (zero where no tile ran: masked, or a key block no query
+  // block sees), summed over the bias's broadcast dims below.
+  if (bias_requires_grad) {
+    TORCH_CHECK(s.seqlen_q * s.seqlen_k < std::numeric_limits<int32_t>::max(), "attn_bias's gradient on CUDA: "
+                "seqlen_q * seqlen_k must be below 2^31, got ", fmt(s.seqlen_q), " x ", fmt(s.seqlen_k));
+    dbias_full = at::zeros({s.batch, s.nheads, s.seqlen_q, s.seqlen_k}, q.options().dtype(at::kFloat));
+    params.dbias_accum = dbias_full.data_ptr<float>();
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   // Workspace: dQ accumulated in float32, D = rowsum(dO * O). Both are written (zeroed) by the kernels.
@@ -353,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
         launched = dispatch_bwd_sm90(inst, params, stream);
         TORCH_CHECK(launched, "flash_ext: the sm90 backward did not take head_dim ", fmt(s.head_dim));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return results();
+        return results(ws.second, lse);
       }
     }
   }
@@ -370,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
               " runs on this device (kernel head dim ", fmt(inst),
               "; its sm80 tiles need more shared memory per block than the device has, or FLASH_EXT_SM80_SMEM_LIMIT)");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return results();
+  return results(ws.second, lse);
 }
 
 }  // namespace

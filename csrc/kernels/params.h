@@ -47,6 +47,17 @@ struct FwdParams {
   float softcap_in, softcap_out;
   const float* alibi_slopes;
   int64_t alibi_batch_stride;  // 0: one slope per head for every batch entry
+  // Attention sinks (general path only): float32, one logit per query head, joining each row's softmax
+  // denominator (softmax.cuh, finalize_row_with_sink); nullptr: none. The backward needs nothing of them: its P
+  // comes from the sink-aware lse, and dsinks is reduced from D and lse by the API layer.
+  const float* sinks;
+  // Attention bias (general path only; score_mod.cuh): element (b, h, i, j) at attn_bias + b * bias_batch_stride +
+  // h * bias_head_stride + i * bias_row_stride + j * bias_col_stride (elements; 0 on a broadcast dim), h the query
+  // head. bias_kind: 0 none, 1 bool (1 byte; false hides the key), 2 float32, 3 the inputs' element type. A float
+  // bias is added to the scaled score (raw units: bias / scale).
+  const void* attn_bias;
+  int64_t bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
+  int bias_kind;
 };
 
 struct BwdParams : public FwdParams {
@@ -81,6 +92,10 @@ struct BwdParams : public FwdParams {
   // sm90 backward only (nullptr otherwise): one int32, the tile counter of the persistent causal kernel's dynamic
   // schedule; uninitialized: the sm90 preprocess kernel zeroes it (the API places it after lse_log2's rows).
   int* tile_counter;
+  // dbias (a float bias that requires grad): batch x nheads x seqlen_q x seqlen_k float32, zeroed by the API layer;
+  // the key-side backward kernel writes dS of every tile it visits (each element once), the API layer sums it over
+  // the bias's broadcast dims. nullptr: no dbias.
+  float* dbias_accum;
 };
 
 }  // namespace flash_ext

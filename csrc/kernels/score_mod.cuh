@@ -5,8 +5,10 @@
 //
 //   softcap:  s <- (softcap / scale) * tanh(s * scale / softcap)      (the scaled score capped at +-softcap)
 //   ALiBi:    s <- s - (slope / scale) * |i' - j|                      (i' = i + seqlen_k - seqlen_q)
+//   bias:     s <- s + bias[b, h, i, j] / scale  (a bool bias: -inf where false)
 //
-// in that order, as tests/reference.py. The scores stay in raw units (the scaled score divided by scale), so
+// in that order, as tests/reference.py. The bias is read element by element from global memory through its
+// strides (a broadcast dim has stride 0, so a key padding mask of (batch, 1, 1, seqlen_k) stays in L1 / L2). The scores stay in raw units (the scaled score divided by scale), so
 // the softmax, the lse and the backward's dQ / dK scale are the plain path's. The backward's dS is the gradient
 // of the scaled score; through the softcap it gains the factor d(capped)/d(scaled) = 1 - t^2 (t the tanh),
 // which the kernels apply to dS = P o (dP - D) with t recovered from P (dtanh_from_p; ALiBi adds a constant:
@@ -16,6 +18,9 @@
 // branches) and runs the per-element loops only where they are on.
 #pragma once
 #include <cmath>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "params.h"
 
@@ -33,27 +38,79 @@ __device__ __forceinline__ float fast_log2(float x) {
   return y;
 }
 
+// A 16-bit element of type T (as its bits) as a float.
+template <typename T>
+__device__ __forceinline__ float to_float(unsigned short bits);
+template <>
+__device__ __forceinline__ float to_float<__half>(unsigned short bits) { return __half2float(__ushort_as_half(bits)); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(unsigned short bits) {
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
 struct ScoreMod {
   float cap_in, cap_out;  // scale / softcap and softcap / scale; 0: no softcap
   float alibi;            // -slope / scale of this (batch, head); 0: no ALiBi
   int shift;              // seqlen_k - seqlen_q: row i is at i' = i + shift
   float t_scale;          // cap_in / scale_log2 = 1 / (softcap log2 e): the backward's t from log2 P (dtanh_from_p)
+  // The bias of this (batch, head): its element (0, 0), the kind (FwdParams::bias_kind; 0: none), 1 / scale, and
+  // the bounds of the elements that exist (rows past seqlen_q and keys past seqlen_k are never read).
+  const char* bias;
+  int bias_kind;
+  float bias_unscale;
+  int seqlen_q, seqlen_k;
 
   // No modifiers (what the plain and causal instantiations hold; they never read it).
-  __device__ __forceinline__ ScoreMod() : cap_in(0.f), cap_out(0.f), alibi(0.f), shift(0), t_scale(0.f) {}
-  __device__ __forceinline__ ScoreMod(const FwdParams& p, int batch, int head, int seqlen_q, int seqlen_k)
-      : cap_in(p.softcap_in), cap_out(p.softcap_out), alibi(0.f), shift(seqlen_k - seqlen_q),
-        t_scale(p.softcap_in / p.scale_softmax_log2) {
+  __device__ __forceinline__ ScoreMod()
+      : cap_in(0.f), cap_out(0.f), alibi(0.f), shift(0), t_scale(0.f), bias(nullptr), bias_kind(0), bias_unscale(0.f),
+        seqlen_q(0), seqlen_k(0) {}
+  __device__ __forceinline__ ScoreMod(const FwdParams& p, int batch, int head, int seqlen_q_, int seqlen_k_)
+      : cap_in(p.softcap_in), cap_out(p.softcap_out), alibi(0.f), shift(seqlen_k_ - seqlen_q_),
+        t_scale(p.softcap_in / p.scale_softmax_log2), bias(nullptr), bias_kind(p.bias_kind),
+        bias_unscale(1.f / p.scale_softmax), seqlen_q(seqlen_q_), seqlen_k(seqlen_k_) {
     set_head(p, batch, head);
   }
-  // ALiBi's slope of query head `head` (the backward's key-side kernels visit the query heads of a KV head in turn).
+  // ALiBi's slope and the bias of query head `head` (the backward's key-side kernels visit the query heads of a KV
+  // head in turn).
   __device__ __forceinline__ void set_head(const FwdParams& p, int batch, int head) {
     if (p.alibi_slopes != nullptr) alibi = -__ldg(p.alibi_slopes + batch * p.alibi_batch_stride + head) / p.scale_softmax;
+    if (bias_kind != 0) {
+      const int64_t off = batch * p.bias_batch_stride + head * p.bias_head_stride;
+      bias = static_cast<const char*>(p.attn_bias) + off * (bias_kind == 1 ? 1 : bias_kind == 2 ? 4 : 2);
+    }
+  }
+  __device__ __forceinline__ bool has_bias() const { return bias_kind != 0; }
+
+  // The bias's strides inside a (batch, head) slice, as 32-bit values (the API layer keeps every offset inside a
+  // slice, and dbias's, below 2^31). They pass through an opaque move once per tile: otherwise the compiler hoists
+  // the per-element products (constant offset x stride) out of the main loop and keeps dozens of them live across
+  // it (hundreds of bytes of spills); recomputed per tile they are one IMAD each.
+  struct Strides {
+    int row, col, dbias_row;
+  };
+  __device__ __forceinline__ Strides strides(const FwdParams& p) const {
+    return Strides{opaque(static_cast<int>(p.bias_row_stride)), opaque(static_cast<int>(p.bias_col_stride)),
+                   opaque(seqlen_k)};
+  }
+  __device__ __forceinline__ static int opaque(int x) {
+    int y;
+    asm volatile("mov.b32 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+  }
+  // One element's bias in raw units (-inf where a bool bias hides the key; 0 outside the tensor). T: the inputs'
+  // element type (bias_kind 3). The per-tile loops are add_bias below.
+  template <typename T>
+  __device__ __forceinline__ float bias_at(const Strides& st, int row, int col) const {
+    if (row >= seqlen_q || col >= seqlen_k) return 0.f;
+    const int off = row * st.row + col * st.col;
+    if (bias_kind == 1) return __ldg(reinterpret_cast<const unsigned char*>(bias) + off) ? 0.f : -INFINITY;
+    if (bias_kind == 2) return __ldg(reinterpret_cast<const float*>(bias) + off) * bias_unscale;
+    return to_float<T>(__ldg(reinterpret_cast<const unsigned short*>(bias) + off)) * bias_unscale;
   }
 
   __device__ __forceinline__ bool has_softcap() const { return cap_in != 0.f; }
   __device__ __forceinline__ bool has_alibi() const { return alibi != 0.f; }
-  __device__ __forceinline__ bool active() const { return has_softcap() || has_alibi(); }
+  __device__ __forceinline__ bool active() const { return has_softcap() || has_alibi() || bias_kind != 0; }
 
   // The row's position i' as a float (exact below 2^24), computed once per row; keys are floats as well, so the
   // per-element ALiBi term is one subtraction, one absolute value and one fma.
@@ -66,15 +123,72 @@ struct ScoreMod {
   // The ALiBi term itself (raw units, <= 0).
   __device__ __forceinline__ float alibi_term(float row_pos, float col) const { return alibi * fabsf(row_pos - col); }
 
+  // dbias of (row, col) = dS (the gradient of the scaled score), into the (batch, head)'s seqlen_q x seqlen_k float32
+  // rows at dbias_bh (BwdParams::dbias_accum); nothing outside the tensor.
+  __device__ __forceinline__ void store_dbias(float* dbias_bh, const Strides& st, int row, int col, float ds) const {
+    if (row < seqlen_q && col < seqlen_k) dbias_bh[row * st.dbias_row + col] = ds;
+  }
+
   // The backward's softcap factor 1 - t^2 of an element from its recomputed P = exp2(s' scale_log2 - lse_log2),
-  // s' = t softcap_out + alibi_term: log2 P + lse_log2 = s' scale_log2 gives t back without keeping it in registers
+  // s' = t softcap_out + additive (the ALiBi and bias terms, raw units): log2 P + lse_log2 = s' scale_log2 gives t back without keeping it in registers
   // across the dP gemm (the kernels' register budget has no room for a second score tile). The error of t is
   // that of lse_log2's last bit over softcap log2 e, far below the 16-bit rounding dS gets next. P = 0 (masked,
   // underflowed, a row without keys) gives 0: its dS is 0 whatever the factor.
-  __device__ __forceinline__ float dtanh_from_p(float p, float lse_log2, float alibi_term_) const {
-    const float t = fmaf(fast_log2(p) + lse_log2, t_scale, -cap_in * alibi_term_);
+  __device__ __forceinline__ float dtanh_from_p(float p, float lse_log2, float additive) const {
+    const float t = fmaf(fast_log2(p) + lse_log2, t_scale, -cap_in * additive);
     return p > 0.f ? fmaxf(fmaf(-t, t, 1.f), 0.f) : 0.f;
   }
 };
+
+// s[i] += the bias of element i, for the N scores a thread holds; coord(i, row, col) gives element i's query row and
+// key. The bias kind is tested once, outside the loop.
+// s[i] += the bias of element i, for the N scores a thread holds; coord(i, row, col) gives element i's query row and
+// key. One loop serves every kind: each element is read as the aligned 32-bit word that holds it (inside the
+// tensor's allocation, which is whole words) and taken out of it by the kind, a warp-uniform value; three loops, one
+// per kind, made the register allocator spill (the kernels have few registers to spare).
+template <typename T, int N, typename Coord>
+__device__ __forceinline__ void add_bias(float (&s)[N], const ScoreMod& mod, const FwdParams& p, Coord coord) {
+  const ScoreMod::Strides st = mod.strides(p);
+  const int kind = mod.bias_kind;
+  const int elem_shift = kind == 1 ? 0 : kind == 2 ? 2 : 1;  // log2 of the element size
+  const uintptr_t base = reinterpret_cast<uintptr_t>(mod.bias);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int row, col;
+    coord(i, row, col);
+    const bool in = row < mod.seqlen_q && col < mod.seqlen_k;
+    const uintptr_t addr = base + (static_cast<uintptr_t>(static_cast<unsigned>(row * st.row + col * st.col)) << elem_shift);
+    const unsigned word = in ? __ldg(reinterpret_cast<const unsigned*>(addr & ~uintptr_t(3))) : 0u;
+    const unsigned bits = word >> (8 * static_cast<unsigned>(addr & 3));
+    float v;
+    if (kind == 2) v = __uint_as_float(word) * mod.bias_unscale;
+    else if (kind == 3) v = to_float<T>(static_cast<unsigned short>(bits & 0xffffu)) * mod.bias_unscale;
+    else v = (bits & 0xffu) ? 0.f : -INFINITY;
+    if (in) s[i] += v;
+  }
+}
+
+// dbias = ds[i] of element i (ScoreMod::store_dbias), coord as in add_bias.
+template <int N, typename Coord>
+__device__ __forceinline__ void store_dbias(const float (&ds)[N], const ScoreMod& mod, const FwdParams& p,
+                                            float* dbias_bh, Coord coord) {
+  const ScoreMod::Strides st = mod.strides(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    int row, col;
+    coord(i, row, col);
+    mod.store_dbias(dbias_bh, st, row, col, ds[i]);
+  }
+}
+
+// A thread's scores as one flat array (the sm80 kernels hold them as [m-tile][n-tile][4]).
+template <int A, int B, int C>
+__device__ __forceinline__ float (&flat(float (&x)[A][B][C]))[A * B * C] {
+  return reinterpret_cast<float(&)[A * B * C]>(x);
+}
+template <int A, int C>
+__device__ __forceinline__ float (&flat(float (&x)[A][C]))[A * C] {
+  return reinterpret_cast<float(&)[A * C]>(x);
+}
 
 }  // namespace flash_ext

@@ -35,6 +35,29 @@ __device__ __forceinline__ float exp2_row(float (&s)[kNTiles][4], int i, float s
   return sum;
 }
 
+// The end of one row's softmax with an attention sink (issue 15; the general path only): `sink` is one more
+// logit (natural units, as the scaled scores) in the denominator, carrying no value. m is the row's running max
+// (raw units, -inf: no key seen) and sum = sum of exp2((s - m) * scale_log2) over the row (quad-reduced). With
+// M = max(m * scale_log2, sink * log2 e), the denominator relative to 2^M is sum * 2^(m scale_log2 - M) +
+// 2^(sink log2 e - M), so neither term overflows: inv is the factor that turns the row's O accumulator into the
+// output, lse = (M + log2 of that denominator) * ln 2. A row that sees no key gets inv = 0 and lse = sink.
+__device__ __forceinline__ void finalize_row_with_sink(float m, float sum, float scale_log2, float sink, float& inv,
+                                                       float& lse) {
+  constexpr float kLog2eF = 1.4426950408889634f, kLn2F = 0.6931471805599453f;
+  const float ms = m == -INFINITY ? -INFINITY : m * scale_log2;
+  const float s2 = sink * kLog2eF;
+  const float mx = fmaxf(ms, s2);
+  if (ms == -INFINITY) {  // no key: the sink alone (exactly; -inf for a sink of -inf)
+    inv = 0.f;
+    lse = sink;
+    return;
+  }
+  const float a = fast_exp2(ms - mx);  // 0 where no key was seen
+  const float denom = fmaf(sum, a, fast_exp2(s2 - mx));
+  inv = a / denom;
+  lse = (mx + log2f(denom)) * kLn2F;
+}
+
 // kMTiles m-tiles of 16 rows per warp -> 2 * kMTiles rows per thread.
 template <int kMTiles>
 struct OnlineSoftmax {
@@ -94,6 +117,26 @@ struct OnlineSoftmax {
         const bool empty = !(l > 0.f);  // also catches NaN
         const float inv = empty ? 0.f : 1.f / l;
         lse[r] = empty ? -INFINITY : row_max_reg[r] * scale + logf(l);
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          o[mt][dt][2 * i] *= inv;
+          o[mt][dt][2 * i + 1] *= inv;
+        }
+      }
+    }
+  }
+
+  // finalize with an attention sink (finalize_row_with_sink): the general path's epilogue where sinks are given.
+  template <int kDTiles>
+  __device__ __forceinline__ void finalize_with_sink(float (&o)[kMTiles][kDTiles][4], float scale_log2, float sink,
+                                                     float (&lse)[kRowsPerThread]) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = mt * 2 + i;
+        float inv;
+        finalize_row_with_sink(row_max_reg[r], quad_allreduce_sum(row_sum_reg[r]), scale_log2, sink, inv, lse[r]);
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           o[mt][dt][2 * i] *= inv;

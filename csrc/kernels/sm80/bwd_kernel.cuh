@@ -425,6 +425,12 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
             acc_s[j][e] = mod.add_alibi(acc_s[j][e], ip_sub + static_cast<float>(8 * j + (e & 1)),
                                         key0f + static_cast<float>(8 * (e >> 1)));
       }
+      if (mod.has_bias()) {  // element (j, e): query q0 + 8j + 2t + e % 2, key 16 wn + g + 8 (e / 2) of the blocks
+        add_bias<T>(flat(acc_s), mod, params, [&](int i, int& row, int& col) {
+          row = m_block * kBlockM + q0 + 8 * (i / 4) + 2 * t + i % 2;
+          col = n_block * kBlockN + 16 * wn + g + 8 * ((i % 4) / 2);
+        });
+      }
     }
 
     // P^T = exp2(S^T * scale_log2 - lse_log2), masked. (Key rows g, g + 8 of the warp's 16.)
@@ -476,13 +482,25 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[e] = acc_s[j][e] * (acc_dp[j][e] - ((e & 1) ? dsum2.y : dsum2.x));
       if constexpr (IsLocal) {
+        if (params.dbias_accum != nullptr) {  // dbias = dS (before the softcap's factor)
+          float* dbias_bh = params.dbias_accum + (int64_t(b) * params.nheads + h) * int64_t(seqlen_q) * seqlen_k;
+          store_dbias(ds, mod, params, dbias_bh, [&](int e, int& row, int& col) {
+            row = m_block * kBlockM + q0 + 8 * j + 2 * t + (e & 1);
+            col = n_block * kBlockN + 16 * wn + g + 8 * (e >> 1);
+          });
+        }
         if (mod.has_softcap()) {  // through the softcap: dS o (1 - t^2), t from P (ScoreMod::dtanh_from_p)
           const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + q0 + 8 * j + 2 * t);
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            ds[e] *= mod.dtanh_from_p(acc_s[j][e], (e & 1) ? lse2.y : lse2.x,
-                                      mod.alibi_term(ip_sub + static_cast<float>(8 * j + (e & 1)),
-                                                     key0f + static_cast<float>(8 * (e >> 1))));
+          for (int e = 0; e < 4; ++e) {
+            float add = mod.alibi_term(ip_sub + static_cast<float>(8 * j + (e & 1)),
+                                       key0f + static_cast<float>(8 * (e >> 1)));
+            if (mod.has_bias()) {
+              add += mod.bias_at<T>(mod.strides(params), m_block * kBlockM + q0 + 8 * j + 2 * t + (e & 1),
+                                    n_block * kBlockN + 16 * wn + g + 8 * (e >> 1));
+            }
+            ds[e] *= mod.dtanh_from_p(acc_s[j][e], (e & 1) ? lse2.y : lse2.x, add);
+          }
         }
       }
       a_p[j / 2][(j & 1) * 2] = pack2<T>(acc_s[j][0], acc_s[j][1]);
@@ -701,6 +719,12 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
             acc_s[j][e] = mod.add_alibi(acc_s[j][e], ip0 + static_cast<float>(8 * (e >> 1)),
                                         col0 + static_cast<float>(8 * j + (e & 1)));
       }
+      if (mod.has_bias()) {  // element (j, e): row 16 warp + g + 8 (e / 2), key 8j + 2t + e % 2 of the blocks
+        add_bias<T>(flat(acc_s), mod, params, [&](int i, int& row, int& col) {
+          row = m_block * kBlockM + 16 * warp + g + 8 * ((i % 4) / 2);
+          col = n_block * kBlockN + 8 * (i / 4) + 2 * t + i % 2;
+        });
+      }
     }
 #pragma unroll
     for (int j = 0; j < kBlockN / 8; ++j) {
@@ -716,9 +740,12 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
         acc_dp[j][e] = p * (acc_dp[j][e] - dsum_r[half]);
         if constexpr (IsLocal) {
           if (mod.has_softcap()) {  // through the softcap: dS o (1 - t^2), t from P (ScoreMod::dtanh_from_p)
-            acc_dp[j][e] *= mod.dtanh_from_p(p, lse_r[half],
-                                             mod.alibi_term(ip0 + static_cast<float>(8 * half),
-                                                            col0 + static_cast<float>(8 * j + (e & 1))));
+            float add = mod.alibi_term(ip0 + static_cast<float>(8 * half), col0 + static_cast<float>(8 * j + (e & 1)));
+            if (mod.has_bias()) {
+              add += mod.bias_at<T>(mod.strides(params), m_block * kBlockM + 16 * warp + g + 8 * half,
+                                    n_block * kBlockN + 8 * j + 2 * t + (e & 1));
+            }
+            acc_dp[j][e] *= mod.dtanh_from_p(p, lse_r[half], add);
           }
         }
       }

@@ -443,6 +443,12 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
                                                key_blk + static_cast<float>(col_l));
             }
       }
+      if (mod.has_bias()) {  // element (mi, ni, e): row g + 8 (e / 2) of m-tile mi, key 2t + e % 2 of n-tile ni
+        add_bias<T>(flat(acc_s), mod, params, [&](int i, int& row, int& col) {
+          row = m_block * kBlockM + sdp_wm * Traits::kSdpWM + (i / (4 * kSdpNT)) * 16 + g + 8 * ((i % 4) / 2);
+          col = n_block * kBlockN + sdp_wn * Traits::kSdpWN + ((i / 4) % kSdpNT) * 8 + 2 * t + i % 2;
+        });
+      }
     }
     // P = exp2(S scale_log2 - lse_log2), masked.
     {
@@ -498,13 +504,26 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
           float ds1 = p1 * (acc_dp[mi][ni][2 * half + 1] - dsum);
           if constexpr (IsLocal) {
             const ScoreMod mod(params, b, h, seqlen_q, seqlen_k);
+            const int row = m_block * kBlockM + row_l, col = n_block * kBlockN + col_l;
+            if (params.dbias_accum != nullptr) {  // dbias = dS (before the softcap's factor)
+              float* dbias_bh = params.dbias_accum + (int64_t(b) * params.nheads + h) * int64_t(seqlen_q) * seqlen_k;
+              const ScoreMod::Strides st = mod.strides(params);
+              mod.store_dbias(dbias_bh, st, row, col, ds0);
+              mod.store_dbias(dbias_bh, st, row, col + 1, ds1);
+            }
             if (mod.has_softcap()) {  // through the softcap: dS o (1 - t^2), t from P (ScoreMod::dtanh_from_p)
               const float ip_blk = mod.row_pos(m_block * kBlockM), key_blk = static_cast<float>(n_block * kBlockN);
               const float lse_raw = lse_s[row_l];
               const float lse_r = lse_raw * kLog2e;  // (P = 0 where it was +inf: dtanh_from_p gives 0 there)
               const float ip = ip_blk + static_cast<float>(row_l), key = key_blk + static_cast<float>(col_l);
-              ds0 *= mod.dtanh_from_p(p0, lse_r, mod.alibi_term(ip, key));
-              ds1 *= mod.dtanh_from_p(p1, lse_r, mod.alibi_term(ip, key + 1.f));
+              float add0 = mod.alibi_term(ip, key), add1 = mod.alibi_term(ip, key + 1.f);
+              if (mod.has_bias()) {
+                const ScoreMod::Strides st = mod.strides(params);
+                add0 += mod.bias_at<T>(st, row, col);
+                add1 += mod.bias_at<T>(st, row, col + 1);
+              }
+              ds0 *= mod.dtanh_from_p(p0, lse_r, add0);
+              ds1 *= mod.dtanh_from_p(p1, lse_r, add1);
             }
           }
           *reinterpret_cast<uint32_t*>(p_smem + row_l * kPStride + col_l) = pack2<T>(p0, p1);

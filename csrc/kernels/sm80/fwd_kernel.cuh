@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   if (n_block_max <= n_block_min) {
     T* o_ptr = out_block_ptr();
     float* lse_ptr = lse_block_ptr();
-    // The block sees no key (causal with seqlen_q > seqlen_k; an empty range): out = 0, lse = -inf.
+    // The block sees no key (causal with seqlen_q > seqlen_k; an empty range): out = 0, lse = -inf (or the sink).
     constexpr int kChunksPerRow = kHeadDim / 8;
     for (int idx = tid; idx < kBlockM * kChunksPerRow; idx += kNThreads) {
       const int row = idx / kChunksPerRow;
@@ -197,8 +197,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
       if (row < rows_valid_q && col < head_dim)
         *reinterpret_cast<uint4*>(o_ptr + row * params.o_row_stride + col) = make_uint4(0, 0, 0, 0);
     }
-    for (int row = tid; row < kBlockM; row += kNThreads)
-      if (row < rows_valid_q) lse_ptr[row] = -INFINITY;
+    if constexpr (IsLocal) {  // with sinks, lse = the sink (softmax.cuh, finalize_row_with_sink)
+      const float empty_lse = params.sinks != nullptr ? __ldg(params.sinks + h) : -INFINITY;
+      for (int row = tid; row < kBlockM; row += kNThreads)
+        if (row < rows_valid_q) lse_ptr[row] = empty_lse;
+    } else {
+      for (int row = tid; row < kBlockM; row += kNThreads)
+        if (row < rows_valid_q) lse_ptr[row] = -INFINITY;
+    }
     return;
   }
 
@@ -357,6 +363,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
           }
         }
       }
+      if (mod.has_bias()) {  // element (mt, nt, e) of acc_s: row g + 8 (e / 2) of m-tile mt, key 2t + e % 2 of n-tile nt
+        add_bias<T>(flat(acc_s), mod, params, [&](int i, int& row, int& col) {
+          row = row_base + warp_row0 + (i / (4 * kNTiles)) * 16 + g + 8 * ((i % 4) / 2);
+          col = n_block * kBlockN + ((i / 4) % kNTiles) * 8 + 2 * t + i % 2;
+        });
+      }
     }
     if constexpr (kIsMasked) {
       // Keys the policy hides from the row (past seqlen_k; causal: past the diagonal) -> -inf.
@@ -433,7 +445,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
 
   // Epilogue.
   float lse[2 * kMTiles];
-  softmax.finalize(acc_o, params.scale_softmax, lse);
+  if constexpr (IsLocal) {
+    if (params.sinks != nullptr) {
+      softmax.finalize_with_sink(acc_o, scale_log2, __ldg(params.sinks + h), lse);
+    } else {
+      softmax.finalize(acc_o, params.scale_softmax, lse);
+    }
+  } else {
+    softmax.finalize(acc_o, params.scale_softmax, lse);
+  }
 
   // O -> shared, into this warp's own rows of the Q tile (only this warp read them).
   __syncwarp();

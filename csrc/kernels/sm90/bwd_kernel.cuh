@@ -621,7 +621,7 @@ struct BwdKernel {
         need_mask = need_mask || n_block < mask.template n_block_unmasked_begin<kBlockM, kBlockN>(m_block);
       }
       if constexpr (IsLocal) {
-        if (mod.active()) score_mod_st(s_reg, mod, m_block * kBlockM, key0, t);
+        if (mod.active()) score_mod_st<T>(s_reg, mod, p, m_block * kBlockM, key0, t);
       }
       recompute_pt(s_reg, smem + kOffLse, stage * kBlockM, t, scale_log2);
       if (need_mask) mask_pt(s_reg, mask, m_block * kBlockM, key0, t);
@@ -629,7 +629,14 @@ struct BwdKernel {
       fence_regs(dp_reg);
       ds_from_pt(dp_reg, s_reg, smem + kOffD, stage * kBlockM, t);  // dS^T = P^T o (dP^T - D)
       if constexpr (IsLocal) {
-        if (mod.has_softcap()) softcap_grad_st(dp_reg, s_reg, smem + kOffLse, stage * kBlockM, mod, m_block * kBlockM, key0, t);
+        if (p.dbias_accum != nullptr) {
+          float* dbias_bh = p.dbias_accum + (int64_t(batch) * p.nheads + head_k * p.h_h_k_ratio + hh) *
+                                                int64_t(seq.seqlen_q) * seq.seqlen_k;
+          store_dbias_st(dp_reg, mod, p, dbias_bh, m_block * kBlockM, key0, t);
+        }
+        if (mod.has_softcap()) {
+          softcap_grad_st<T>(dp_reg, s_reg, smem + kOffLse, stage * kBlockM, mod, p, m_block * kBlockM, key0, t);
+        }
       }
       // P^T, dS^T as A operands of dV += P^T dO, dK += dS^T Q (k-step kk: q columns 16kk..16kk+15).
 #pragma unroll

@@ -284,7 +284,7 @@ struct BwdKernelHd256 {
       wgmma_wait<1>();
       fence_regs(s_reg);
       if constexpr (IsLocal) {
-        if (mod.active()) score_mod_st(s_reg, mod, m_block * kBlockM + cw * kQh, key0, t);
+        if (mod.active()) score_mod_st<T>(s_reg, mod, p, m_block * kBlockM + cw * kQh, key0, t);
       }
       bool need_mask = n_block >= mask.template n_block_unmasked_end<kBlockM, kBlockN>(m_block);
       if constexpr (MaskT::kHasLeftBound) {
@@ -327,9 +327,14 @@ struct BwdKernelHd256 {
         dp_reg[4 * j + 3] = s_reg[4 * j + 3] * (dp_reg[4 * j + 3] - d2.y);
       }
       if constexpr (IsLocal) {
+        if (p.dbias_accum != nullptr) {
+          float* dbias_bh = p.dbias_accum + (int64_t(batch) * p.nheads + head_k * p.h_h_k_ratio + hh_of(it)) *
+                                                int64_t(seq.seqlen_q) * seq.seqlen_k;
+          store_dbias_st(dp_reg, mod, p, dbias_bh, m_block * kBlockM + cw * kQh, key0, t);
+        }
         if (mod.has_softcap()) {
-          softcap_grad_st(dp_reg, s_reg, smem + kOffLse, stage * kBlockM + cw * kQh, mod, m_block * kBlockM + cw * kQh,
-                          key0, t);
+          softcap_grad_st<T>(dp_reg, s_reg, smem + kOffLse, stage * kBlockM + cw * kQh, mod, p,
+                             m_block * kBlockM + cw * kQh, key0, t);
         }
       }
     };

@@ -55,10 +55,17 @@ __device__ __forceinline__ void ds_from_pt(float (&dp)[N], const float (&p)[N], 
   }
 }
 
+// Element i of a thread's S^T accumulator: query q0 + 8 (i / 4) + 2t + i % 2 (the column), key key0 + 8 ((i % 4) / 2).
+__device__ __forceinline__ void st_coord(int i, int q0, int key0, int t, int& row, int& col) {
+  row = q0 + 8 * (i / 4) + 2 * t + i % 2;
+  col = key0 + 8 * ((i % 4) / 2);
+}
+
 // The score modifiers on S^T (general path), before P^T is recomputed from it: q0 is the query row of the tile's
 // column 0, key0 this thread's first key row.
-template <int N>
-__device__ __forceinline__ void score_mod_st(float (&s)[N], const ScoreMod& mod, int q0, int key0, int t) {
+template <typename T, int N>
+__device__ __forceinline__ void score_mod_st(float (&s)[N], const ScoreMod& mod, const FwdParams& p, int q0, int key0,
+                                             int t) {
   if (mod.has_softcap()) {
 #pragma unroll
     for (int i = 0; i < N; ++i) s[i] = mod.softcap(s[i]);
@@ -76,15 +83,25 @@ __device__ __forceinline__ void score_mod_st(float (&s)[N], const ScoreMod& mod,
       }
     }
   }
+  if (mod.has_bias()) add_bias<T>(s, mod, p, [&](int i, int& row, int& col) { st_coord(i, q0, key0, t, row, col); });
+}
+
+// dbias = dS^T (before the softcap's factor) into the (batch, head)'s rows at dbias_bh (ScoreMod::store_dbias).
+template <int N>
+__device__ __forceinline__ void store_dbias_st(const float (&ds)[N], const ScoreMod& mod, const FwdParams& p,
+                                               float* dbias_bh, int q0, int key0, int t) {
+  store_dbias(ds, mod, p, dbias_bh, [&](int i, int& row, int& col) { st_coord(i, q0, key0, t, row, col); });
 }
 
 // dS^T through the softcap (general path, softcap on): dS^T o (1 - t^2), t recovered from P^T
-// (ScoreMod::dtanh_from_p); `lse`, `row0` as in recompute_pt, q0 and key0 as in score_mod_st.
-template <int N>
+// (ScoreMod::dtanh_from_p, the ALiBi and bias terms read again); `lse`, `row0` as in recompute_pt, q0 and key0 as
+// in score_mod_st.
+template <typename T, int N>
 __device__ __forceinline__ void softcap_grad_st(float (&ds)[N], const float (&p)[N], uint32_t lse, int row0,
-                                                const ScoreMod& mod, int q0, int key0, int t) {
+                                                const ScoreMod& mod, const FwdParams& prm, int q0, int key0, int t) {
   const float k0 = static_cast<float>(key0), k1 = static_cast<float>(key0 + 8);
   const float ip = mod.row_pos(q0 + 2 * t);
+  const ScoreMod::Strides st = mod.strides(prm);
 #pragma unroll
   for (int j = 0; j < N / 4; ++j) {
     float2 l2;
@@ -93,8 +110,14 @@ __device__ __forceinline__ void softcap_grad_st(float (&ds)[N], const float (&p)
     for (int e = 0; e < 2; ++e) {
       const float ipq = ip + static_cast<float>(8 * j + e);
       const float l = e ? l2.y : l2.x;
-      ds[4 * j + e] *= mod.dtanh_from_p(p[4 * j + e], l, mod.alibi_term(ipq, k0));
-      ds[4 * j + 2 + e] *= mod.dtanh_from_p(p[4 * j + 2 + e], l, mod.alibi_term(ipq, k1));
+      float add0 = mod.alibi_term(ipq, k0), add1 = mod.alibi_term(ipq, k1);
+      if (mod.has_bias()) {
+        const int q = q0 + 8 * j + 2 * t + e;
+        add0 += mod.bias_at<T>(st, q, key0);
+        add1 += mod.bias_at<T>(st, q, key0 + 8);
+      }
+      ds[4 * j + e] *= mod.dtanh_from_p(p[4 * j + e], l, add0);
+      ds[4 * j + 2 + e] *= mod.dtanh_from_p(p[4 * j + 2 + e], l, add1);
     }
   }
 }

@@ -33,6 +33,7 @@
 #include "../params.h"
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
+#include "../softmax.cuh"
 #include "entry.cuh"
 #include "fwd_scheduler.cuh"
 #include "pipeline.cuh"
@@ -195,8 +196,9 @@ struct FwdKernel {
 
   // The score modifiers (general path only) on this thread's scores of key block n_block: rows row0 and row0 + 8
   // at positions ip0 and ip1 (ScoreMod::row_pos).
-  __device__ static __forceinline__ void apply_score_mod(float (&s_reg)[kBlockN / 2], const ScoreMod& mod, int n_block,
-                                                         int t, float ip0, float ip1) {
+  __device__ static __forceinline__ void apply_score_mod(float (&s_reg)[kBlockN / 2], const ScoreMod& mod,
+                                                         const FwdParams& p, int n_block, int t, int row0, float ip0,
+                                                         float ip1) {
     if (mod.has_softcap()) {
 #pragma unroll
       for (int i = 0; i < kBlockN / 2; ++i) s_reg[i] = mod.softcap(s_reg[i]);
@@ -212,6 +214,13 @@ struct FwdKernel {
           s_reg[4 * j + 2 + e] = mod.add_alibi(s_reg[4 * j + 2 + e], ip1, c);
         }
       }
+    }
+    if (mod.has_bias()) {
+      const int col0 = n_block * kBlockN + 2 * t;
+      add_bias<T>(s_reg, mod, p, [&](int i, int& row, int& col) {
+        row = row0 + 8 * ((i % 4) / 2);
+        col = col0 + 8 * (i / 4) + i % 2;
+      });
     }
   }
 
@@ -381,7 +390,7 @@ struct FwdKernel {
         if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
         if (SeparateO && n_iters == 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done: Q free
         if constexpr (IsLocal) {
-          if (mod.active()) apply_score_mod(s_reg, mod, n_block_max - 1, t, ip0, ip1);
+          if (mod.active()) apply_score_mod(s_reg, mod, p, n_block_max - 1, t, row0, ip0, ip1);
         }
         if (n_block_max - 1 >= n_unmasked_end || (MaskT::kHasLeftBound && n_block_max - 1 < n_unmasked_begin)) {
           if constexpr (MaskT::kHasLeftBound) apply_mask(s_reg, n_block_max - 1, t, lo0, lim0, lo1, lim1);
@@ -416,7 +425,7 @@ struct FwdKernel {
         // The softmax sits in its own branches: ptxas hoists a wgmma wait above the instructions of its basic
         // block, which would make the softmax wait for P V; a branch join keeps the wait below the softmax.
         if constexpr (IsLocal) {
-          if (mod.active()) apply_score_mod(s_reg, mod, n_block, t, ip0, ip1);
+          if (mod.active()) apply_score_mod(s_reg, mod, p, n_block, t, row0, ip0, ip1);
         }
         bool masked = n_block >= n_unmasked_end;
         if constexpr (MaskT::kHasLeftBound) masked = masked || n_block < n_unmasked_begin;  // left edge
@@ -487,6 +496,9 @@ struct FwdKernel {
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       inv[h] = sum > 0.f ? 1.f / sum : 0.f;
       lse[h] = sum > 0.f ? m[h] * p.scale_softmax + logf(sum) : -INFINITY;
+      if constexpr (IsLocal) {  // an attention sink joins the denominator (softmax.cuh)
+        if (p.sinks != nullptr) finalize_row_with_sink(m[h], sum, scale_log2, __ldg(p.sinks + tile.head), inv[h], lse[h]);
+      }
     }
     // O (16-bit) into this warpgroup's 64 staging rows, SW128 layout: 16-byte piece (col % 64) / 8 of row r
     // sits at piece ((col % 64) / 8) ^ (r % 8). Rows g..g+7 of a warp hit 8 different pieces: no bank
