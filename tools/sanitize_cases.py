@@ -43,7 +43,32 @@ LOCAL_CASES = [
     (2, 513, 257, 4, 2, 128, True, dict(window_size=(64, 32))),   # rows that see no key (i' < -32)
     (1, 260, 260, 2, 2, 256, False, dict(window_size=(-1, 5), attention_chunk=96)),
     (1, 200, 333, 2, 1, 96, True, dict(causal=True, attention_chunk=64)),
+    # score modifiers, bias (bool key padding; float with odd lengths, its gradient) and sinks
+    (2, 301, 203, 4, 2, 64, False, dict(softcap=5.0, alibi="bh", bias=("kpm", torch.bool), sinks=True)),
+    (1, 203, 301, 2, 1, 128, True, dict(causal=True, bias=("full", torch.float32), softcap=3.0)),
+    (1, 129, 77, 2, 2, 256, False, dict(window_size=(20, 20), bias=("full", torch.bfloat16), alibi="h", sinks=True)),
 ]
+
+
+def feature_tensors(b, sq, sk, h, kw):
+    """kw with its tensor arguments made: alibi "h" / "bh", bias (shape name, dtype) (a float bias requires grad),
+    sinks (learned, per head)."""
+    kw = dict(kw)
+    leaves = []
+    if "alibi" in kw:
+        kw["alibi_slopes"] = torch.rand((h,) if kw.pop("alibi") == "h" else (b, h), device="cuda") * 0.1
+    if "bias" in kw:
+        shape_name, dtype = kw.pop("bias")
+        shape = (b, 1, 1, sk) if shape_name == "kpm" else (b, h, sq, sk)
+        if dtype == torch.bool:
+            kw["attn_bias"] = torch.rand(shape, device="cuda") < 0.8
+        else:
+            kw["attn_bias"] = torch.randn(shape, device="cuda", dtype=dtype).requires_grad_()
+            leaves.append(kw["attn_bias"])
+    if kw.pop("sinks", False):
+        kw["sinks"] = torch.randn(h, device="cuda", requires_grad=True)
+        leaves.append(kw["sinks"])
+    return kw, leaves
 
 
 def make(shape, offset):
@@ -80,10 +105,11 @@ def main():
         for b, sq, sk, h, hk, d, det, kw in LOCAL_CASES:
             q, k, v = make((b, sq, h, d), 0), make((b, sk, hk, d), 0), make((b, sk, hk, d), 0)
             case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} det={det} {kw}"
-            out = flash_ext.attention(q, k, v, deterministic=det, **kw)
+            args, leaves = feature_tensors(b, sq, sk, h, kw)
+            out = flash_ext.attention(q, k, v, deterministic=det, **args)
             torch.cuda.synchronize()
             print(f"{case}: forward done", flush=True)
-            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+            torch.autograd.grad(out, [q, k, v] + leaves, torch.randn_like(out))
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
         print(f"{family}: {len(CASES) + len(LOCAL_CASES)} cases ran", flush=True)
