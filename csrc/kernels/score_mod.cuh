@@ -143,9 +143,8 @@ struct ScoreMod {
 // s[i] += the bias of element i, for the N scores a thread holds; coord(i, row, col) gives element i's query row and
 // key. The bias kind is tested once, outside the loop.
 // s[i] += the bias of element i, for the N scores a thread holds; coord(i, row, col) gives element i's query row and
-// key. One loop serves every kind: each element is read as the aligned 32-bit word that holds it (inside the
-// tensor's allocation, which is whole words) and taken out of it by the kind, a warp-uniform value; three loops, one
-// per kind, made the register allocator spill (the kernels have few registers to spare).
+// key. One loop serves every kind (a warp-uniform value, tested per element: three loops, one per kind, made the
+// register allocator spill; the kernels have few registers to spare).
 template <typename T, int N, typename Coord>
 __device__ __forceinline__ void add_bias(float (&s)[N], const ScoreMod& mod, const FwdParams& p, Coord coord) {
   const ScoreMod::Strides st = mod.strides(p);
@@ -158,10 +157,14 @@ __device__ __forceinline__ void add_bias(float (&s)[N], const ScoreMod& mod, con
     coord(i, row, col);
     const bool in = row < mod.seqlen_q && col < mod.seqlen_k;
     const uintptr_t addr = base + (static_cast<uintptr_t>(static_cast<unsigned>(row * st.row + col * st.col)) << elem_shift);
-    const unsigned word = in ? __ldg(reinterpret_cast<const unsigned*>(addr & ~uintptr_t(3))) : 0u;
-    const unsigned bits = word >> (8 * static_cast<unsigned>(addr & 3));
+    unsigned bits = 0u;  // the element's bits, read with a load of its own size (nothing past the tensor)
+    if (in) {
+      if (kind == 2) bits = __ldg(reinterpret_cast<const unsigned*>(addr));
+      else if (kind == 3) bits = __ldg(reinterpret_cast<const unsigned short*>(addr));
+      else bits = __ldg(reinterpret_cast<const unsigned char*>(addr));
+    }
     float v;
-    if (kind == 2) v = __uint_as_float(word) * mod.bias_unscale;
+    if (kind == 2) v = __uint_as_float(bits) * mod.bias_unscale;
     else if (kind == 3) v = to_float<T>(static_cast<unsigned short>(bits & 0xffffu)) * mod.bias_unscale;
     else v = (bits & 0xffu) ? 0.f : -INFINITY;
     if (in) s[i] += v;
