@@ -1,6 +1,7 @@
 """GPU benchmark of the masks and score modifiers (issue 15): bf16, batch 1, hidden 2048 (head dim 64 / 128 ->
 32 / 16 heads), seqlen 16k and 32k, forward and backward (= (fwd + bwd) - fwd), medians of
-triton.testing.do_bench, as bench/bench_attention.py measures. Three groups of rows, each timed at every shape:
+triton.testing.do_bench, as bench/bench_attention.py measures. Four groups of rows, the first three timed at every
+shape, bias at shapes of its own:
 
 masks      causal, and the local masks against it: a sliding window (4096, 0) (Mistral's pattern) and chunks of
            8192 with causal (Llama 4's). Ratio = variant / causal. These rows skip keys, so they should be
@@ -16,20 +17,34 @@ flex       Gemma 2's pattern, window (4096, 0) + softcap 50, ours against torch'
            q - kv <= 4096, built once per shape outside the timing; inputs copied to its (B, H, S, D) layout
            outside the timing). Speed-up = flex time / our time. Target: at least 1.3, forward and backward.
            A flex failure (e.g. a compile error) is printed and recorded as null; the run goes on.
+bias       attn_bias against torch's scaled_dot_product_attention (SDPA), at its own shapes: head dim 64 / 128,
+           seqlen 4096 and 8192 only (a float (1, 1, S, S) bias at 32k alone is 4 GiB in float32). Rows:
+           "key padding", batch 4, a bool (4, 1, 1, S) mask (True = keep) keeping a random prefix of 50% to
+           100% of the keys per batch row; "full bias", batch 1, a bf16 (1, 1, S, S) bias without grad (the
+           backward computes dq, dk, dv); "full bias + dbias", such a bias requiring grad (both sides also
+           compute dbias). SDPA gets the same mask / bias and (B, H, S, D) copies of q, k, v (made outside the
+           timing), once under each of sdpa_kernel(EFFICIENT_ATTENTION), (CUDNN_ATTENTION) and
+           (FLASH_ATTENTION); a backend that refuses the call (forward or backward) is recorded as null with
+           the first line of its exception (and of torch's warnings saying why). Fastest SDPA = the least
+           time over the backends that ran, forward and backward separately (they may be different
+           backends; the table names them). Speed-up = fastest SDPA / ours. Target: at least 1.5, forward
+           and backward.
 
 A row whose call raises (e.g. a feature the CUDA kernels do not run yet) is printed and recorded as null too.
 
-    python bench/bench_variants.py [--quick] [--only masks,modifiers,flex] [--pytest-summary "..."]
+    python bench/bench_variants.py [--quick] [--only masks,modifiers,flex,bias] [--pytest-summary "..."]
 
 Writes bench/results/variants-<gpu>-<date>-<commit>.json / .md.
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
 import subprocess
 import traceback
+import warnings
 
 import torch
 from triton.testing import do_bench
@@ -37,9 +52,12 @@ from triton.testing import do_bench
 import flash_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GROUPS = ("masks", "modifiers", "flex")
+GROUPS = ("masks", "modifiers", "flex", "bias")
 WINDOW, SOFTCAP, CHUNK = 4096, 50.0, 8192
-MODIFIER_TARGET, FLEX_TARGET = 1.10, 1.3
+MODIFIER_TARGET, FLEX_TARGET, BIAS_TARGET = 1.10, 1.3, 1.5
+BIAS_SEQLENS, PAD_BATCH = (4096, 8192), 4
+BIAS_ROWS = ("key padding", "full bias", "full bias + dbias")
+SDPA_BACKENDS = ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION")
 
 # name -> (flash_ext kwargs, baseline row). "alibi_slopes": True stands for the standard slopes of the shape.
 VARIANTS = {
@@ -75,10 +93,13 @@ def area_vs_causal(name, seqlen):
 
 def time_fns(fwd, fwd_bwd, reps, label):
     """(fwd ms, bwd ms, error): several do_bench runs, median of their medians (clock and scheduling noise
-    between runs); bwd = (fwd + bwd) - fwd. A call that raises gives None for what it spoils, and its message."""
+    between runs); bwd = (fwd + bwd) - fwd. A call that raises gives None for what it spoils, and its message.
+    fwd_bwd=None skips the backward (None, no message)."""
     f = fb = None
     err = []
     for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        if fn is None:
+            continue
         try:
             ms = statistics.median(do_bench(fn, warmup=25, rep=100) for _ in range(reps))
         except Exception as e:  # noqa: BLE001 -- recorded and printed, the run goes on
@@ -218,12 +239,140 @@ def bench_shape(head_dim, seqlen, groups, reps, rows, flex_rows, errors):
     del q, k, v, dout
 
 
+def first_line(e):
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"
+
+
+def grad_fns(call, leaves, dout):
+    """fwd and fwd+bwd closures of call(): the backward takes the gradient of every leaf."""
+    def fwd_bwd():
+        torch.autograd.grad(call(), leaves, dout)
+    return call, fwd_bwd
+
+
+def probe(fn):
+    """Runs fn once; None if it ran, else the first line of its exception, with the first lines of the warnings
+    it raised (SDPA tells in warnings why a backend refused, the exception only says that none was left)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn()
+            torch.cuda.synchronize()
+            return None
+        except Exception as e:  # noqa: BLE001 -- recorded as null, the run goes on
+            why = []
+            for w in caught:
+                line = str(w.message).split("(Triggered internally")[0].strip().splitlines()
+                if line and line[0] not in why:
+                    why.append(line[0])
+            reason = first_line(e)
+            return reason + (f" [{'; '.join(why)[:300]}]" if why else "")
+
+
+def sdpa_backend_times(backend_name, fwd, fwd_bwd, ours_out, reps, label):
+    """One SDPA backend, forced with sdpa_kernel: dict(fwd_ms, bwd_ms, error, max_abs_diff) (max |ours - SDPA|
+    of the forward outputs, in our layout). A refused forward gives nulls throughout, a refused backward a null
+    bwd_ms."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    res = dict(fwd_ms=None, bwd_ms=None, error=None, max_abs_diff=None)
+    backend = getattr(SDPBackend, backend_name, None)
+    if backend is None:
+        res["error"] = f"SDPBackend.{backend_name} is not in torch {torch.__version__}"
+        print(f"{label}: {res['error']}", flush=True)
+        return res
+    with sdpa_kernel(backend):
+        err = probe(fwd)
+        if err:
+            res["error"] = f"fwd: {err}"
+            print(f"{label}: refused: {res['error']}", flush=True)
+            return res
+        if ours_out is not None:
+            out = fwd().detach().transpose(1, 2)
+            res["max_abs_diff"] = (ours_out.float() - out.float()).abs().max().item()
+            del out
+        bwd_err = probe(fwd_bwd)
+        if bwd_err:
+            print(f"{label}: backward refused: {bwd_err}", flush=True)
+        f, b, terr = time_fns(fwd, None if bwd_err else fwd_bwd, reps, label)
+    res.update(fwd_ms=f, bwd_ms=b)
+    errs = ([terr] if terr else []) + ([f"bwd: {bwd_err}"] if bwd_err else [])
+    res["error"] = "; ".join(errs) or None
+    return res
+
+
+def fastest(per_backend, key):
+    """(least time, backend name) over the backends that gave a time for key; (None, None) if none did."""
+    timed = [(r[key], name) for name, r in per_backend.items() if r[key] is not None]
+    return min(timed) if timed else (None, None)
+
+
+def bench_bias(head_dim, seqlen, reps, bias_rows, errors):
+    nheads = 2048 // head_dim
+    for case in BIAS_ROWS:
+        batch = PAD_BATCH if case == "key padding" else 1
+        label = f"d{head_dim} {seqlen} {case}"
+        q, k, v = (torch.randn(batch, seqlen, nheads, head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        dout = torch.randn_like(q)
+        lengths = None
+        if case == "key padding":
+            # Each batch row keeps keys [0, length), length uniform in [seqlen / 2, seqlen].
+            lengths = torch.randint(seqlen // 2, seqlen + 1, (batch,))
+            bias = (torch.arange(seqlen, device="cuda")[None, :] < lengths.to("cuda")[:, None]).view(
+                batch, 1, 1, seqlen)
+            lengths = lengths.tolist()
+        else:
+            bias = torch.randn(1, 1, seqlen, seqlen, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=case == "full bias + dbias")
+        with_dbias = bias.requires_grad
+
+        # Ours.
+        fwd, fwd_bwd = grad_fns(functools.partial(flash_ext.attention, q, k, v, attn_bias=bias),
+                                (q, k, v, bias) if with_dbias else (q, k, v), dout)
+        f, b, err = time_fns(fwd, fwd_bwd, reps, label + " (flash_ext)")
+        if err:
+            errors.append(f"{label} (flash_ext): {err}")
+        ours_out = None
+        try:
+            with torch.no_grad():
+                ours_out = flash_ext.attention(q, k, v, attn_bias=bias)
+        except Exception:  # noqa: BLE001 -- ours failing is already recorded above
+            pass
+        del fwd, fwd_bwd
+
+        # SDPA, each backend forced in turn, on (B, H, S, D) copies.
+        qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+        doutt = dout.transpose(1, 2).contiguous()
+        fwd, fwd_bwd = grad_fns(
+            functools.partial(torch.nn.functional.scaled_dot_product_attention, qt, kt, vt, attn_mask=bias),
+            (qt, kt, vt, bias) if with_dbias else (qt, kt, vt), doutt)
+        per_backend = {}
+        for name in SDPA_BACKENDS:
+            per_backend[name] = r = sdpa_backend_times(name, fwd, fwd_bwd, ours_out, reps, f"{label} (SDPA {name})")
+            if r["error"]:
+                errors.append(f"{label} (SDPA {name}): {r['error']}")
+        del fwd, fwd_bwd
+        sf, sf_name = fastest(per_backend, "fwd_ms")
+        sb, sb_name = fastest(per_backend, "bwd_ms")
+        fs, bs = ratio(sf, f), ratio(sb, b)
+        bias_rows.append(dict(head_dim=head_dim, seqlen=seqlen, batch=batch, variant=case,
+                              bias_shape=list(bias.shape), bias_dtype=str(bias.dtype).replace("torch.", ""),
+                              bias_requires_grad=with_dbias, key_lengths=lengths, fwd_ms=f, bwd_ms=b, error=err,
+                              sdpa=per_backend, sdpa_fwd_ms=sf, sdpa_fwd_backend=sf_name, sdpa_bwd_ms=sb,
+                              sdpa_bwd_backend=sb_name, fwd_speedup=fs, bwd_speedup=bs))
+        print(f"{label}: fwd {fmt(f)} ms (SDPA {fmt(sf)} ms {sf_name or ''}, {fmt(fs, '.2f')}x), bwd {fmt(b)} ms "
+              f"(SDPA {fmt(sb)} ms {sb_name or ''}, {fmt(bs, '.2f')}x)", flush=True)
+        del q, k, v, dout, bias, ours_out, qt, kt, vt, doutt
+        torch.cuda.empty_cache()
+
+
 def markdown(res):
     gpu, commit = res["gpu"], res["commit"]
-    groups, rows, flex_rows = res["groups"], res["rows"], res["flex"]
+    groups, rows, flex_rows, bias_rows = res["groups"], res["rows"], res["flex"], res.get("bias", [])
     lines = [f"# Masks and score modifiers: {gpu}, commit {commit}, torch {res['torch']}, {res['date']}",
              "", f"GPU tests on this commit: {res['pytest_summary'] or '(not given)'}", "",
-             f"bf16, batch 1, hidden 2048; medians (ms) of do_bench (median of {res['reps']} run"
+             f"bf16, batch 1 (4 on the key-padding rows), hidden 2048; medians (ms) of do_bench (median of {res['reps']} run"
              f"{'s' if res['reps'] > 1 else ''}); bwd = (fwd + bwd) - fwd; — = not measured (see Errors).", ""]
     if "masks" in groups:
         lines += ["## Masks vs causal", "",
@@ -273,6 +422,33 @@ def markdown(res):
                          f"{fmt(fs, '.2f')} | {fmt(r['bwd_ms'])} | {fmt(r['flex_bwd_ms'])} | {fmt(bs, '.2f')} | "
                          f"{met} | {fmt(r['max_abs_diff'], '.2e')} |")
         lines.append("")
+    if "bias" in groups:
+        lines += ["## attn_bias: flash_ext vs SDPA", "",
+                  f"key padding: batch {PAD_BATCH}, bool (B, 1, 1, S) mask, each batch row keeping a random 50% to "
+                  "100% of the keys; full bias: batch 1, bf16 (1, 1, S, S), no grad (dq, dk, dv only); + dbias: "
+                  "the bias requires grad (both compute dbias). SDPA: "
+                  "torch.nn.functional.scaled_dot_product_attention with attn_mask = the same tensor, inputs in "
+                  f"(B, H, S, D), under sdpa_kernel({', '.join(SDPA_BACKENDS)}) in turn; fastest = least time "
+                  "of the backends that ran (named after the time: E = EFFICIENT_ATTENTION, C = CUDNN_ATTENTION, "
+                  "F = FLASH_ATTENTION), forward and backward separately; a refused backend is in Errors. "
+                  f"speed-up = fastest SDPA / flash_ext; target: >= {BIAS_TARGET:.1f}, forward and backward. "
+                  "max diff = max |ours - SDPA| of the forward outputs, over the backends that ran.", "",
+                  "| head dim | seqlen | batch | variant | fwd ms | SDPA fwd ms | fwd speed-up | bwd ms | "
+                  f"SDPA bwd ms | bwd speed-up | >= {BIAS_TARGET:.1f} | SDPA backends run | max diff |",
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+        short = lambda name: name[0] if name else ""
+        for r in bias_rows:
+            fs, bs = r["fwd_speedup"], r["bwd_speedup"]
+            met = "—" if fs is None or bs is None else ("yes" if min(fs, bs) >= BIAS_TARGET else "no")
+            ran = [f"{short(n)}{'' if x['bwd_ms'] is not None else ' (fwd only)'}"
+                   for n, x in r["sdpa"].items() if x["fwd_ms"] is not None]
+            diffs = [x["max_abs_diff"] for x in r["sdpa"].values() if x["max_abs_diff"] is not None]
+            sf = fmt(r["sdpa_fwd_ms"]) + (f" ({short(r['sdpa_fwd_backend'])})" if r["sdpa_fwd_backend"] else "")
+            sb = fmt(r["sdpa_bwd_ms"]) + (f" ({short(r['sdpa_bwd_backend'])})" if r["sdpa_bwd_backend"] else "")
+            lines.append(f"| {r['head_dim']} | {r['seqlen']} | {r['batch']} | {r['variant']} | {fmt(r['fwd_ms'])} | "
+                         f"{sf} | {fmt(fs, '.2f')} | {fmt(r['bwd_ms'])} | {sb} | {fmt(bs, '.2f')} | {met} | "
+                         f"{', '.join(ran) or 'none'} | {fmt(max(diffs) if diffs else None, '.2e')} |")
+        lines.append("")
     if res["errors"]:
         lines += ["## Errors", ""] + [f"- {e}" for e in res["errors"]] + [""]
     return "\n".join(lines)
@@ -297,18 +473,26 @@ def main():
     # Clocks up first (the first config would otherwise run at idle clocks).
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     do_bench(lambda: a @ a, warmup=200, rep=2000)
-    rows, flex_rows, errors = [], [], []
-    for head_dim in (64, 128):
-        for seqlen in (16384, 32768):
-            bench_shape(head_dim, seqlen, groups, reps, rows, flex_rows, errors)
+    rows, flex_rows, bias_rows, errors = [], [], [], []
+    if any(g in groups for g in ("masks", "modifiers", "flex")):
+        for head_dim in (64, 128):
+            for seqlen in (16384, 32768):
+                bench_shape(head_dim, seqlen, groups, reps, rows, flex_rows, errors)
+                torch.cuda.empty_cache()
+    if "bias" in groups:
+        for head_dim in (64, 128):
+            for seqlen in BIAS_SEQLENS:
+                bench_bias(head_dim, seqlen, reps, bias_rows, errors)
+                torch.cuda.empty_cache()
     commit = os.environ.get("FLASH_EXT_COMMIT") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip() or "unknown"
     commit = commit[:7]
     gpu = torch.cuda.get_device_name()
     res = dict(commit=commit, gpu=gpu, torch=torch.__version__, date=datetime.date.today().isoformat(),
                pytest_summary=args.pytest_summary, reps=reps, groups=groups,
-               targets=dict(modifier_vs_plain_max=MODIFIER_TARGET, flex_speedup_min=FLEX_TARGET),
-               rows=rows, flex=flex_rows, errors=errors)
+               targets=dict(modifier_vs_plain_max=MODIFIER_TARGET, flex_speedup_min=FLEX_TARGET,
+                            bias_speedup_min=BIAS_TARGET),
+               rows=rows, flex=flex_rows, bias=bias_rows, errors=errors)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"variants-{gpu.lower().replace(' ', '-')}-{res['date']}-{commit}")
     with open(stem + ".json", "w") as fh:
