@@ -159,8 +159,8 @@ void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
   p.is_causal = f.is_causal_only() && !p.is_local;
   if (!p.is_local) return;  // (the window fields stay 0: no other policy reads them)
   const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
-  TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: a window or chunks need seqlen_q + seqlen_k < 2^30 on "
-              "CUDA (the local mask's bounds are int), got ", fmt(unbounded));
+  TORCH_CHECK(unbounded < (int64_t(1) << 30), "flash_ext: a window, chunks, softcap, ALiBi, a bias or sinks "
+              "need seqlen_q + seqlen_k < 2^30 on CUDA (the general path's bounds are int), got ", fmt(unbounded));
   auto bound = [&](int64_t w) { return static_cast<int>(w < 0 || w > unbounded ? unbounded : w); };
   p.window_left = bound(f.window_left);
   p.window_right = bound(f.window_right);
