@@ -112,7 +112,8 @@ struct ScoreMod {
   __device__ __forceinline__ bool has_alibi() const { return alibi != 0.f; }
   __device__ __forceinline__ bool active() const { return has_softcap() || has_alibi() || bias_kind != 0; }
 
-  // The row's position i' as a float (exact below 2^24), computed once per row; keys are floats as well, so the
+  // The row's position i' as a float (exact below 2^24, so ALiBi's |i' - j| is exact for sequences up to 16M
+  // positions and rounded to float beyond), computed once per row; keys are floats as well, so the
   // per-element ALiBi term is one subtraction, one absolute value and one fma.
   __device__ __forceinline__ float row_pos(int row) const { return static_cast<float>(row + shift); }
 

@@ -482,7 +482,8 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[e] = acc_s[j][e] * (acc_dp[j][e] - ((e & 1) ? dsum2.y : dsum2.x));
       if constexpr (IsLocal) {
-        if (params.dbias_accum != nullptr) {  // dbias = dS (before the softcap's factor)
+        // dbias = dS (before the softcap's factor); the kWarpsD warps of a key row group hold the same dS: one stores.
+        if (params.dbias_accum != nullptr && wd == 0) {
           float* dbias_bh = params.dbias_accum + (int64_t(b) * params.nheads + h) * int64_t(seqlen_q) * seqlen_k;
           store_dbias(ds, mod, params, dbias_bh, [&](int e, int& row, int& col) {
             row = m_block * kBlockM + q0 + 8 * j + 2 * t + (e & 1);
