@@ -4,10 +4,10 @@ dbias, dsinks) against the float64 reference (tests/reference.py) by assert_fa_c
 flash_ext.sdpa against torch's SDPA (math backend) with masks and top-left causal; bad input; opcheck and
 torch.compile with the new arguments.
 
-The same cases run on the CPU (float32, bfloat16) and on CUDA (float16, bfloat16). Until the CUDA kernels have a
-feature (the later steps of issue 15; csrc/cuda/attention_api.cu, check_cuda_features), a CUDA case that uses it
-is a strict xfail on NotImplementedError: when the feature lands the case passes, the xfail turns into a
-failure, and the feature is to be taken out of CUDA_PENDING below.
+The same cases run on the CPU (float32, bfloat16) and on CUDA (float16, bfloat16): the CUDA kernels have every
+feature (the local mask policy of csrc/kernels/mask.cuh, the score modifiers and the bias of
+csrc/kernels/score_mod.cuh, the sinks of csrc/kernels/softmax.cuh), and LOCAL_CUDA_CASES below adds a grid of
+them over every kernel head dim.
 """
 import pytest
 import torch
@@ -19,34 +19,10 @@ from conftest import poison_cuda_allocator, requires_cuda
 from reference import assert_fa_close, attention_ref, attention_ref_grads
 from test_attention import make_inputs
 
-# The features the CUDA kernels do not run yet: remove one here when its kernel lands.
-# window and chunk: the local mask policy (csrc/kernels/mask.cuh) in every kernel; softcap and ALiBi: the score
-# modifiers and the bias (csrc/kernels/score_mod.cuh) in every kernel; sinks: the forward epilogues (softmax.cuh) and
-# dsinks from D and lse (csrc/cuda/attention_api.cu). Nothing is pending now; the mechanism stays for later features.
-CUDA_PENDING = set()
-
 INF = float("inf")
 
 # (batch, nheads, nheads_k, bhsd inputs)
 L_MHA, L_GQA, L_MQA, L_T = (1, 4, 4, False), (2, 6, 2, True), (2, 4, 1, False), (1, 3, 3, True)
-
-
-def features_used(c):
-    """The issue-15 features a case uses, by the rule of check_cuda_features (a window (-1, 0) is causal)."""
-    used = set()
-    left, right = c.get("window_size", (-1, -1))
-    if c.get("causal"):
-        right = 0
-    if left >= 0 or right > 0:
-        used.add("window")
-    if c.get("attention_chunk", 0) > 0:
-        used.add("chunk")
-    if c.get("softcap", 0.0) > 0:
-        used.add("softcap")
-    for key, name in (("alibi", "alibi"), ("bias", "bias"), ("sinks", "sinks")):
-        if c.get(key) is not None:
-            used.add(name)
-    return used
 
 
 def case(name, sq, sk, d, layout, **kw):
@@ -234,13 +210,8 @@ def _params():
         for dtype in (torch.float32, torch.bfloat16):
             params.append(pytest.param("cpu", dtype, c, id=f"cpu-{str(dtype)[6:]}-{c['name']}"))
     for c in CASES:
-        pending = sorted(features_used(c) & CUDA_PENDING)
-        marks = [requires_cuda]
-        if pending:
-            marks.append(pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                           reason=f"not in the CUDA kernels yet: {', '.join(pending)}"))
         for dtype in (torch.float16, torch.bfloat16):
-            params.append(pytest.param("cuda", dtype, c, marks=marks, id=f"cuda-{str(dtype)[6:]}-{c['name']}"))
+            params.append(pytest.param("cuda", dtype, c, marks=[requires_cuda], id=f"cuda-{str(dtype)[6:]}-{c['name']}"))
     for dtype, c in LOCAL_CUDA_CASES:
         det = "-det" if c["deterministic"] else ""
         params.append(pytest.param("cuda", dtype, c, marks=[requires_cuda], id=f"cuda-{str(dtype)[6:]}-{c['name']}{det}"))
@@ -252,13 +223,7 @@ def test_variant(device, dtype, c):
     check_variant(device, dtype, c)
 
 
-def _devices(*features):
-    """cpu and cuda; the CUDA case is a strict xfail while one of `features` is pending there."""
-    pending = sorted(set(features) & CUDA_PENDING)
-    marks = [requires_cuda] + ([pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                                  reason=f"not in the CUDA kernels yet: {', '.join(pending)}")]
-                               if pending else [])
-    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=marks, id="cuda")]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=[requires_cuda], id="cuda")]
 
 
 def low_precision(device):
@@ -267,7 +232,7 @@ def low_precision(device):
 
 # ---- special cases checked exactly ----
 
-@pytest.mark.parametrize("device", _devices("bias"))
+@pytest.mark.parametrize("device", DEVICES)
 def test_neginf_bias_is_the_bool_mask(device):
     """A float bias of 0 and -inf gives bitwise the results of the bool mask that is False where it is -inf."""
     dtype = low_precision(device)
@@ -288,7 +253,7 @@ def test_neginf_bias_is_the_bool_mask(device):
     assert bool((results[0][1][:, :, 5] == -INF).all())
 
 
-@pytest.mark.parametrize("device", _devices("window", "bias", "sinks"))
+@pytest.mark.parametrize("device", DEVICES)
 def test_rows_that_see_no_key(device):
     """Rows hidden by the window (window 0, seqlen_q > seqlen_k) or by an all-False mask row: out 0, lse -inf
     (the sink with sinks), zero gradients, no NaN; keys that no row sees get zero dk, dv."""
@@ -320,7 +285,7 @@ def test_rows_that_see_no_key(device):
                 assert not torch.isnan(g).any()
 
 
-@pytest.mark.parametrize("device", _devices("bias"))
+@pytest.mark.parametrize("device", DEVICES)
 def test_bias_gradient_reaches_the_callers_shape(device):
     """A bias expanded with stride 0 (read in place) and a 2-D bias (viewed as 4-D) get their gradients in the
     shapes the caller made them in, equal to the reference's."""
@@ -418,15 +383,8 @@ def _sdpa_params():
     for name, L, S, hk, mask, causal in SDPA_CASES:
         for dtype in (torch.float32, torch.bfloat16):
             params.append(pytest.param("cpu", dtype, L, S, hk, mask, causal, id=f"cpu-{str(dtype)[6:]}-{name}"))
-        pending = set()
-        if mask is not None or (causal and L < S):
-            pending.add("bias")
-        if causal and L > S:
-            pending.add("window")
-        marks = [requires_cuda] + ([pytest.mark.xfail(raises=NotImplementedError, strict=True)]
-                                   if pending & CUDA_PENDING else [])
         for dtype in (torch.float16, torch.bfloat16):
-            params.append(pytest.param("cuda", dtype, L, S, hk, mask, causal, marks=marks,
+            params.append(pytest.param("cuda", dtype, L, S, hk, mask, causal, marks=[requires_cuda],
                                        id=f"cuda-{str(dtype)[6:]}-{name}"))
     return params
 

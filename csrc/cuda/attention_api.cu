@@ -135,19 +135,6 @@ int sm80_smem_limit() {
   return static_cast<int>(v);
 }
 
-// The issue-15 arguments on CUDA: every feature runs (docs/ARCHITECTURE.md, "Issue 15 plan"): the masks (plain,
-// causal, the local policy of csrc/kernels/mask.cuh), softcap, ALiBi and the bias (csrc/kernels/score_mod.cuh) and
-// sinks. A feature some later issue adds before its kernels have it raises NotImplementedError naming it here.
-// Returns the arguments checked and resolved (check_features).
-Features check_cuda_features(const at::Tensor& q, const AttnShape& s, bool causal, int64_t window_left,
-                             int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                             const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk,
-                             const std::optional<at::Tensor>& sinks, bool bias_requires_grad) {
-  const Features f = check_features(q, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
-                                    attention_chunk, sinks, bias_requires_grad);
-  return f;
-}
-
 // The mask the kernels run: causal (the plain causal policy) where the window is (-1, 0) without chunks, else the
 // local policy where there is any bound or chunk, with unbounded sides as a bound no row reaches.
 void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
@@ -276,8 +263,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     int64_t attention_chunk, const std::optional<at::Tensor>& sinks) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
-  const Features f = check_cuda_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes,
-                                         attn_bias, attention_chunk, sinks, false);
+  // Every issue-15 feature runs on CUDA (docs/ARCHITECTURE.md, "Issue 15 plan"); check_features checks them as on
+  // the CPU.
+  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                    attention_chunk, sinks);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
 
@@ -288,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   if (s.seqlen_k == 0) {  // no key: out 0, lse -inf (with sinks: the sink, as for any row that sees no key)
     out.zero_();
     if (f.has_sinks) {
-      lse.copy_(sinks->to(at::kFloat).view({1, s.nheads, 1}).expand_as(lse));
+      lse.copy_(float_for_kernels(sinks).view({1, s.nheads, 1}).expand_as(lse));
     } else {
       lse.fill_(-std::numeric_limits<float>::infinity());
     }
@@ -330,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     bool bias_requires_grad) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
-  const Features f = check_cuda_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes,
-                                         attn_bias, attention_chunk, sinks, bias_requires_grad);
+  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                    attention_chunk, sinks, bias_requires_grad);
   check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
@@ -351,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     if (f.has_sinks) {
       if (dsum.defined()) {
         const at::Tensor lse_rows = lse_f32.view({s.batch, s.nheads, s.seqlen_q});
-        const at::Tensor p_sink = at::exp(sinks->to(at::kFloat).view({1, s.nheads, 1}) - lse_rows);
+        const at::Tensor p_sink = at::exp(float_for_kernels(sinks).view({1, s.nheads, 1}) - lse_rows);
         const at::Tensor terms =
             at::where(at::isneginf(lse_rows), at::zeros_like(p_sink), p_sink * dsum.narrow(2, 0, s.seqlen_q));
         dsinks = terms.sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());

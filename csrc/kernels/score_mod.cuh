@@ -8,13 +8,14 @@
 //   bias:     s <- s + bias[b, h, i, j] / scale  (a bool bias: -inf where false)
 //
 // in that order, as tests/reference.py. The bias is read element by element from global memory through its
-// strides (a broadcast dim has stride 0, so a key padding mask of (batch, 1, 1, seqlen_k) stays in L1 / L2). The scores stay in raw units (the scaled score divided by scale), so
-// the softmax, the lse and the backward's dQ / dK scale are the plain path's. The backward's dS is the gradient
+// strides (a broadcast dim has stride 0, so a key padding mask of (batch, 1, 1, seqlen_k) stays in L1 / L2). The
+// scores stay in raw units (the scaled score divided by scale), so the softmax, the lse and the backward's dQ / dK
+// scale are the plain path's. The backward's dS is the gradient
 // of the scaled score; through the softcap it gains the factor d(capped)/d(scaled) = 1 - t^2 (t the tanh),
 // which the kernels apply to dS = P o (dP - D) with t recovered from P (dtanh_from_p; ALiBi adds a constant:
 // no factor).
 //
-// Both modifiers are run-time values: a kernel tests has_softcap() / has_alibi() once per tile (warp-uniform
+// All three are run-time values: a kernel tests has_softcap() / has_alibi() / has_bias() once per tile (warp-uniform
 // branches) and runs the per-element loops only where they are on.
 #pragma once
 #include <cmath>
@@ -97,15 +98,32 @@ struct ScoreMod {
     asm volatile("mov.b32 %0, %1;\n" : "=r"(y) : "r"(x));
     return y;
   }
-  // One element's bias in raw units (-inf where a bool bias hides the key; 0 outside the tensor). T: the inputs'
-  // element type (bias_kind 3). The per-tile loops are add_bias below.
+  // One element of the bias: its address (element (row, col) of this (batch, head)'s slice), its bits read with a
+  // load of its own size (call only for an element inside the tensor), and those bits in raw units (-inf where a
+  // bool bias hides the key). T: the inputs' element type (bias_kind 3). The kind is a warp-uniform value tested per
+  // element: one loop for every kind (add_bias below) spills nothing where three loops, one per kind, made the
+  // register allocator spill (the kernels have few registers to spare).
+  __device__ __forceinline__ uintptr_t bias_addr(const Strides& st, int row, int col) const {
+    const int elem_shift = bias_kind == 1 ? 0 : bias_kind == 2 ? 2 : 1;  // log2 of the element size
+    return reinterpret_cast<uintptr_t>(bias) +
+           (static_cast<uintptr_t>(static_cast<unsigned>(row * st.row + col * st.col)) << elem_shift);
+  }
+  __device__ __forceinline__ unsigned bias_bits(uintptr_t addr) const {
+    if (bias_kind == 2) return __ldg(reinterpret_cast<const unsigned*>(addr));
+    if (bias_kind == 3) return __ldg(reinterpret_cast<const unsigned short*>(addr));
+    return __ldg(reinterpret_cast<const unsigned char*>(addr));
+  }
+  template <typename T>
+  __device__ __forceinline__ float bias_value(unsigned bits) const {
+    if (bias_kind == 2) return __uint_as_float(bits) * bias_unscale;
+    if (bias_kind == 3) return to_float<T>(static_cast<unsigned short>(bits & 0xffffu)) * bias_unscale;
+    return (bits & 0xffu) ? 0.f : -INFINITY;
+  }
+  __device__ __forceinline__ bool in_tensor(int row, int col) const { return row < seqlen_q && col < seqlen_k; }
+  // One element's bias in raw units (0 outside the tensor): the softcap backward's single reads.
   template <typename T>
   __device__ __forceinline__ float bias_at(const Strides& st, int row, int col) const {
-    if (row >= seqlen_q || col >= seqlen_k) return 0.f;
-    const int off = row * st.row + col * st.col;
-    if (bias_kind == 1) return __ldg(reinterpret_cast<const unsigned char*>(bias) + off) ? 0.f : -INFINITY;
-    if (bias_kind == 2) return __ldg(reinterpret_cast<const float*>(bias) + off) * bias_unscale;
-    return to_float<T>(__ldg(reinterpret_cast<const unsigned short*>(bias) + off)) * bias_unscale;
+    return in_tensor(row, col) ? bias_value<T>(bias_bits(bias_addr(st, row, col))) : 0.f;
   }
 
   __device__ __forceinline__ bool has_softcap() const { return cap_in != 0.f; }
@@ -141,33 +159,19 @@ struct ScoreMod {
   }
 };
 
-// s[i] += the bias of element i, for the N scores a thread holds; coord(i, row, col) gives element i's query row and
-// key. The bias kind is tested once, outside the loop.
-// s[i] += the bias of element i, for the N scores a thread holds; coord(i, row, col) gives element i's query row and
-// key. One loop serves every kind (a warp-uniform value, tested per element: three loops, one per kind, made the
-// register allocator spill; the kernels have few registers to spare).
+// s[i] += the bias of element i (ScoreMod::bias_at), for the N scores a thread holds; coord(i, row, col) gives element
+// i's query row and key.
 template <typename T, int N, typename Coord>
 __device__ __forceinline__ void add_bias(float (&s)[N], const ScoreMod& mod, const FwdParams& p, Coord coord) {
   const ScoreMod::Strides st = mod.strides(p);
-  const int kind = mod.bias_kind;
-  const int elem_shift = kind == 1 ? 0 : kind == 2 ? 2 : 1;  // log2 of the element size
-  const uintptr_t base = reinterpret_cast<uintptr_t>(mod.bias);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     int row, col;
     coord(i, row, col);
-    const bool in = row < mod.seqlen_q && col < mod.seqlen_k;
-    const uintptr_t addr = base + (static_cast<uintptr_t>(static_cast<unsigned>(row * st.row + col * st.col)) << elem_shift);
-    unsigned bits = 0u;  // the element's bits, read with a load of its own size (nothing past the tensor)
-    if (in) {
-      if (kind == 2) bits = __ldg(reinterpret_cast<const unsigned*>(addr));
-      else if (kind == 3) bits = __ldg(reinterpret_cast<const unsigned short*>(addr));
-      else bits = __ldg(reinterpret_cast<const unsigned char*>(addr));
-    }
-    float v;
-    if (kind == 2) v = __uint_as_float(bits) * mod.bias_unscale;
-    else if (kind == 3) v = to_float<T>(static_cast<unsigned short>(bits & 0xffffu)) * mod.bias_unscale;
-    else v = (bits & 0xffu) ? 0.f : -INFINITY;
+    const bool in = mod.in_tensor(row, col);
+    const uintptr_t addr = mod.bias_addr(st, row, col);
+    const unsigned bits = in ? mod.bias_bits(addr) : 0u;
+    const float v = mod.bias_value<T>(bits);
     if (in) s[i] += v;
   }
 }

@@ -44,15 +44,14 @@ __device__ __forceinline__ float exp2_row(float (&s)[kNTiles][4], int i, float s
 __device__ __forceinline__ void finalize_row_with_sink(float m, float sum, float scale_log2, float sink, float& inv,
                                                        float& lse) {
   constexpr float kLog2eF = 1.4426950408889634f, kLn2F = 0.6931471805599453f;
-  const float ms = m == -INFINITY ? -INFINITY : m * scale_log2;
-  const float s2 = sink * kLog2eF;
-  const float mx = fmaxf(ms, s2);
-  if (ms == -INFINITY) {  // no key: the sink alone (exactly; -inf for a sink of -inf)
+  if (m == -INFINITY) {  // no key: the sink alone (exactly; -inf for a sink of -inf)
     inv = 0.f;
     lse = sink;
     return;
   }
-  const float a = fast_exp2(ms - mx);  // 0 where no key was seen
+  const float ms = m * scale_log2, s2 = sink * kLog2eF;
+  const float mx = fmaxf(ms, s2);
+  const float a = fast_exp2(ms - mx);
   const float denom = fmaf(sum, a, fast_exp2(s2 - mx));
   inv = a / denom;
   lse = (mx + log2f(denom)) * kLn2F;
@@ -108,35 +107,34 @@ struct OnlineSoftmax {
   template <int kDTiles>
   __device__ __forceinline__ void finalize(float (&o)[kMTiles][kDTiles][4], float scale,
                                            float (&lse)[kRowsPerThread]) {
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = mt * 2 + i;
-        const float l = quad_allreduce_sum(row_sum_reg[r]);
-        const bool empty = !(l > 0.f);  // also catches NaN
-        const float inv = empty ? 0.f : 1.f / l;
-        lse[r] = empty ? -INFINITY : row_max_reg[r] * scale + logf(l);
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          o[mt][dt][2 * i] *= inv;
-          o[mt][dt][2 * i + 1] *= inv;
-        }
-      }
-    }
+    finalize_rows(o, lse, [&](int r, float l, float& inv, float& lse_r) {
+      const bool empty = !(l > 0.f);  // also catches NaN
+      inv = empty ? 0.f : 1.f / l;
+      lse_r = empty ? -INFINITY : row_max_reg[r] * scale + logf(l);
+    });
   }
 
   // finalize with an attention sink (finalize_row_with_sink): the general path's epilogue where sinks are given.
   template <int kDTiles>
   __device__ __forceinline__ void finalize_with_sink(float (&o)[kMTiles][kDTiles][4], float scale_log2, float sink,
                                                      float (&lse)[kRowsPerThread]) {
+    finalize_rows(o, lse, [&](int r, float l, float& inv, float& lse_r) {
+      finalize_row_with_sink(row_max_reg[r], l, scale_log2, sink, inv, lse_r);
+    });
+  }
+
+  // The epilogue's walk over this thread's rows: row(r, l, inv, lse_r) gives row r's factor for O and its lse from
+  // its quad-reduced sum l; O's row is scaled by that factor.
+  template <int kDTiles, typename Row>
+  __device__ __forceinline__ void finalize_rows(float (&o)[kMTiles][kDTiles][4], float (&lse)[kRowsPerThread],
+                                                Row row) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int r = mt * 2 + i;
         float inv;
-        finalize_row_with_sink(row_max_reg[r], quad_allreduce_sum(row_sum_reg[r]), scale_log2, sink, inv, lse[r]);
+        row(r, quad_allreduce_sum(row_sum_reg[r]), inv, lse[r]);
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           o[mt][dt][2 * i] *= inv;

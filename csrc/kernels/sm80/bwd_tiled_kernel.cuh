@@ -416,11 +416,10 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
       if (it + 1 < n_iter) load_iter(next.h, next.m_block, stage ^ 1);
       cp_async_commit();
     }
-    // The score modifiers (general path only: constructed in its branches, as every addition to this kernel
-    // perturbed the plain and causal instantiations' code): query head h, queries m_block kBlockM + row_l, keys
-    // n_block kBlockN + col_l (as below).
+    // The score modifiers of query head h (general path only; a default ScoreMod, never read, in the plain and causal
+    // instantiations): queries m_block kBlockM + row_l, keys n_block kBlockN + col_l (as below).
+    const ScoreMod mod = IsLocal ? ScoreMod(params, b, h, seqlen_q, seqlen_k) : ScoreMod();
     if constexpr (IsLocal) {
-      const ScoreMod mod(params, b, h, seqlen_q, seqlen_k);
       const float ip_blk = mod.row_pos(m_block * kBlockM), key_blk = static_cast<float>(n_block * kBlockN);
       if (mod.has_softcap()) {
 #pragma unroll
@@ -503,7 +502,6 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
           float ds0 = p0 * (acc_dp[mi][ni][2 * half] - dsum);
           float ds1 = p1 * (acc_dp[mi][ni][2 * half + 1] - dsum);
           if constexpr (IsLocal) {
-            const ScoreMod mod(params, b, h, seqlen_q, seqlen_k);
             const int row = m_block * kBlockM + row_l, col = n_block * kBlockN + col_l;
             if (params.dbias_accum != nullptr) {  // dbias = dS (before the softcap's factor)
               float* dbias_bh = params.dbias_accum + (int64_t(b) * params.nheads + h) * int64_t(seqlen_q) * seqlen_k;
