@@ -331,22 +331,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor dv = at::empty({s.batch, s.seqlen_k, s.nheads_k, hd}, q_in.options());
   at::Tensor dbias_full;  // allocated below, once the shapes are known to be non-empty
   // dbias (bias_requires_grad): the kernels' dS (dbias_full) summed over the bias's dims of size 1, in its dtype and
-  // sizes; zeros where no kernel ran. dsinks (with sinks): dsink_h = -sum over (b, i) of
-  // exp(sink_h - lse[b, h, i]) D[b, h, i] (docs/ARCHITECTURE.md), from the kernels' D workspace `dsum` (batch x nheads
-  // x seqlen_q_rounded; undefined: no row ran, D = 0) and the lse; a row with lse = -inf (no key, a sink of -inf)
-  // adds nothing.
-  auto results = [&](const at::Tensor& dsum, const at::Tensor& lse_f32) {
+  // sizes; zeros where no kernel ran. dsinks (with sinks): dsink_h = -sum over (b, i, j) of
+  // exp(sink_h - lse[b, h, i]) P_ij dP_ij (docs/ARCHITECTURE.md), whose terms the key-side kernels add up in the
+  // slots of dsink_accum (BwdParams::dsink_accum; undefined: no kernel ran, dsinks = 0), summed here in float64.
+  at::Tensor dsink_accum;
+  auto results = [&]() {
     at::Tensor dsinks = at::empty({0}, q_in.options());
     if (f.has_sinks) {
-      if (dsum.defined()) {
-        const at::Tensor lse_rows = lse_f32.view({s.batch, s.nheads, s.seqlen_q});
-        const at::Tensor p_sink = at::exp(float_for_kernels(sinks).view({1, s.nheads, 1}) - lse_rows);
-        const at::Tensor terms =
-            at::where(at::isneginf(lse_rows), at::zeros_like(p_sink), p_sink * dsum.narrow(2, 0, s.seqlen_q));
-        dsinks = terms.sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());
-      } else {
-        dsinks = at::zeros_like(*sinks);
-      }
+      dsinks = dsink_accum.defined()
+                   ? dsink_accum.to(at::kDouble).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type())
+                   : at::zeros_like(*sinks);
     }
     at::Tensor dbias = at::empty({0}, q_in.options());
     if (bias_requires_grad) {
@@ -365,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   };
   if (s.batch == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) {
     dq.zero_(), dk.zero_(), dv.zero_();
-    return results(at::Tensor(), at::Tensor());
+    return results();
   }
   const at::Tensor q = kernel_ready(q_in, hd), k = kernel_ready(k_in, hd), v = kernel_ready(v_in, hd);
   const at::Tensor out = kernel_ready(out_in, hd), dout = kernel_ready(dout_in, hd);
@@ -387,6 +381,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                 "seqlen_q * seqlen_k must be below 2^31, got ", fmt(s.seqlen_q), " x ", fmt(s.seqlen_k));
     dbias_full = at::zeros({s.batch, s.nheads, s.seqlen_q, s.seqlen_k}, q.options().dtype(at::kFloat));
     params.dbias_accum = dbias_full.data_ptr<float>();
+  }
+  if (f.has_sinks) {  // one float32 slot per (batch, head, key-side warp) (score_mod.cuh, dsink_slot)
+    params.dsink_slots = static_cast<int>(kDsinkSlotsPer128Keys * ((s.seqlen_k + 127) / 128));
+    dsink_accum = at::zeros({s.batch, s.nheads, params.dsink_slots}, q.options().dtype(at::kFloat));
+    params.dsink_accum = dsink_accum.data_ptr<float>();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
@@ -423,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
         launched = dispatch_bwd_sm90(inst, params, stream);
         TORCH_CHECK(launched, "flash_ext: the sm90 backward did not take head_dim ", fmt(s.head_dim));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return results(ws.second, lse);
+        return results();
       }
     }
   }
@@ -440,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
               " runs on this device (kernel head dim ", fmt(inst),
               "; its sm80 tiles need more shared memory per block than the device has, or FLASH_EXT_SM80_SMEM_LIMIT)");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return results(ws.second, lse);
+  return results();
 }
 
 }  // namespace

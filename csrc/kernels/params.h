@@ -6,6 +6,9 @@
 
 namespace flash_ext {
 
+// BwdParams::dsink_accum's slots per 128 keys of each (batch, head) row.
+constexpr int kDsinkSlotsPer128Keys = 16;
+
 struct FwdParams {
   // Inputs.
   const void* q;  // batch x seqlen_q x nheads x head_dim
@@ -49,7 +52,8 @@ struct FwdParams {
   int64_t alibi_batch_stride;  // 0: one slope per head for every batch entry
   // Attention sinks (general path only): float32, one logit per query head, joining each row's softmax
   // denominator (softmax.cuh, finalize_row_with_sink); nullptr: none. The backward needs nothing of them: its P
-  // comes from the sink-aware lse, and dsinks is reduced from D and lse by the API layer.
+  // comes from the sink-aware lse; the key-side backward kernels add up the sinks' gradient terms
+  // (BwdParams::dsink_accum).
   const float* sinks;
   // Attention bias (general path only; score_mod.cuh): element (b, h, i, j) at attn_bias + b * bias_batch_stride +
   // h * bias_head_stride + i * bias_row_stride + j * bias_col_stride (elements; 0 on a broadcast dim), h the query
@@ -96,6 +100,13 @@ struct BwdParams : public FwdParams {
   // the key-side backward kernel writes dS of every tile it visits (each element once), the API layer sums it over
   // the bias's broadcast dims. nullptr: no dbias.
   float* dbias_accum;
+  // dsinks (with sinks): batch x nheads x dsink_slots float32, zeroed by the API layer. Warp w of the key-side
+  // backward kernel's CTA for key block n adds, in slot n * (its warps) + w of (b, h), its terms
+  // exp(sink_h - lse_i) P_ij dP_ij (P_ij dP_ij summed over keys is D_i in float32, not D from the 16-bit O);
+  // dsink_h = -(sum of the (b, h) slots over b), reduced by the API layer. One writer per slot, so the sum is
+  // reproducible in every mode. dsink_slots = kDsinkSlotsPer128Keys * ceil(seqlen_k / 128) (score_mod.cuh, dsink_slot).
+  float* dsink_accum;
+  int dsink_slots;
 };
 
 }  // namespace flash_ext

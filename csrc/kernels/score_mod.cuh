@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 
 #include "params.h"
+#include "ptx.cuh"
 
 namespace flash_ext {
 
@@ -186,6 +187,31 @@ __device__ __forceinline__ void store_dbias(const float (&ds)[N], const ScoreMod
     int row, col;
     coord(i, row, col);
     mod.store_dbias(dbias_bh, st, row, col, ds[i]);
+  }
+}
+
+// The sinks' gradient (BwdParams::dsink_accum): each (b, h) row has kDsinkSlotsPer128Keys (params.h) slots per 128 keys. A
+// key-side kernel with kBlockN keys per CTA and kSlotWarps warps adding terms gives warp w of key block n the slot
+// n * kSlotWarps + w, which stays below the row's end when kBlockN divides 128 and kSlotWarps <= kBlockN / 8.
+template <int kBlockN, int kSlotWarps>
+__device__ __forceinline__ int dsink_slot(int n_block, int warp) {
+  static_assert(128 % kBlockN == 0 && kSlotWarps * (128 / kBlockN) <= kDsinkSlotsPer128Keys,
+                "dsink slots: kBlockN must divide 128, at most kBlockN / 8 warps add terms");
+  return n_block * kSlotWarps + warp;
+}
+// exp(sink - lse) of a query row from the sink and the row's lse_log2 (both times log2 e): the sink's share of the
+// row's softmax; 0 where lse_log2 = +inf (a row past seqlen_q or without keys) or the sink is -inf.
+__device__ __forceinline__ float sink_share(float sink_log2, float lse_log2) { return fast_exp2(sink_log2 - lse_log2); }
+// The sink of query head `head` times log2 e (ScoreMod-free: the backward kernels read it once per head).
+__device__ __forceinline__ float sink_log2_of(const BwdParams& p, int head) { return p.sinks[head] * 1.4426950408889634f; }
+// The warp's sum of v (every lane calls it), added by lane 0 to slot `slot` of (batch, head). The slot has no
+// other writer, so the plain read-modify-write is exact and its order fixed.
+__device__ __forceinline__ void add_dsink_terms(const BwdParams& p, int batch, int head, int slot, float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) {
+    float* dst = p.dsink_accum + (int64_t(batch) * p.nheads + head) * p.dsink_slots + slot;
+    *dst += v;
   }
 }
 

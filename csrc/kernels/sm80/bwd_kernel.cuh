@@ -470,6 +470,22 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     // dP^T = V dO^T.
     float acc_dp[kSubM / 8][4];
     gemm_sub(acc_dp, v_base, do_base);
+    if constexpr (IsLocal) {
+      // The sinks' gradient terms exp2(sink_log2 - lse_log2) P^T dP^T (params.h); the kWarpsD warps of a key row
+      // group hold the same P^T and dP^T: one adds them.
+      if (params.dsink_accum != nullptr && wd == 0) {
+        const float sink_log2 = sink_log2_of(params, h);
+        float terms = 0.f;
+#pragma unroll
+        for (int j = 0; j < kSubM / 8; ++j) {
+          const float2 lse2 = *reinterpret_cast<const float2*>(lse_s + q0 + 8 * j + 2 * t);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            terms = fmaf(sink_share(sink_log2, (e & 1) ? lse2.y : lse2.x), acc_s[j][e] * acc_dp[j][e], terms);
+        }
+        add_dsink_terms(params, b, h, dsink_slot<kBlockN, kWarpsN>(n_block, wn), terms);
+      }
+    }
     // dS^T = P^T (dP^T - D). P^T and dS^T are packed at once (element type) into the A fragments of
     // dV += P^T dO and dK += dS^T Q (k = query); packing P only now keeps one copy of it live
     // during the dP^T GEMM (d128: packing earlier spilled).

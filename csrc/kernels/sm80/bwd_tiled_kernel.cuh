@@ -488,6 +488,29 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
       warp_gemm_ss<T, kSdpMT, kSdpNT, kHeadDim / 16, false, false, kStride, kStride, Traits::kUnrollSdP>(acc_dp, do_base + sdp_a_off,
                                                                                      v_base + sdp_b_off);
     }
+    if constexpr (IsLocal) {
+      if (params.dsink_accum != nullptr) {  // the sinks' gradient terms exp(sink - lse) P dP (params.h)
+        const float sink_log2 = sink_log2_of(params, h);
+        float terms = 0.f;
+#pragma unroll
+        for (int mi = 0; mi < kSdpMT; ++mi) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int row_l = sdp_wm * Traits::kSdpWM + mi * 16 + g + 8 * half;
+            const float lse_raw = lse_s[row_l];  // +inf (P = 0, share 0) past seqlen_q and where no key is seen
+            const float lse_r = (m_block * kBlockM + row_l < seqlen_q && lse_raw != -INFINITY) ? lse_raw * kLog2e : INFINITY;
+            float row_terms = 0.f;
+#pragma unroll
+            for (int ni = 0; ni < kSdpNT; ++ni) {
+              row_terms = fmaf(acc_s[mi][ni][2 * half], acc_dp[mi][ni][2 * half], row_terms);
+              row_terms = fmaf(acc_s[mi][ni][2 * half + 1], acc_dp[mi][ni][2 * half + 1], row_terms);
+            }
+            terms = fmaf(sink_share(sink_log2, lse_r), row_terms, terms);
+          }
+        }
+        add_dsink_terms(params, b, h, dsink_slot<kBlockN, Traits::kNWarps>(n_block, warp), terms);
+      }
+    }
     // dS = P (dP - D); P and dS -> shared memory (element type).
 #pragma unroll
     for (int mi = 0; mi < kSdpMT; ++mi) {

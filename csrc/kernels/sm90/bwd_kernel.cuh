@@ -627,6 +627,13 @@ struct BwdKernel {
       if (need_mask) mask_pt(s_reg, mask, m_block * kBlockM, key0, t);
       wgmma_wait<0>();
       fence_regs(dp_reg);
+      if constexpr (IsLocal) {
+        if (p.dsink_accum != nullptr) {  // the sinks' gradient terms, from P^T and dP^T (params.h)
+          const int h = head_k * p.h_h_k_ratio + hh;
+          add_dsink_terms(p, batch, h, dsink_slot<kBlockN, 8>(n_block, cw * 4 + warp_in_wg),
+                          sink_terms_pt(s_reg, dp_reg, smem + kOffLse, stage * kBlockM, t, sink_log2_of(p, h)));
+        }
+      }
       ds_from_pt(dp_reg, s_reg, smem + kOffD, stage * kBlockM, t);  // dS^T = P^T o (dP^T - D)
       if constexpr (IsLocal) {
         if (p.dbias_accum != nullptr) {

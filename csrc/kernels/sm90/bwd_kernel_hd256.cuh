@@ -315,6 +315,14 @@ struct BwdKernelHd256 {
       }
       wgmma_wait<0>();
       fence_regs(dp_reg);
+      if constexpr (IsLocal) {
+        if (p.dsink_accum != nullptr) {  // the sinks' gradient terms, from P^T and dP^T (params.h)
+          const int h = head_k * p.h_h_k_ratio + hh_of(it);
+          add_dsink_terms(p, batch, h, dsink_slot<kBlockN, 8>(n_block, cw * 4 + warp_in_wg),
+                          sink_terms_pt(s_reg, dp_reg, smem + kOffLse, stage * kBlockM + cw * kQh, t,
+                                        sink_log2_of(p, h)));
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kQh / 8; ++j) {
         float2 d2;

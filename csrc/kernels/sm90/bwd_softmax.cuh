@@ -55,6 +55,22 @@ __device__ __forceinline__ void ds_from_pt(float (&dp)[N], const float (&p)[N], 
   }
 }
 
+// This thread's terms of the sinks' gradient (BwdParams::dsink_accum), before dS^T replaces dP^T: the sum of
+// exp2(sink_log2 - lse_log2[query]) P^T dP^T over its elements (`lse`, `row0` as in recompute_pt).
+template <int N>
+__device__ __forceinline__ float sink_terms_pt(const float (&p)[N], const float (&dp)[N], uint32_t lse, int row0, int t,
+                                               float sink_log2) {
+  float acc = 0.f;
+#pragma unroll
+  for (int j = 0; j < N / 4; ++j) {
+    float2 l2;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(l2.x), "=f"(l2.y) : "r"(lse + (row0 + 8 * j + 2 * t) * 4));
+    acc = fmaf(sink_share(sink_log2, l2.x), fmaf(p[4 * j + 0], dp[4 * j + 0], p[4 * j + 2] * dp[4 * j + 2]), acc);
+    acc = fmaf(sink_share(sink_log2, l2.y), fmaf(p[4 * j + 1], dp[4 * j + 1], p[4 * j + 3] * dp[4 * j + 3]), acc);
+  }
+  return acc;
+}
+
 // Element i of a thread's S^T accumulator: query q0 + 8 (i / 4) + 2t + i % 2 (the column), key key0 + 8 ((i % 4) / 2).
 __device__ __forceinline__ void st_coord(int i, int q0, int key0, int t, int& row, int& col) {
   row = q0 + 8 * (i / 4) + 2 * t + i % 2;
