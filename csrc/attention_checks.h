@@ -9,6 +9,8 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
+#include <algorithm>
 
 namespace flash_ext {
 // Internal linkage: this header is compiled both by the host compiler (cpu/) and by nvcc (cuda/); one
@@ -76,6 +78,102 @@ inline AttnShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::T
   return s;
 }
 
+// A variable-length batch (attention_varlen_*): q (total_q, nheads, head_dim), k / v (total_k, nheads_k, head_dim),
+// cu_seqlens_q / cu_seqlens_k int32 (batch + 1,), seqused_k int32 (batch,) or none, max_seqlen_q / max_seqlen_k the
+// longest sequence of each (> 0, or 0 when that total is 0). `s` has batch = the sequence count and seqlen_q /
+// seqlen_k = the max lengths, so that the feature checks (alibi_slopes of (batch, nheads)) apply unchanged. The
+// values inside cu_seqlens / seqused_k are not read here (on CUDA that would synchronize): the CPU path checks
+// them (check_varlen_values).
+struct VarlenShape {
+  AttnShape s;
+  int64_t total_q, total_k;
+};
+
+inline void check_seqlen_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t len) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, name, " must be a 1-D tensor, got ", fmt(t.dim()), "-D");
+  TORCH_CHECK(t.device() == q.device(), name, " must be on the device of q (", q.device(), "), got ", t.device());
+  if (len >= 0) TORCH_CHECK(t.size(0) == len, name, " must have ", fmt(len), " elements (batch), got ", fmt(t.size(0)));
+}
+
+inline VarlenShape check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                int64_t max_seqlen_k, const std::optional<at::Tensor>& seqused_k) {
+  TORCH_CHECK(q.dim() == 3, "q must be a 3-D tensor (total_q, nheads, head_dim) in attention_varlen, got ",
+              fmt(q.dim()), "-D");
+  TORCH_CHECK(k.dim() == 3, "k must be a 3-D tensor (total_k, nheads_k, head_dim) in attention_varlen, got ",
+              fmt(k.dim()), "-D");
+  TORCH_CHECK(v.dim() == 3, "v must be a 3-D tensor (total_k, nheads_k, head_dim) in attention_varlen, got ",
+              fmt(v.dim()), "-D");
+  TORCH_CHECK(v.size(0) == k.size(0), "v must have the total_k of k (", fmt(k.size(0)), "), got ", fmt(v.size(0)));
+  check_seqlen_tensor(cu_seqlens_q, "cu_seqlens_q", q, -1);
+  TORCH_CHECK(cu_seqlens_q.size(0) >= 1, "cu_seqlens_q must have batch + 1 >= 1 elements, got 0");
+  check_seqlen_tensor(cu_seqlens_k, "cu_seqlens_k", q, cu_seqlens_q.size(0));
+  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  if (seqused_k.has_value()) check_seqlen_tensor(*seqused_k, "seqused_k", q, batch);
+  // The dense checks on (1, total, heads, head_dim) views: dtypes, devices, head dims, the GQA ratio.
+  AttnShape s = check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0));
+  VarlenShape vs{s, q.size(0), k.size(0)};
+  TORCH_CHECK(max_seqlen_q > 0 || (max_seqlen_q == 0 && vs.total_q == 0),
+              "max_seqlen_q must be > 0 (the longest query sequence; 0 only when q has no rows), got ",
+              fmt(max_seqlen_q));
+  TORCH_CHECK(max_seqlen_k > 0 || (max_seqlen_k == 0 && vs.total_k == 0),
+              "max_seqlen_k must be > 0 (the longest key sequence; 0 only when k has no rows), got ",
+              fmt(max_seqlen_k));
+  vs.s.batch = batch;
+  vs.s.seqlen_q = max_seqlen_q;
+  vs.s.seqlen_k = max_seqlen_k;
+  return vs;
+}
+
+// One sequence of a variable-length batch, from the values of cu_seqlens / seqused_k (CPU).
+struct VarlenSeq {
+  int64_t q0, seqlen_q, k0, seqlen_k;
+};
+
+// The values' contract (checked on the CPU, the caller's on CUDA): cu_seqlens non-decreasing from >= 0 to at most
+// the total, every length <= its max_seqlen, 0 <= seqused_k[b] <= cu_seqlens_k[b + 1] - cu_seqlens_k[b].
+inline std::vector<VarlenSeq> check_varlen_values(const VarlenShape& vs, const at::Tensor& cu_seqlens_q,
+                                                  const at::Tensor& cu_seqlens_k,
+                                                  const std::optional<at::Tensor>& seqused_k) {
+  const at::Tensor cq = cu_seqlens_q.to(at::kCPU).contiguous(), ck = cu_seqlens_k.to(at::kCPU).contiguous();
+  const int32_t* q_off = cq.data_ptr<int32_t>();
+  const int32_t* k_off = ck.data_ptr<int32_t>();
+  at::Tensor used;
+  if (seqused_k.has_value()) used = seqused_k->to(at::kCPU).contiguous();
+  auto check_offsets = [](const int32_t* off, int64_t batch, int64_t total, int64_t max_len, const char* name,
+                          const char* max_name) {
+    TORCH_CHECK(off[0] >= 0, name, "[0] must be >= 0, got ", fmt(off[0]));
+    TORCH_CHECK(off[batch] <= total, name, "[batch] = ", fmt(off[batch]), " must not exceed the total rows ",
+                fmt(total));
+    for (int64_t b = 0; b < batch; ++b) {
+      TORCH_CHECK(off[b + 1] >= off[b], name, " must be non-decreasing, got ", fmt(off[b]), " then ",
+                  fmt(off[b + 1]), " at index ", fmt(b));
+      TORCH_CHECK(off[b + 1] - off[b] <= max_len, "sequence ", fmt(b), " has ", fmt(off[b + 1] - off[b]),
+                  " rows in ", name, ", more than ", max_name, " = ", fmt(max_len));
+    }
+  };
+  const int64_t batch = vs.s.batch;
+  check_offsets(q_off, batch, vs.total_q, vs.s.seqlen_q, "cu_seqlens_q", "max_seqlen_q");
+  std::vector<VarlenSeq> seqs(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(k_off[0] >= 0 && k_off[batch] <= vs.total_k && k_off[b + 1] >= k_off[b],
+                "cu_seqlens_k must be non-decreasing from >= 0 to at most total_k = ", fmt(vs.total_k),
+                " (index ", fmt(b), ": ", fmt(k_off[b]), " then ", fmt(k_off[b + 1]), ")");
+    int64_t len_k = k_off[b + 1] - k_off[b];
+    if (used.defined()) {
+      const int64_t u = used.data_ptr<int32_t>()[b];
+      TORCH_CHECK(u >= 0 && u <= len_k, "seqused_k[", fmt(b), "] = ", fmt(u), " must be in [0, ", fmt(len_k),
+                  "] (cu_seqlens_k[b + 1] - cu_seqlens_k[b])");
+      len_k = u;
+    }
+    TORCH_CHECK(len_k <= vs.s.seqlen_k, "sequence ", fmt(b), " has ", fmt(len_k),
+                " keys, more than max_seqlen_k = ", fmt(vs.s.seqlen_k));
+    seqs[b] = {q_off[b], q_off[b + 1] - q_off[b], k_off[b], len_k};
+  }
+  return seqs;
+}
+
 // Resolves the optional scale (default 1/sqrt(head_dim)) and rejects non-positive or non-finite ones.
 inline double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
   const double scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(head_dim));
@@ -103,6 +201,17 @@ inline void check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at
               lse.device());
 }
 
+// The varlen backward's dout / out / lse against q and the batch (lse: (nheads, total_q)).
+inline void check_varlen_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out,
+                                  const at::Tensor& lse, const VarlenShape& vs) {
+  AttnShape s1 = vs.s;
+  s1.batch = 1;
+  s1.seqlen_q = vs.total_q;
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == vs.s.nheads && lse.size(1) == vs.total_q,
+              "lse must have shape (nheads, total_q) = (", fmt(vs.s.nheads), ", ", fmt(vs.total_q), "), got ",
+              fmt(lse.sizes()));
+  check_bwd_args(dout.unsqueeze(0), q.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0), s1);
+}
 
 // The masks and score modifiers of issue 15 (docs/ARCHITECTURE.md, "Masks and score modifiers"), checked
 // once for every device. `window_left` / `window_right` are resolved: causal sets the right bound to 0.

@@ -17,6 +17,10 @@ namespace flash_ext {
 #define FLASH_EXT_FEATURE_ARGS                                                                             \
   "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "              \
   "Tensor? attn_bias=None, int attention_chunk=0, Tensor? sinks=None"
+// The varlen ops' features: those of the dense ops without attn_bias.
+#define FLASH_EXT_VARLEN_FEATURE_ARGS                                                                      \
+  "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "              \
+  "int attention_chunk=0, Tensor? sinks=None"
 
 TORCH_LIBRARY(flash_ext, m) {
   // out: (batch, seqlen_q, nheads, head_dim) in q's dtype; lse: (batch, nheads, seqlen_q) float32,
@@ -36,6 +40,23 @@ TORCH_LIBRARY(flash_ext, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
       "bool deterministic=False, " FLASH_EXT_FEATURE_ARGS ") -> Tensor");
+  // Variable-length batches (docs/ARCHITECTURE.md, "Variable-length batches"): q (total_q, nheads, head_dim), k / v
+  // (total_k, nheads_k, head_dim); sequence b's rows are cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of q and
+  // cu_seqlens_k[b] .. + (seqused_k[b] or cu_seqlens_k[b + 1] - cu_seqlens_k[b]) of k / v; out (total_q, nheads,
+  // head_dim), lse (nheads, total_q). Every feature of the dense op but attn_bias; dsinks as in attention_backward.
+  m.def(
+      "attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, Tensor? seqused_k=None, float? softmax_scale=None, bool causal=False, "
+      "bool deterministic=False, " FLASH_EXT_VARLEN_FEATURE_ARGS ") -> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? seqused_k, "
+      "float softmax_scale, bool causal, bool deterministic=False, " FLASH_EXT_VARLEN_FEATURE_ARGS
+      ") -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsinks)");
+  m.def(
+      "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, Tensor? seqused_k=None, float? softmax_scale=None, bool causal=False, "
+      "bool deterministic=False, " FLASH_EXT_VARLEN_FEATURE_ARGS ") -> Tensor");
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -46,6 +67,29 @@ using FwdSig = FwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&
 using BwdSig = BwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, double, bool, bool, int64_t, int64_t, double,
                          const OptTensor&, const OptTensor&, int64_t, const OptTensor&, bool);
+
+using VarlenFwdSig = FwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, int64_t, int64_t, const OptTensor&, std::optional<double>, bool,
+                               bool, int64_t, int64_t, double, const OptTensor&, int64_t, const OptTensor&);
+using VarlenBwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using VarlenBwdSig = VarlenBwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     int64_t, int64_t, const OptTensor&, double, bool, bool, int64_t, int64_t, double,
+                                     const OptTensor&, int64_t, const OptTensor&);
+
+static at::Tensor attention_varlen_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                             int64_t max_seqlen_q, int64_t max_seqlen_k, const OptTensor& seqused_k,
+                                             std::optional<double> softmax_scale, bool causal, bool deterministic,
+                                             int64_t window_left, int64_t window_right, double softcap,
+                                             const OptTensor& alibi_slopes, int64_t attention_chunk,
+                                             const OptTensor& sinks) {
+  static auto fwd =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flash_ext::attention_varlen_forward", "").typed<VarlenFwdSig>();
+  return std::get<0>(fwd.call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                              softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes,
+                              attention_chunk, sinks));
+}
 
 static at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       std::optional<double> softmax_scale, bool causal, bool deterministic,
@@ -60,6 +104,7 @@ static at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, 
 
 TORCH_LIBRARY_IMPL(flash_ext, CompositeImplicitAutograd, m) {
   m.impl("attention", &attention_composite);
+  m.impl("attention_varlen", &attention_varlen_composite);
 }
 
 // torch.autocast: like SDPA, the ops run in the autocast dtype (float16 / bfloat16): q, k, v (and dout, out in
@@ -100,14 +145,54 @@ static BwdResult attention_backward_autocast(const at::Tensor& dout, const at::T
                  bias_requires_grad);
 }
 
+template <c10::DeviceType kDevice>
+static FwdResult attention_varlen_forward_autocast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                   const OptTensor& seqused_k, std::optional<double> softmax_scale,
+                                                   bool causal, bool deterministic, int64_t window_left,
+                                                   int64_t window_right, double softcap, const OptTensor& alibi_slopes,
+                                                   int64_t attention_chunk, const OptTensor& sinks) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("flash_ext::attention_varlen_forward", "").typed<VarlenFwdSig>();
+  auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, kDevice); };
+  return op.call(cast(q), cast(k), cast(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                 softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes,
+                 attention_chunk, sinks);
+}
+
+template <c10::DeviceType kDevice>
+static VarlenBwdResult attention_varlen_backward_autocast(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const OptTensor& seqused_k, double softmax_scale, bool causal, bool deterministic,
+    int64_t window_left, int64_t window_right, double softcap, const OptTensor& alibi_slopes, int64_t attention_chunk,
+    const OptTensor& sinks) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flash_ext::attention_varlen_backward", "")
+                       .typed<VarlenBwdSig>();
+  auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, kDevice); };
+  return op.call(cast(dout), cast(q), cast(k), cast(v), cast(out), lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                 max_seqlen_k, seqused_k, softmax_scale, causal, deterministic, window_left, window_right, softcap,
+                 alibi_slopes, attention_chunk, sinks);
+}
+
 TORCH_LIBRARY_IMPL(flash_ext, AutocastCUDA, m) {
   m.impl("attention_forward", &attention_forward_autocast<c10::DeviceType::CUDA>);
   m.impl("attention_backward", &attention_backward_autocast<c10::DeviceType::CUDA>);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_autocast<c10::DeviceType::CUDA>);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_autocast<c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(flash_ext, AutocastCPU, m) {
   m.impl("attention_forward", &attention_forward_autocast<c10::DeviceType::CPU>);
   m.impl("attention_backward", &attention_backward_autocast<c10::DeviceType::CPU>);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_autocast<c10::DeviceType::CPU>);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_autocast<c10::DeviceType::CPU>);
 }
 
 }  // namespace flash_ext

@@ -49,6 +49,63 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return torch.ops.flash_ext.attention(*args)
 
 
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                     seqused_k: Optional[torch.Tensor] = None, causal: bool = False,
+                     softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, attention_chunk: int = 0,
+                     sinks: Optional[torch.Tensor] = None, return_lse: bool = False, deterministic: bool = False):
+    """Attention over a packed batch of sequences of different lengths (no padding), FlashAttention's varlen call.
+
+    q: (total_q, nheads, head_dim), k, v: (total_k, nheads_k, head_dim) (any strides with a contiguous last dim).
+    cu_seqlens_q / cu_seqlens_k: int32 (batch + 1,) on q's device; sequence b is the query rows
+    cu_seqlens_q[b] : cu_seqlens_q[b + 1] against the key rows cu_seqlens_k[b] : cu_seqlens_k[b] + L_b, with
+    L_b = seqused_k[b] when seqused_k (int32 (batch,)) is given (keys past it are ignored) and
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] otherwise. max_seqlen_q / max_seqlen_k: Python ints at least every
+    sequence's length. Each sequence is attended exactly as `attention` would attend it alone (causal, window and
+    ALiBi positions bottom-right aligned per sequence; alibi_slopes of (batch, nheads) give row b to sequence b);
+    every feature of `attention` but attn_bias. Zero-length sequences are allowed.
+
+    The values inside cu_seqlens / seqused_k are the caller's contract: non-decreasing offsets from 0 up to the
+    totals, lengths <= max_seqlen, 0 <= seqused_k[b] <= that sequence's key rows. The CPU path checks them; on
+    CUDA checking them would synchronize with the host, so they are not checked there, and rows of q outside every
+    sequence are left unwritten in out (the backward gives every row outside a sequence zero gradients).
+    Returns out (total_q, nheads, head_dim), and with return_lse also lse (nheads, total_q) float32.
+    Document masking: one packed sequence with cu_seqlens at the document boundaries is attention within documents.
+    """
+    window_left, window_right = _window_bounds(window_size)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softmax_scale, causal,
+            deterministic, window_left, window_right, softcap, alibi_slopes, attention_chunk, sinks)
+    if return_lse:
+        return torch.ops.flash_ext.attention_varlen_forward(*args)
+    return torch.ops.flash_ext.attention_varlen(*args)
+
+
+def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
+    """A padded batch as the packed rows attention_varlen takes.
+
+    x: (batch, seqlen, ...); attention_mask: (batch, seqlen), nonzero / True at real tokens (anywhere in the row:
+    left or right padding). Returns (x_unpad, indices, cu_seqlens, max_seqlen): x_unpad (total, ...) the real
+    tokens in row-major order (differentiable), indices (total,) int64 into x.flatten(0, 1), cu_seqlens int32
+    (batch + 1,), max_seqlen a Python int (reading it, and the count of real tokens, synchronizes with the device).
+    """
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"flash_ext.unpad_input: attention_mask must have shape (batch, seqlen) = "
+                         f"{tuple(x.shape[:2])}, got {tuple(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    seqlens = keep.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    max_seqlen = int(seqlens.max().item()) if seqlens.numel() > 0 else 0
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    return x.flatten(0, 1).index_select(0, indices), indices, cu_seqlens, max_seqlen
+
+
+def pad_input(x_unpad: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """The inverse of unpad_input: (total, ...) rows back to (batch, seqlen, ...), zeros at padding (differentiable)."""
+    out = x_unpad.new_zeros((batch * seqlen,) + tuple(x_unpad.shape[1:]))
+    return out.index_copy(0, indices, x_unpad).view((batch, seqlen) + tuple(x_unpad.shape[1:]))
+
+
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
          dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
          enable_gqa: bool = False) -> torch.Tensor:

@@ -86,3 +86,65 @@ def _backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd(
     "flash_ext::attention_forward", _backward, setup_context=_setup_context)
+
+
+# ---- variable-length batches (attention_varlen_forward / attention_varlen_backward)
+_VARLEN_SINKS_INDEX = 16
+
+
+@torch.library.register_fake("flash_ext::attention_varlen_forward")
+def _attention_varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None,
+                                   softmax_scale=None, causal=False, deterministic=False, window_left=-1,
+                                   window_right=-1, softcap=0.0, alibi_slopes=None, attention_chunk=0, sinks=None):
+    torch._check(q.dim() == 3, lambda: f"q must be a 3-D tensor (total_q, nheads, head_dim), got {q.dim()}-D")
+    torch._check(k.dim() == 3 and v.dim() == 3, lambda: "k and v must be 3-D tensors (total_k, nheads_k, head_dim)")
+    torch._check(k.shape[2] == q.shape[2] and v.shape[2] == q.shape[2], lambda: "head_dim must match")
+    torch._check(k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
+                 lambda: "q's nheads must be divisible by k's nheads_k")
+    torch._check(cu_seqlens_q.dim() == 1 and cu_seqlens_k.shape == cu_seqlens_q.shape,
+                 lambda: "cu_seqlens_q and cu_seqlens_k must be 1-D tensors of batch + 1 elements")
+    _check_devices(q, alibi_slopes, None, sinks)
+    total_q, nheads, head_dim = q.shape
+    return q.new_empty((total_q, nheads, head_dim)), q.new_empty((nheads, total_q), dtype=torch.float32)
+
+
+@torch.library.register_fake("flash_ext::attention_varlen_backward")
+def _attention_varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    seqused_k, softmax_scale, causal, deterministic=False, window_left=-1,
+                                    window_right=-1, softcap=0.0, alibi_slopes=None, attention_chunk=0, sinks=None):
+    torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
+    torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
+    _check_devices(q, alibi_slopes, None, sinks)
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softmax_scale, causal,
+     deterministic, window_left, window_right, softcap, alibi_slopes, attention_chunk, sinks) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.softmax_scale = _default_scale(softmax_scale, q.shape[-1])
+    ctx.causal = causal
+    ctx.deterministic = deterministic
+    ctx.features = (window_left, window_right, softcap, attention_chunk)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks = ctx.saved_tensors
+    window_left, window_right, softcap, attention_chunk = ctx.features
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    elif grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv, dsinks = torch.ops.flash_ext.attention_varlen_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, seqused_k, ctx.softmax_scale,
+        ctx.causal, ctx.deterministic, window_left, window_right, softcap, alibi_slopes, attention_chunk, sinks)
+    return (dq, dk, dv) + (None,) * 13 + (
+        dsinks if sinks is not None and ctx.needs_input_grad[_VARLEN_SINKS_INDEX] else None,)
+
+
+torch.library.register_autograd(
+    "flash_ext::attention_varlen_forward", _varlen_backward, setup_context=_varlen_setup_context)
