@@ -18,6 +18,7 @@
 #include <mutex>
 
 #include "../attention_checks.h"
+#include "../varlen_by_sequence.h"
 #include "../kernels/instantiations/dispatch.h"
 #include "../kernels/params.h"
 #ifdef FLASH_EXT_WITH_SM90
@@ -442,11 +443,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return results();
 }
 
+// Variable-length batches, for now one dense launch per sequence (varlen_by_sequence.h: reads cu_seqlens on the
+// host, so it synchronizes; the kernels' per-sequence SeqInfo is the next step of docs/ARCHITECTURE.md's plan).
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
+    std::optional<double> softmax_scale, bool causal, bool deterministic, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, int64_t attention_chunk,
+    const std::optional<at::Tensor>& sinks) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  return varlen_forward_by_sequence(attention_forward_cuda, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, seqused_k, softmax_scale, causal, deterministic, window_left,
+                                    window_right, softcap, alibi_slopes, attention_chunk, sinks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const std::optional<at::Tensor>& seqused_k, double softmax_scale, bool causal,
+    bool deterministic, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t attention_chunk, const std::optional<at::Tensor>& sinks) {
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  return varlen_backward_by_sequence(attention_backward_cuda, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k, seqused_k, softmax_scale, causal, deterministic,
+                                     window_left, window_right, softcap, alibi_slopes, attention_chunk, sinks);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_ext, CUDA, m) {
   m.impl("attention_forward", &attention_forward_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_cuda);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_cuda);
 }
 
 }  // namespace flash_ext
