@@ -9,7 +9,7 @@ OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 metrics=gpu__time_duration.sum,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active
 for d in 64 128; do
   for variant in plain softcap alibi; do
-    ncu --metrics "$metrics" -k regex:Fwd --launch-skip 1 --launch-count 1 --csv \
+    ncu --metrics "$metrics" -k regex:sm90_kernel --launch-skip 1 --launch-count 1 --csv \
       python3 - "$d" "$variant" > "$OUT/ncu_${d}_${variant}.csv" 2> "$OUT/ncu_${d}_${variant}.err" <<'PY'
 import sys, torch, flash_ext
 d, variant = int(sys.argv[1]), sys.argv[2]
