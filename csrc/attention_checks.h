@@ -155,20 +155,19 @@ inline std::vector<VarlenSeq> check_varlen_values(const VarlenShape& vs, const a
   };
   const int64_t batch = vs.s.batch;
   check_offsets(q_off, batch, vs.total_q, vs.s.seqlen_q, "cu_seqlens_q", "max_seqlen_q");
+  // With seqused_k the cu_seqlens_k spans may exceed max_seqlen_k (a padded key buffer); the used keys may not.
+  check_offsets(k_off, batch, vs.total_k, used.defined() ? vs.total_k : vs.s.seqlen_k, "cu_seqlens_k", "max_seqlen_k");
   std::vector<VarlenSeq> seqs(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(k_off[0] >= 0 && k_off[batch] <= vs.total_k && k_off[b + 1] >= k_off[b],
-                "cu_seqlens_k must be non-decreasing from >= 0 to at most total_k = ", fmt(vs.total_k),
-                " (index ", fmt(b), ": ", fmt(k_off[b]), " then ", fmt(k_off[b + 1]), ")");
     int64_t len_k = k_off[b + 1] - k_off[b];
     if (used.defined()) {
       const int64_t u = used.data_ptr<int32_t>()[b];
       TORCH_CHECK(u >= 0 && u <= len_k, "seqused_k[", fmt(b), "] = ", fmt(u), " must be in [0, ", fmt(len_k),
                   "] (cu_seqlens_k[b + 1] - cu_seqlens_k[b])");
+      TORCH_CHECK(u <= vs.s.seqlen_k, "sequence ", fmt(b), " uses ", fmt(u), " keys (seqused_k), more than max_seqlen_k = ",
+                  fmt(vs.s.seqlen_k));
       len_k = u;
     }
-    TORCH_CHECK(len_k <= vs.s.seqlen_k, "sequence ", fmt(b), " has ", fmt(len_k),
-                " keys, more than max_seqlen_k = ", fmt(vs.s.seqlen_k));
     seqs[b] = {q_off[b], q_off[b + 1] - q_off[b], k_off[b], len_k};
   }
   return seqs;

@@ -17,6 +17,14 @@ def _default_scale(softmax_scale, head_dim):
     return softmax_scale if softmax_scale is not None else head_dim ** -0.5
 
 
+def _grad_of_out(grad_out, out):
+    """out's gradient as the backward ops take it: zeros where autograd passes None, a contiguous last dim (e.g.
+    out.sum() gives a gradient expanded with stride 0)."""
+    if grad_out is None:
+        return torch.zeros_like(out)
+    return grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
+
+
 def _check_devices(q, alibi_slopes, attn_bias, sinks):
     # The dispatcher runs these fake kernels, not the C++ checks, when one of the tensors is on the meta device.
     for name, t in (("alibi_slopes", alibi_slopes), ("attn_bias", attn_bias), ("sinks", sinks)):
@@ -70,10 +78,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, alibi_slopes, attn_bias, sinks = ctx.saved_tensors
     window_left, window_right, softcap, attention_chunk = ctx.features
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    elif grad_out.stride(-1) != 1:  # e.g. out.sum() gives a gradient expanded with stride 0
-        grad_out = grad_out.contiguous()
+    grad_out = _grad_of_out(grad_out, out)
     # A bool mask has no gradient (and cannot require one).
     bias_grad = attn_bias is not None and attn_bias.is_floating_point() and ctx.needs_input_grad[_BIAS_INDEX]
     dq, dk, dv, dbias, dsinks = torch.ops.flash_ext.attention_backward(
@@ -135,10 +140,7 @@ def _varlen_setup_context(ctx, inputs, output):
 def _varlen_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks = ctx.saved_tensors
     window_left, window_right, softcap, attention_chunk = ctx.features
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    elif grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
+    grad_out = _grad_of_out(grad_out, out)
     dq, dk, dv, dsinks = torch.ops.flash_ext.attention_varlen_backward(
         grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, seqused_k, ctx.softmax_scale,
         ctx.causal, ctx.deterministic, window_left, window_right, softcap, alibi_slopes, attention_chunk, sinks)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Nsight Compute pipe utilisation of the sm90 forward kernel, plain vs softcap vs ALiBi (bf16, batch 1, 16k,
 # head dim 64 / 128, one launch each after a warm-up): what limits the score modifiers (docs/ARCHITECTURE.md,
-# issue 15 step 3). Prints one line per (head dim, variant): duration, the MUFU (XU pipe) and the tensor (GMMA)
-# pipes' share of their peak. Needs ncu on the path and flash_ext built (tools/gpu_check.sh build).
+# issue 15 step 3). Prints one line per (head dim, variant): duration, the MUFU (XU), FMA and ALU pipes' share of
+# their peak. Needs ncu on the path and flash_ext built (tools/gpu_check.sh build).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
-metrics=gpu__time_duration.sum,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active
+metrics=gpu__time_duration.sum,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active
 for d in 64 128; do
   for variant in plain softcap alibi; do
     ncu --metrics "$metrics" -k regex:sm90_kernel --launch-skip 1 --launch-count 1 --csv \
@@ -29,7 +29,7 @@ head, vals = rows[0], rows[1:]
 i_name, i_val = head.index("Metric Name"), head.index("Metric Value")
 m = {r[i_name]: r[i_val] for r in vals}
 short = {"gpu__time_duration.sum": "time", "sm__inst_executed_pipe_xu": "XU(MUFU)%",
-         "sm__pipe_tensor_op_gmma": "GMMA%", "sm__pipe_fma": "FMA%", "sm__pipe_alu": "ALU%"}
+         "sm__pipe_fma": "FMA%", "sm__pipe_alu": "ALU%"}
 out = []
 for key, v in m.items():
     for pre, s in short.items():
