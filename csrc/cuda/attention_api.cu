@@ -138,12 +138,12 @@ int sm80_smem_limit() {
 
 // The mask the kernels run: causal (the plain causal policy) where the window is (-1, 0) without chunks, else the
 // local policy where there is any bound or chunk, with unbounded sides as a bound no row reaches.
-void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s) {
-  // The general path (the local policy, the score modifiers of csrc/kernels/score_mod.cuh and the sinks) runs for
-  // any window, chunk, softcap, ALiBi or sinks; causal then is its window (-1, 0), and the plain causal policy does
-  // not run.
-  p.is_local =
-      !f.mask_is_plain() || f.window_right > 0 || f.softcap > 0.0 || f.has_alibi || f.has_sinks || f.has_bias;
+void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s, bool varlen = false) {
+  // The general path (the local policy, the score modifiers of csrc/kernels/score_mod.cuh, the sinks and variable-length
+  // batches) runs for any window, chunk, softcap, ALiBi, sinks or varlen batch; causal then is its window (-1, 0), and
+  // the plain causal policy does not run.
+  p.is_local = varlen || !f.mask_is_plain() || f.window_right > 0 || f.softcap > 0.0 || f.has_alibi || f.has_sinks ||
+               f.has_bias;
   p.is_causal = f.is_causal_only() && !p.is_local;
   if (!p.is_local) return;  // (the window fields stay 0: no other policy reads them)
   const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
@@ -214,7 +214,7 @@ at::Tensor float_for_kernels(const std::optional<at::Tensor>& t) {
 
 void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& out, const at::Tensor& lse, const AttnShape& s, double scale,
-                     const Features& f, const cudaDeviceProp* props) {
+                     const Features& f, const cudaDeviceProp* props, bool varlen = false) {
   std::memset(&p, 0, sizeof(p));
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -235,7 +235,7 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
   p.scale_softmax = static_cast<float>(scale);
   p.scale_softmax_log2 = static_cast<float>(scale * 1.4426950408889634);  // scale * log2(e)
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
-  fill_mask_params(p, f, s);
+  fill_mask_params(p, f, s, varlen);
   p.num_sm = props->multiProcessorCount;
 }
 
@@ -443,20 +443,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return results();
 }
 
-// Variable-length batches, for now one dense launch per sequence (varlen_by_sequence.h: reads cu_seqlens on the
-// host, so it synchronizes; the kernels' per-sequence SeqInfo is the next step of docs/ARCHITECTURE.md's plan).
+// Variable-length batches, forward: the sm80 family's general path reads the sequences from cu_seqlens itself
+// (csrc/kernels/seqinfo.cuh), one launch over (longest query blocks, heads, sequences), no host synchronization.
+// The kernel writes lse in its dense (batch, nheads, max_seqlen_q) layout; it is gathered to (nheads, total_q) on
+// the device (rows of no sequence: -inf).
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
-    std::optional<double> softmax_scale, bool causal, bool deterministic, int64_t window_left, int64_t window_right,
+    std::optional<double> softmax_scale, bool causal, bool /*deterministic*/, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& alibi_slopes, int64_t attention_chunk,
     const std::optional<at::Tensor>& sinks) {
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  return varlen_forward_by_sequence(attention_forward_cuda, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                    max_seqlen_k, seqused_k, softmax_scale, causal, deterministic, window_left,
-                                    window_right, softcap, alibi_slopes, attention_chunk, sinks);
+  const VarlenShape vs =
+      check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k);
+  const AttnShape& s = vs.s;
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, std::nullopt,
+                                    attention_chunk, sinks);
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
+  TORCH_CHECK(vs.total_q < std::numeric_limits<int>::max() && vs.total_k < std::numeric_limits<int>::max(),
+              "attention_varlen on CUDA: total_q and total_k must fit in 31 bits");
+
+  const int64_t hd = kernel_head_dim(s.head_dim);
+  at::Tensor out = at::empty({1, vs.total_q, s.nheads, hd}, q_in.options());
+  at::Tensor lse = at::full({s.nheads, vs.total_q}, -std::numeric_limits<float>::infinity(),
+                            q_in.options().dtype(at::kFloat));
+  if (s.batch == 0 || vs.total_q == 0 || s.nheads == 0 || s.seqlen_q == 0) {
+    return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
+  }
+  if (vs.total_k == 0 || s.seqlen_k == 0) {  // no key anywhere: out 0, lse -inf (with sinks: the sink)
+    out.zero_();
+    if (f.has_sinks) lse.copy_(float_for_kernels(sinks).view({s.nheads, 1}).expand_as(lse));
+    return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
+  }
+  const at::Tensor q = kernel_ready(q_in.unsqueeze(0), hd), k = kernel_ready(k_in.unsqueeze(0), hd),
+                   v = kernel_ready(v_in.unsqueeze(0), hd);
+  at::Tensor lse_rows = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
+  FwdParams params;
+  fill_fwd_params(params, q, k, v, out, lse_rows, s, scale, f, props, /*varlen=*/true);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  const at::Tensor used = seqused_k.has_value() ? seqused_k->contiguous() : at::Tensor();
+  params.cu_seqlens_q = cu_q.data_ptr<int>();
+  params.cu_seqlens_k = cu_k.data_ptr<int>();
+  params.seqused_k = used.defined() ? used.data_ptr<int>() : nullptr;
+  params.total_q = static_cast<int>(vs.total_q);
+  params.total_k = static_cast<int>(vs.total_k);
+  const at::Tensor alibi = float_for_kernels(alibi_slopes), sinks_f32 = float_for_kernels(sinks);
+  fill_score_mod_params(params, f, alibi, sinks_f32, scale);
+  want_sm90(props);  // (checks FLASH_EXT_BACKEND; varlen runs the sm80 family on every device for now)
+  const bool launched = dispatch_fwd_sm80(
+      round_head_dim(params.head_dim, kSm80FwdHeadDims, std::size(kSm80FwdHeadDims)), params, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(launched, "flash_ext: no CUDA forward kernel for head_dim ", fmt(s.head_dim), " runs on this device");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // lse rows: row r of sequence b = the largest b with cu_seqlens_q[b] <= r, at position r - cu_seqlens_q[b].
+  const at::Tensor r = at::arange(vs.total_q, cu_q.options());
+  const at::Tensor b = (at::searchsorted(cu_q, r, /*out_int32=*/true, /*right=*/true) - 1).clamp(0, s.batch - 1);
+  const at::Tensor start = cu_q.index({b}), end = cu_q.index({b + 1});
+  const at::Tensor pos = (r - start).clamp(0, s.seqlen_q - 1).to(at::kLong);
+  const at::Tensor inside = (r >= start) & (r < end) & (r - start < s.seqlen_q);
+  const at::Tensor gathered = lse_rows.permute({1, 0, 2}).index({at::indexing::Slice(), b.to(at::kLong), pos});
+  lse.copy_(at::where(inside.unsqueeze(0), gathered, lse));
+  return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
 }
 
+// Variable-length batches, backward: for now one dense launch per sequence (varlen_by_sequence.h: reads cu_seqlens
+// on the host, so it synchronizes; the kernels' per-sequence SeqInfo in the backward is the next step of
+// docs/ARCHITECTURE.md's plan).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,

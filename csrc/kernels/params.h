@@ -62,6 +62,15 @@ struct FwdParams {
   const void* attn_bias;
   int64_t bias_batch_stride, bias_head_stride, bias_row_stride, bias_col_stride;
   int bias_kind;
+  // Variable-length batches (general path only; seqinfo.cuh): with cu_seqlens_q set, entry b's query rows are
+  // cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of the packed q / out (total_q rows), its keys cu_seqlens_k[b] .. + (seqused_k[b] or
+  // cu_seqlens_k[b + 1] - cu_seqlens_k[b]) of k / v (total_k rows); batch, seqlen_q and seqlen_k are then the
+  // sequence count and the longest lengths (the grid), and the per-row float arrays (lse) keep their dense
+  // batch x nheads x seqlen_q layout. nullptr: a dense batch.
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  const int* seqused_k;
+  int total_q, total_k;
 };
 
 struct BwdParams : public FwdParams {

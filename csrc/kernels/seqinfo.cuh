@@ -2,10 +2,10 @@
 // dq, lse, the backward's float32 workspaces) and for k (and v, dk, dv). Every kernel reads its
 // sequences through this type; none multiplies a batch index by a stride itself.
 //
-// Dense batches (today's only kind): every entry has seqlen_q / seqlen_k rows and entry b starts
-// b * batch_stride elements into its tensor. A varlen or paged layout is another constructor and other
-// offsets here (rows from cu_seqlens, lengths from cu_seqlens / seqused_k / cache_seqlens), not an edit
-// of the kernels. docs/ARCHITECTURE.md says how it fits with the mask policy and the schedulers.
+// Dense batches: every entry has seqlen_q / seqlen_k rows and entry b starts b * batch_stride elements into
+// its tensor. Varlen batches (MayVarlen, read at run time where cu_seqlens_q is set): rows and lengths from
+// cu_seqlens / seqused_k. A paged layout will be other offsets here, not an edit of the kernels.
+// docs/ARCHITECTURE.md says how it fits with the mask policy and the schedulers.
 #pragma once
 #include <cstdint>
 
@@ -17,20 +17,45 @@ namespace flash_ext {
 // where it reads blockIdx.z at the point of use (SeqInfoT<unsigned>: the offsets widen the index with a
 // zero extension, as arithmetic on blockIdx.z itself does, instead of a sign extension; the two give
 // different machine code, sm80/NOTES.md "SeqInfo / Mask and SASS identity").
-template <typename Index>
+template <typename Index, bool MayVarlen = false>
 struct SeqInfoT {
   Index b;       // batch entry
   int seqlen_q;  // query rows of entry b
   int seqlen_k;  // key rows of entry b
+  // MayVarlen (the general path's kernels): with FwdParams::cu_seqlens_q set, the first q / k row of entry b in
+  // the packed tensors (q_start < 0: a dense batch). Lengths are cut to the grid's (seqlen_q, seqlen_k: the
+  // longest) and the rows to the tensors' totals, so that values outside the caller's contract (params.h) never
+  // make a kernel read or write outside its tensors.
+  int q_start = -1, k_start = 0;
 
-  __device__ __forceinline__ SeqInfoT(const FwdParams& p, Index b_) : b(b_), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {}
+  __device__ __forceinline__ SeqInfoT(const FwdParams& p, Index b_) : b(b_), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
+    if constexpr (MayVarlen) {
+      if (p.cu_seqlens_q != nullptr) {
+        auto rows = [](int start, int end, int longest, int total, int& first) {
+          first = min(max(start, 0), total);
+          return max(min(min(end - first, longest), total - first), 0);
+        };
+        seqlen_q = rows(p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1], p.seqlen_q, p.total_q, q_start);
+        const int k_end = p.seqused_k != nullptr ? p.cu_seqlens_k[b] + p.seqused_k[b] : p.cu_seqlens_k[b + 1];
+        seqlen_k = rows(p.cu_seqlens_k[b], k_end, p.seqlen_k, p.total_k, k_start);
+      }
+    }
+  }
 
   // Element offset of entry b's first row in a q-side tensor (q, out, dout, dq) or a k-side one
-  // (k, v, dk, dv) with these strides. The row stride is what a packed (varlen) layout uses instead.
-  __device__ __forceinline__ int64_t q_offset(int64_t batch_stride, int64_t /*row_stride*/) const {
+  // (k, v, dk, dv) with these strides: b * batch_stride, or in a packed (varlen) layout start * row_stride.
+  __device__ __forceinline__ int64_t q_offset(int64_t batch_stride, int64_t row_stride) const {
+    if constexpr (MayVarlen) {
+      if (q_start >= 0) return int64_t(q_start) * row_stride;
+    }
+    (void)row_stride;
     return int64_t(b) * batch_stride;
   }
-  __device__ __forceinline__ int64_t k_offset(int64_t batch_stride, int64_t /*row_stride*/) const {
+  __device__ __forceinline__ int64_t k_offset(int64_t batch_stride, int64_t row_stride) const {
+    if constexpr (MayVarlen) {
+      if (q_start >= 0) return int64_t(k_start) * row_stride;
+    }
+    (void)row_stride;
     return int64_t(b) * batch_stride;
   }
   // First element of (entry b, head h) in a per-row float array laid out batch x nheads x rows, where

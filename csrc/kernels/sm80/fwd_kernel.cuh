@@ -150,7 +150,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   const int head_dim = params.head_dim;
 
   using MaskT = Mask<IsCausal, IsLocal>;
-  const SeqInfo seq(params, blockIdx.z);
+  // The general path reads variable-length batches (seqinfo.cuh); the plain and causal kernels dense ones only.
+  using Seq = SeqInfoT<int, IsLocal>;
+  using SeqU = SeqInfoT<unsigned, IsLocal>;
+  const Seq seq(params, blockIdx.z);
   const MaskT mask(seq.seqlen_q, seq.seqlen_k, params);
   // Key blocks [n_block_min, n_block_max); [n_block_unmasked_end, n_block_max) and (a left bound only)
   // [n_block_min, n_block_unmasked_begin) need the per-element mask. Without a left bound both lower
@@ -169,7 +172,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   // K / V keep their base pointers, else from blockIdx.z (where the index is read shapes the register
   // allocation; both are the same entry).
   const int rows_valid_q =
-      SeqInfo(params, Traits::kKVPtrFromParams ? static_cast<int>(blockIdx.z) : b).seqlen_q - row_base;
+      Seq(params, Traits::kKVPtrFromParams ? static_cast<int>(blockIdx.z) : b).seqlen_q - row_base;
   // Output pointers are rebuilt from params (constant bank) where they are used, so that nothing of
   // the epilogue stays live in registers across the main loop.
   // These rebuilt offsets (and the K / V ones of kFwdKVPtrFromParams below) take the entry index as the
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   // extension changes the machine code of every forward kernel).
   auto out_block_ptr = [&]() {  // kBlockM rows x head_dim, row stride o_row_stride
     return reinterpret_cast<T*>(params.out) +
-           SeqInfoT<unsigned>(params, blockIdx.z).q_offset(params.o_batch_stride, params.o_row_stride) +
+           SeqU(params, blockIdx.z).q_offset(params.o_batch_stride, params.o_row_stride) +
            int64_t(blockIdx.y) * params.o_head_stride +
            int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM * params.o_row_stride;
   };
@@ -186,6 +189,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
            int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM;
   };
 
+  if constexpr (IsLocal) {
+    if (row_base >= seq.seqlen_q) return;  // a query block past a shorter sequence's end (varlen)
+  }
   if (n_block_max <= n_block_min) {
     T* o_ptr = out_block_ptr();
     float* lse_ptr = lse_block_ptr();
@@ -209,7 +215,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   }
 
   const int h_k = h / params.h_h_k_ratio;
-  const SeqInfo rows(params, b);  // built here, not above: keeps the block index read where it was
+  const Seq rows(params, b);  // built here, not above: keeps the block index read where it was
   const T* q_ptr = reinterpret_cast<const T*>(params.q) + rows.q_offset(params.q_batch_stride, params.q_row_stride) +
                    h * params.q_head_stride + int64_t(row_base) * params.q_row_stride;  // kBlockM rows x head_dim
   const T* k_ptr = reinterpret_cast<const T*>(params.k) + rows.k_offset(params.k_batch_stride, params.k_row_stride) +
@@ -222,7 +228,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   auto k_block_ptr = [&](const int n) {
     if constexpr (Traits::kKVPtrFromParams)
       return reinterpret_cast<const T*>(params.k) +
-             SeqInfoT<unsigned>(params, blockIdx.z).k_offset(params.k_batch_stride, params.k_row_stride) +
+             SeqU(params, blockIdx.z).k_offset(params.k_batch_stride, params.k_row_stride) +
              int64_t(h_k) * params.k_head_stride + int64_t(n) * kBlockN * params.k_row_stride;
     else
       return k_ptr + int64_t(n) * kBlockN * k_row_stride;
@@ -230,12 +236,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
   auto v_block_ptr = [&](const int n) {
     if constexpr (Traits::kKVPtrFromParams)
       return reinterpret_cast<const T*>(params.v) +
-             SeqInfoT<unsigned>(params, blockIdx.z).k_offset(params.v_batch_stride, params.v_row_stride) +
+             SeqU(params, blockIdx.z).k_offset(params.v_batch_stride, params.v_row_stride) +
              int64_t(h_k) * params.v_head_stride + int64_t(n) * kBlockN * params.v_row_stride;
     else
       return v_ptr + int64_t(n) * kBlockN * v_row_stride;
   };
-  const int seqlen_k = SeqInfo(params, blockIdx.z).seqlen_k;  // re-read after the branch above, as before SeqInfo
+  const int seqlen_k = Seq(params, blockIdx.z).seqlen_k;  // re-read after the branch above, as before SeqInfo
 
   // Prologue: Q, then the last K block.
   load_tile_async<QTile, kNThreads>(q_smem_u32, q_ptr, params.q_row_stride, rows_valid_q, head_dim, tid);
