@@ -367,7 +367,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::NoGradGuard no_grad;
   const at::Tensor q = q_in.detach().to(acc), k = k_in.detach().to(acc), v = v_in.detach().to(acc);
   // S is recomputed in the forward's compute type (float64, or float32 for bf16/fp16 and large float32).
-  const bool s_is_acc = fwd_type(dtype, s) == acc;
+  // With sinks S is computed in float64 too: dsinks sums exp(sink - lse) D over every row of a head, and the float32
+  // S's rounding, added up over the rows, could exceed what PyTorch's float32 gradient gets (seen on 1023-row cases).
+  const bool s_is_acc = fwd_type(dtype, s) == acc || sinks_in.has_value();
   const at::Tensor q_s = s_is_acc ? q : q_in.detach().to(fwd_type(dtype, s));
   const at::Tensor k_s = s_is_acc ? k : k_in.detach().to(fwd_type(dtype, s));
   const at::Tensor dout = dout_in.detach().to(acc);
