@@ -316,19 +316,23 @@ def test_varlen(device, dtype, c):
 # ---- rows of no sequence (CPU), empty totals ----
 
 @pytest.mark.parametrize("where", ["trailing", "leading"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_of_no_sequence_cpu(where, dtype):
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.float16, marks=[requires_cuda]),
+                                          pytest.param("cuda", torch.bfloat16, marks=[requires_cuda])])
+def test_rows_of_no_sequence(where, device, dtype):
     """total_q and total_k larger than the sequences cover (rows after cu_seqlens[-1], or before cu_seqlens[0]):
     those q rows get out 0, lse -inf and dq 0, those k rows dk = dv = 0, and the covered rows the reference's
-    answer."""
+    answer (on CUDA into outputs the poisoned allocator filled)."""
     seqs = [(17, 20), (5, 0), (30, 7), (0, 3)]
     lq, lk, _ = _lengths(seqs)
     extra_q, extra_k = 9, 6
     nheads, nheads_k, d = 4, 2, 32
-    q = (torch.randn(sum(lq) + extra_q, nheads, d) * 10).to(dtype).requires_grad_()
-    k = (torch.randn(sum(lk) + extra_k, nheads_k, d) * 10).to(dtype).requires_grad_()
-    v = (torch.randn(sum(lk) + extra_k, nheads_k, d) + 50).to(dtype).requires_grad_()
-    cu_q, cu_k = _cu(lq, "cpu"), _cu(lk, "cpu")
+    q = (torch.randn(sum(lq) + extra_q, nheads, d) * 10).to(device, dtype).requires_grad_()
+    k = (torch.randn(sum(lk) + extra_k, nheads_k, d) * 10).to(device, dtype).requires_grad_()
+    v = (torch.randn(sum(lk) + extra_k, nheads_k, d) + 50).to(device, dtype).requires_grad_()
+    tq, tk = sum(lq) + extra_q, sum(lk) + extra_k
+    poison_cuda_allocator(((tq, nheads, d), dtype), ((nheads, tq), torch.float32), ((tk, nheads_k, d), dtype))
+    cu_q, cu_k = _cu(lq, device), _cu(lk, device)
     if where == "leading":
         cu_q, cu_k = cu_q + extra_q, cu_k + extra_k
         q_cov, k_cov = slice(extra_q, None), slice(extra_k, None)

@@ -10,6 +10,7 @@ FLASH_EXT_SANITIZE_DUMP_AFTER=<seconds> prints every thread's Python stack after
 for a run that hangs (a racecheck run did, on one machine; csrc/kernels/sm90/NOTES.md, seventh session).
 """
 import faulthandler
+import itertools
 import os
 
 import torch
@@ -48,6 +49,29 @@ LOCAL_CASES = [
     (1, 203, 301, 2, 1, 128, True, dict(causal=True, bias=("full", torch.float32), softcap=3.0)),
     (1, 129, 77, 2, 2, 256, False, dict(window_size=(20, 20), bias=("full", torch.bfloat16), alibi="h", sinks=True)),
 ]
+
+
+# Variable-length batches: (per-sequence (len_q, len_k[, seqused_k]), nheads, nheads_k, head_dim, deterministic,
+# kwargs). Empty sequences, lengths off the block sizes, trailing rows of no sequence, keys past seqused_k.
+VARLEN_CASES = [
+    ([(130, 70), (0, 40), (1, 1), (257, 300), (64, 0)], 4, 2, 64, False, dict(causal=True)),
+    ([(77, 200, 150), (300, 129, 100), (5, 5, 0)], 2, 1, 128, True, dict(window_size=(50, 10))),
+    ([(200, 200), (33, 513)], 2, 2, 256, False, dict(softcap=4.0, sinks=True)),
+    ([(65, 130), (129, 63)], 3, 1, 96, True, dict(causal=True, alibi="bh")),
+]
+
+
+def varlen_inputs(seqs, h, hk, d):
+    """Packed q / k / v for the sequences (3 rows of no sequence after the last), cu_seqlens, seqused_k."""
+    lq = [s[0] for s in seqs]
+    lk = [s[1] for s in seqs]
+    cu = lambda ls: torch.tensor([0] + list(itertools.accumulate(ls)), device="cuda", dtype=torch.int32)
+    used = None
+    if any(len(s) == 3 for s in seqs):
+        used = torch.tensor([s[2] if len(s) == 3 else s[1] for s in seqs], device="cuda", dtype=torch.int32)
+    q = make((sum(lq) + 3, h, d), 0)
+    k, v = make((sum(lk) + 3, hk, d), 0), make((sum(lk) + 3, hk, d), 0)
+    return q, k, v, cu(lq), cu(lk), max(lq), max(lk), used
 
 
 def feature_tensors(b, sq, sk, h, kw):
@@ -112,7 +136,18 @@ def main():
             torch.autograd.grad(out, [q, k, v] + leaves, torch.randn_like(out))
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
-        print(f"{family}: {len(CASES) + len(LOCAL_CASES)} cases ran", flush=True)
+        for seqs, h, hk, d, det, kw in VARLEN_CASES:
+            q, k, v, cu_q, cu_k, max_q, max_k, used = varlen_inputs(seqs, h, hk, d)
+            case = f"{family} varlen {seqs} h{h}/{hk} d{d} det={det} {kw}"
+            args, leaves = feature_tensors(len(seqs), max_q, max_k, h, kw)
+            out = flash_ext.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=used, deterministic=det,
+                                             **args)
+            torch.cuda.synchronize()
+            print(f"{case}: forward done", flush=True)
+            torch.autograd.grad(out, [q, k, v] + leaves, torch.randn_like(out))
+            torch.cuda.synchronize()
+            print(f"{case}: backward done", flush=True)
+        print(f"{family}: {len(CASES) + len(LOCAL_CASES) + len(VARLEN_CASES)} cases ran", flush=True)
 
 
 if __name__ == "__main__":

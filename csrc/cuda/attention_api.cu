@@ -18,7 +18,6 @@
 #include <mutex>
 
 #include "../attention_checks.h"
-#include "../varlen_by_sequence.h"
 #include "../kernels/instantiations/dispatch.h"
 #include "../kernels/params.h"
 #ifdef FLASH_EXT_WITH_SM90
@@ -243,9 +242,9 @@ void fill_fwd_params(FwdParams& p, const at::Tensor& q, const at::Tensor& k, con
 void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
                      const at::Tensor& dk, const at::Tensor& dv, const AttnShape& s, double scale,
-                     const Features& f, bool deterministic, const cudaDeviceProp* props) {
+                     const Features& f, bool deterministic, const cudaDeviceProp* props, bool varlen = false) {
   std::memset(&p, 0, sizeof(p));
-  fill_fwd_params(p, q, k, v, out, lse, s, scale, f, props);
+  fill_fwd_params(p, q, k, v, out, lse, s, scale, f, props, varlen);
   p.dout = dout.data_ptr();
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.do_batch_stride = dout.stride(0), p.do_row_stride = dout.stride(1), p.do_head_stride = dout.stride(2);
@@ -255,6 +254,31 @@ void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, 
   p.deterministic = deterministic;
   p.seqlen_q_rounded = static_cast<int>((s.seqlen_q + 127) / 128 * 128);
   p.sm80_smem_limit = sm80_smem_limit();
+}
+
+// A variable-length batch's fields (FwdParams, general path): its offsets as the kernels read them (int32,
+// contiguous; the tensors the caller keeps alive until the launch, returned), and the packed totals.
+std::vector<at::Tensor> fill_varlen_params(FwdParams& p, const VarlenShape& vs, const at::Tensor& cu_seqlens_q,
+                                           const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k) {
+  std::vector<at::Tensor> keep{cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()};
+  p.cu_seqlens_q = keep[0].data_ptr<int>();
+  p.cu_seqlens_k = keep[1].data_ptr<int>();
+  if (seqused_k.has_value()) {
+    keep.push_back(seqused_k->contiguous());
+    p.seqused_k = keep.back().data_ptr<int>();
+  }
+  p.total_q = static_cast<int>(vs.total_q);
+  p.total_k = static_cast<int>(vs.total_k);
+  return keep;
+}
+
+// The totals a varlen batch may have on CUDA: int32 row indices, and the backward's workspace rows
+// (total_q + 128 batch, csrc/kernels/seqinfo.cuh) in 31 bits.
+void check_varlen_cuda(const VarlenShape& vs) {
+  TORCH_CHECK(vs.total_q + 128 * (vs.s.batch + 1) < std::numeric_limits<int>::max() &&
+                  vs.total_k < std::numeric_limits<int>::max(),
+              "attention_varlen on CUDA: total_q + 128 * batch and total_k must fit in 31 bits, got total_q = ",
+              fmt(vs.total_q), ", batch = ", fmt(vs.s.batch), ", total_k = ", fmt(vs.total_k));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
@@ -445,8 +469,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
 // Variable-length batches, forward: the sm80 family's general path reads the sequences from cu_seqlens itself
 // (csrc/kernels/seqinfo.cuh), one launch over (longest query blocks, heads, sequences), no host synchronization.
-// The kernel writes lse in its dense (batch, nheads, max_seqlen_q) layout; it is gathered to (nheads, total_q) on
-// the device (rows of no sequence: -inf).
+// The kernel writes lse in the caller's (nheads, total_q) layout (SeqInfo::lse_offset); rows of no sequence keep
+// -inf.
 std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
@@ -461,8 +485,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
                                     attention_chunk, sinks);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
-  TORCH_CHECK(vs.total_q < std::numeric_limits<int>::max() && vs.total_k < std::numeric_limits<int>::max(),
-              "attention_varlen on CUDA: total_q and total_k must fit in 31 bits");
+  check_varlen_cuda(vs);
 
   const int64_t hd = kernel_head_dim(s.head_dim);
   at::Tensor out = at::empty({1, vs.total_q, s.nheads, hd}, q_in.options());
@@ -476,18 +499,13 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     if (f.has_sinks) lse.copy_(float_for_kernels(sinks).view({s.nheads, 1}).expand_as(lse));
     return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
   }
+  // Rows of q past cu_seqlens_q[batch] belong to no sequence: out 0 there (the kernels write only their rows).
+  out.zero_();
   const at::Tensor q = kernel_ready(q_in.unsqueeze(0), hd), k = kernel_ready(k_in.unsqueeze(0), hd),
                    v = kernel_ready(v_in.unsqueeze(0), hd);
-  at::Tensor lse_rows = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
   FwdParams params;
-  fill_fwd_params(params, q, k, v, out, lse_rows, s, scale, f, props, /*varlen=*/true);
-  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
-  const at::Tensor used = seqused_k.has_value() ? seqused_k->contiguous() : at::Tensor();
-  params.cu_seqlens_q = cu_q.data_ptr<int>();
-  params.cu_seqlens_k = cu_k.data_ptr<int>();
-  params.seqused_k = used.defined() ? used.data_ptr<int>() : nullptr;
-  params.total_q = static_cast<int>(vs.total_q);
-  params.total_k = static_cast<int>(vs.total_k);
+  fill_fwd_params(params, q, k, v, out, lse, s, scale, f, props, /*varlen=*/true);
+  const std::vector<at::Tensor> offsets = fill_varlen_params(params, vs, cu_seqlens_q, cu_seqlens_k, seqused_k);
   const at::Tensor alibi = float_for_kernels(alibi_slopes), sinks_f32 = float_for_kernels(sinks);
   fill_score_mod_params(params, f, alibi, sinks_f32, scale);
   want_sm90(props);  // (checks FLASH_EXT_BACKEND; varlen runs the sm80 family on every device for now)
@@ -495,30 +513,78 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
       round_head_dim(params.head_dim, kSm80FwdHeadDims, std::size(kSm80FwdHeadDims)), params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(launched, "flash_ext: no CUDA forward kernel for head_dim ", fmt(s.head_dim), " runs on this device");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // lse rows: row r of sequence b = the largest b with cu_seqlens_q[b] <= r, at position r - cu_seqlens_q[b].
-  const at::Tensor r = at::arange(vs.total_q, cu_q.options());
-  const at::Tensor b = (at::searchsorted(cu_q, r, /*out_int32=*/true, /*right=*/true) - 1).clamp(0, s.batch - 1);
-  const at::Tensor start = cu_q.index({b}), end = cu_q.index({b + 1});
-  const at::Tensor pos = (r - start).clamp(0, s.seqlen_q - 1).to(at::kLong);
-  const at::Tensor inside = (r >= start) & (r < end) & (r - start < s.seqlen_q);
-  const at::Tensor gathered = lse_rows.permute({1, 0, 2}).index({at::indexing::Slice(), b.to(at::kLong), pos});
-  lse.copy_(at::where(inside.unsqueeze(0), gathered, lse));
   return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
 }
 
-// Variable-length batches, backward: for now one dense launch per sequence (varlen_by_sequence.h: reads cu_seqlens
-// on the host, so it synchronizes; the kernels' per-sequence SeqInfo in the backward is the next step of
-// docs/ARCHITECTURE.md's plan).
+// Variable-length batches, backward: the sm80 family's general path, one launch of each kernel over
+// (longest blocks, heads, sequences), no host synchronization. lse is read in the caller's (nheads, total_q)
+// layout; D and the dQ accumulator are (nheads, total_q + 128 batch) rows (csrc/kernels/seqinfo.cuh, ws_offset),
+// not batch x longest. dq, dk, dv start as zeros: rows of no sequence (past cu_seqlens[batch], keys past
+// seqused_k) get no kernel's write.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, const std::optional<at::Tensor>& seqused_k, double softmax_scale, bool causal,
-    bool deterministic, int64_t window_left, int64_t window_right, double softcap,
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& seqused_k, double softmax_scale,
+    bool causal, bool deterministic, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, int64_t attention_chunk, const std::optional<at::Tensor>& sinks) {
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  return varlen_backward_by_sequence(attention_backward_cuda, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                     max_seqlen_q, max_seqlen_k, seqused_k, softmax_scale, causal, deterministic,
-                                     window_left, window_right, softcap, alibi_slopes, attention_chunk, sinks);
+  const VarlenShape vs =
+      check_varlen(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k);
+  const AttnShape& s = vs.s;
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, std::nullopt,
+                                    attention_chunk, sinks);
+  check_varlen_bwd_args(dout_in, q_in, out_in, lse_in, vs);
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
+  check_varlen_cuda(vs);
+
+  const int64_t hd = kernel_head_dim(s.head_dim);
+  at::Tensor dq = at::zeros({1, vs.total_q, s.nheads, hd}, q_in.options());
+  at::Tensor dk = at::zeros({1, vs.total_k, s.nheads_k, hd}, q_in.options());
+  at::Tensor dv = at::zeros({1, vs.total_k, s.nheads_k, hd}, q_in.options());
+  at::Tensor dsink_accum;  // the key-side kernels' dsinks terms (BwdParams::dsink_accum), summed in float64
+  auto results = [&]() {
+    at::Tensor dsinks = at::empty({0}, q_in.options());
+    if (f.has_sinks) {
+      dsinks = dsink_accum.defined()
+                   ? dsink_accum.to(at::kDouble).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type())
+                   : at::zeros_like(*sinks);
+    }
+    return std::make_tuple(caller_head_dim(dq, s.head_dim).select(0, 0), caller_head_dim(dk, s.head_dim).select(0, 0),
+                           caller_head_dim(dv, s.head_dim).select(0, 0), dsinks);
+  };
+  if (s.batch == 0 || vs.total_q == 0 || vs.total_k == 0 || s.seqlen_q == 0 || s.seqlen_k == 0 || s.nheads == 0) {
+    return results();
+  }
+  const at::Tensor q = kernel_ready(q_in.unsqueeze(0), hd), k = kernel_ready(k_in.unsqueeze(0), hd),
+                   v = kernel_ready(v_in.unsqueeze(0), hd);
+  const at::Tensor out = kernel_ready(out_in.unsqueeze(0), hd), dout = kernel_ready(dout_in.unsqueeze(0), hd);
+  const at::Tensor lse = lse_in.is_contiguous() ? lse_in : lse_in.contiguous();
+
+  BwdParams params;
+  fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, f, deterministic, props, /*varlen=*/true);
+  const std::vector<at::Tensor> offsets = fill_varlen_params(params, vs, cu_seqlens_q, cu_seqlens_k, seqused_k);
+  const at::Tensor alibi = float_for_kernels(alibi_slopes), sinks_f32 = float_for_kernels(sinks);
+  fill_score_mod_params(params, f, alibi, sinks_f32, scale);
+  if (f.has_sinks) {  // one float32 slot per (sequence, head, key-side warp) (score_mod.cuh, dsink_slot)
+    params.dsink_slots = static_cast<int>(kDsinkSlotsPer128Keys * ((s.seqlen_k + 127) / 128));
+    dsink_accum = at::zeros({s.batch, s.nheads, params.dsink_slots}, q.options().dtype(at::kFloat));
+    params.dsink_accum = dsink_accum.data_ptr<float>();
+  }
+  const int inst = round_head_dim(params.head_dim, kSm80BwdHeadDims, std::size(kSm80BwdHeadDims));
+  params.head_dim_rounded = inst;
+  const int64_t ws_rows = vs.total_q + 128 * s.batch;
+  const at::Tensor dq_accum = at::empty({s.nheads, ws_rows, inst}, q.options().dtype(at::kFloat));
+  const at::Tensor dsoftmax_sum = at::empty({s.nheads, ws_rows}, q.options().dtype(at::kFloat));
+  params.dq_accum = dq_accum.data_ptr<float>();
+  params.dsoftmax_sum = dsoftmax_sum.data_ptr<float>();
+  want_sm90(props);  // (checks FLASH_EXT_BACKEND; varlen runs the sm80 family on every device for now)
+  const bool launched = dispatch_bwd_sm80(inst, params, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(launched, "flash_ext: no CUDA backward kernel for head_dim ", fmt(s.head_dim),
+              " runs on this device (kernel head dim ", fmt(inst),
+              "; its sm80 tiles need more shared memory per block than the device has, or FLASH_EXT_SM80_SMEM_LIMIT)");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return results();
 }
 
 }  // namespace

@@ -27,6 +27,12 @@ struct SeqInfoT {
   // longest) and the rows to the tensors' totals, so that values outside the caller's contract (params.h) never
   // make a kernel read or write outside its tensors.
   int q_start = -1, k_start = 0;
+  // Varlen only: lse is (nheads, total_q) (the caller's layout), and the backward's float32 workspaces (D, dQ
+  // accumulator) are (nheads, ws_rows) with entry b's rows from ws_start: (q_start + 128 b) rounded down to a
+  // multiple of 128, so that each entry has its seqlen_q rounded up to 128 rows of its own and
+  // ws_rows = total_q + 128 batch rows hold them all (instead of batch x longest).
+  int total_q = 0, ws_start = 0;
+  int64_t ws_rows = 0;
 
   __device__ __forceinline__ SeqInfoT(const FwdParams& p, Index b_) : b(b_), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
     if constexpr (MayVarlen) {
@@ -38,6 +44,9 @@ struct SeqInfoT {
         seqlen_q = rows(p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1], p.seqlen_q, p.total_q, q_start);
         const int k_end = p.seqused_k != nullptr ? p.cu_seqlens_k[b] + p.seqused_k[b] : p.cu_seqlens_k[b + 1];
         seqlen_k = rows(p.cu_seqlens_k[b], k_end, p.seqlen_k, p.total_k, k_start);
+        total_q = p.total_q;
+        ws_start = (q_start + 128 * int(b)) / 128 * 128;
+        ws_rows = int64_t(p.total_q) + 128 * int64_t(p.batch);
       }
     }
   }
@@ -62,6 +71,29 @@ struct SeqInfoT {
   // rows is seqlen_q (lse) or seqlen_q_rounded (the backward's D, lse_log2 and dQ accumulator rows).
   __device__ __forceinline__ int64_t row_offset(Index h, int nheads, int rows) const {
     return (int64_t(b) * nheads + h) * rows;
+  }
+  // First element of (entry b, head h) in lse (batch x nheads x rows dense; nheads x total_q varlen).
+  __device__ __forceinline__ int64_t lse_offset(Index h, int nheads, int rows) const {
+    if constexpr (MayVarlen) {
+      if (q_start >= 0) return int64_t(h) * total_q + q_start;
+    }
+    return row_offset(h, nheads, rows);
+  }
+  // First row of (entry b, head h) in the backward's per-row workspaces (D, lse_log2, the dQ accumulator, whose
+  // rows are head_dim_rounded floats): batch x nheads x seqlen_q_rounded dense, nheads x ws_rows varlen.
+  __device__ __forceinline__ int64_t ws_offset(Index h, int nheads, int seqlen_q_rounded) const {
+    if constexpr (MayVarlen) {
+      if (q_start >= 0) return int64_t(h) * ws_rows + ws_start;
+    }
+    return row_offset(h, nheads, seqlen_q_rounded);
+  }
+  // Rows of entry b's slice of those workspaces that the kernels touch: seqlen_q_rounded dense, the entry's
+  // seqlen_q rounded up to 128 varlen (the rest of the grid's rows belong to the next entry).
+  __device__ __forceinline__ int ws_rows_of_entry(int seqlen_q_rounded) const {
+    if constexpr (MayVarlen) {
+      if (q_start >= 0) return (seqlen_q + 127) / 128 * 128;
+    }
+    return seqlen_q_rounded;
   }
   // (entry b, head h) as one index of such an array's batch x nheads heads (row_offset is
   // head_index * rows), for a kernel that reads arrays of different row counts at one (b, h): the index

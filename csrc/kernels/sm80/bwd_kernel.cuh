@@ -142,7 +142,7 @@ struct BwdTraits {
 // ==================================================================================================
 // 1. D = rowsum(dO * O), one warp per query row; rows in [seqlen_q, seqlen_q_rounded) get D = 0.
 //    Also zeroes the row of dq_accum when ZeroDq. Grid: (seqlen_q_rounded / 8, nheads, batch), 256 threads.
-template <typename T, int kHeadDim, bool ZeroDq>
+template <typename T, int kHeadDim, bool ZeroDq, bool MayVarlen = false>
 __global__ void __launch_bounds__(256)
 bwd_preprocess_kernel(const __grid_constant__ BwdParams params) {
   static_assert(kHeadDim / 8 <= 32, "one 16-byte chunk per lane");
@@ -150,7 +150,10 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams params) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
   const int h = blockIdx.y, b = blockIdx.z;
   if (row >= params.seqlen_q_rounded) return;
-  const SeqInfo seq(params, b);
+  const SeqInfoT<int, MayVarlen> seq(params, b);
+  if constexpr (MayVarlen) {
+    if (row >= seq.ws_rows_of_entry(params.seqlen_q_rounded)) return;  // the next entry's workspace rows (varlen)
+  }
   const int c = lane * 8;
   float sum = 0.f;
   if (row < seq.seqlen_q && c < params.head_dim) {
@@ -175,10 +178,13 @@ bwd_preprocess_kernel(const __grid_constant__ BwdParams params) {
   // TODO(seqinfo.cuh): row_offset would scale (b, h) by seqlen_q_rounded once here instead of per array
   // (different machine code); proposed SeqInfo::head_rows(h, nheads) = int64_t(b) * nheads + h.
   const int64_t bh = (int64_t)b * params.nheads + h;
-  if (lane == 0) params.dsoftmax_sum[bh * params.seqlen_q_rounded + row] = sum;
+  // (The general path's instantiation takes the workspace rows from SeqInfo::ws_offset.)
+  const int64_t ws_row0 = MayVarlen ? seq.ws_offset(h, params.nheads, params.seqlen_q_rounded) : 0;
+  if (lane == 0) params.dsoftmax_sum[MayVarlen ? ws_row0 + row : bh * params.seqlen_q_rounded + row] = sum;
   if constexpr (ZeroDq) {
     if (c < kHeadDim) {
-      float* dqa = params.dq_accum + (bh * params.seqlen_q_rounded + row) * kHeadDim + c;  // 8 floats
+      float* dqa = params.dq_accum + (MayVarlen ? ws_row0 + row : bh * params.seqlen_q_rounded + row) * kHeadDim +
+                   c;  // 8 floats
       reinterpret_cast<float4*>(dqa)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
       reinterpret_cast<float4*>(dqa)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
@@ -197,16 +203,16 @@ __device__ __forceinline__ HeadBlock next_head_block(int h, int m_block, int m_b
 }
 
 // 3a. dq = dq_accum * scale (element type). One warp per row. Grid: (ceil(seqlen_q / 8), nheads, batch).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool MayVarlen = false>
 __global__ void __launch_bounds__(256)
 bwd_convert_dq_kernel(const __grid_constant__ BwdParams params) {
   const int lane = threadIdx.x % 32;
   const int row = blockIdx.x * 8 + threadIdx.x / 32;
   const int h = blockIdx.y;
-  const SeqInfo seq(params, blockIdx.z);
+  const SeqInfoT<int, MayVarlen> seq(params, blockIdx.z);
   const int c = lane * 8;
   if (row >= seq.seqlen_q || c >= params.head_dim) return;
-  const float* dqa = params.dq_accum + (seq.row_offset(h, params.nheads, params.seqlen_q_rounded) + row) * kHeadDim +
+  const float* dqa = params.dq_accum + (seq.ws_offset(h, params.nheads, params.seqlen_q_rounded) + row) * kHeadDim +
                      c;  // 8 floats
   const float4 x = reinterpret_cast<const float4*>(dqa)[0];
   const float4 y = reinterpret_cast<const float4*>(dqa)[1];
@@ -247,9 +253,13 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   const int wn = warp % kWarpsN;  // key rows [16 wn, 16 wn + 16) of the block
   const int wd = warp / kWarpsN;  // dK/dV columns [wd kDW, (wd+1) kDW)
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq(params, b);
+  // The general path reads variable-length batches (seqinfo.cuh); the plain and causal kernels dense ones only.
+  const SeqInfoT<int, IsLocal> seq(params, b);
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const bool with_dq = !params.deterministic;
+  if constexpr (IsLocal) {
+    if (n_block * kBlockN >= seqlen_k) return;  // a key block past a shorter sequence's end (varlen)
+  }
 
   const Mask<IsCausal, IsLocal> mask(seqlen_q, seqlen_k, params);
   // The score modifiers: read (and their code run) only in the general path's instantiation.
@@ -280,10 +290,15 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     const int64_t bh = seq.head_index(h, params.nheads);
     for (int i = tid; i < kBlockM; i += kNThreads) {
       const int row = m_block * kBlockM + i;
-      const float lse = row < seqlen_q ? params.lse[bh * seqlen_q + row] : -INFINITY;
+      // (The general path's instantiation takes the lse and D rows from SeqInfo::lse_offset / ws_offset.)
+      const float lse =
+          row < seqlen_q ? params.lse[(IsLocal ? seq.lse_offset(h, params.nheads, seqlen_q) : bh * seqlen_q) + row]
+                         : -INFINITY;
       // +inf makes P = exp2(s - inf) = 0: rows that see no key and rows past seqlen_q.
       lse_smem[stage * kBlockM + i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      dsum_smem[stage * kBlockM + i] = params.dsoftmax_sum[bh * params.seqlen_q_rounded + row];
+      dsum_smem[stage * kBlockM + i] =
+          params.dsoftmax_sum[(IsLocal ? seq.ws_offset(h, params.nheads, params.seqlen_q_rounded)
+                                       : bh * params.seqlen_q_rounded) + row];
     }
   };
 
@@ -316,8 +331,9 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   auto dq_step = [&](int h, int m_block, int buf) {
     const uint32_t ds_base = smem_u32(ds_smem + buf * kBlockN * kDsStride);
     float* dqa_gmem = params.dq_accum +
-                      (seq.head_index(h, params.nheads) * params.seqlen_q_rounded + m_block * kBlockM) *
-                          kHeadDim;  // kBlockM x kHeadDim (fp32, rows within seqlen_q_rounded)
+                      ((IsLocal ? seq.ws_offset(h, params.nheads, params.seqlen_q_rounded)
+                                : seq.head_index(h, params.nheads) * params.seqlen_q_rounded) + m_block * kBlockM) *
+                          kHeadDim;  // kBlockM x kHeadDim (fp32, the entry's rows)
 #pragma unroll 1  // d128: unrolled passes spill (nvcc 13.0 ptxas)
     for (int pass = 0; pass < Traits::kDqPasses; ++pass) {
       float acc_dq[kDqPassW / 8][4];
@@ -625,8 +641,11 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   const int g = lane / 4, t = lane % 4;
   const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / params.h_h_k_ratio;
-  const SeqInfo seq(params, b);
+  const SeqInfoT<int, IsLocal> seq(params, b);
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  if constexpr (IsLocal) {
+    if (m_block * kBlockM >= seqlen_q) return;  // a query block past a shorter sequence's end (varlen)
+  }
   using MaskT = Mask<IsCausal, IsLocal>;
   const MaskT mask(seqlen_q, seqlen_k, params);
   // The score modifiers: read (and their code run) only in the general path's instantiation.
@@ -659,8 +678,8 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   cp_async_commit();
 
   // lse (log2 units, +inf where P must be 0) and D of this thread's rows 16 warp + g (+8).
-  const int64_t lse_row0 = seq.row_offset(h, params.nheads, seqlen_q);
-  const int64_t dsum_row0 = seq.row_offset(h, params.nheads, params.seqlen_q_rounded);
+  const int64_t lse_row0 = seq.lse_offset(h, params.nheads, seqlen_q);
+  const int64_t dsum_row0 = seq.ws_offset(h, params.nheads, params.seqlen_q_rounded);
   float lse_r[2], dsum_r[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {

@@ -72,8 +72,9 @@ void run_bwd_kernels(const BwdParams& params, cudaStream_t stream) {
 
   // 1. D = rowsum(dO * O); zero dq_accum in atomic mode.
   const dim3 grid_pre((params.seqlen_q_rounded + 7) / 8, params.nheads, params.batch);
-  if (det) bwd_preprocess_kernel<T, kHeadDim, false><<<grid_pre, 256, 0, stream>>>(params);
-  else bwd_preprocess_kernel<T, kHeadDim, true><<<grid_pre, 256, 0, stream>>>(params);
+  // (The general path's instantiations read variable-length batches: IsLocal is their MayVarlen.)
+  if (det) bwd_preprocess_kernel<T, kHeadDim, false, IsLocal><<<grid_pre, 256, 0, stream>>>(params);
+  else bwd_preprocess_kernel<T, kHeadDim, true, IsLocal><<<grid_pre, 256, 0, stream>>>(params);
 
   // 2. dK, dV (+ dQ atomics).
   {
@@ -94,7 +95,7 @@ void run_bwd_kernels(const BwdParams& params, cudaStream_t stream) {
     kernel<<<grid, DqT::kNThreads, DqT::kSmemBytes, stream>>>(params);
   } else {
     const dim3 grid((params.seqlen_q + 7) / 8, params.nheads, params.batch);
-    bwd_convert_dq_kernel<T, kHeadDim><<<grid, 256, 0, stream>>>(params);
+    bwd_convert_dq_kernel<T, kHeadDim, IsLocal><<<grid, 256, 0, stream>>>(params);
   }
 }
 

@@ -310,9 +310,13 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   const int lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t = lane % 4;
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq(params, b);
+  // The general path reads variable-length batches (seqinfo.cuh); the plain and causal kernels dense ones only.
+  const SeqInfoT<int, IsLocal> seq(params, b);
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const bool with_dq = !params.deterministic;
+  if constexpr (IsLocal) {
+    if (n_block * kBlockN >= seqlen_k) return;  // a key block past a shorter sequence's end (varlen)
+  }
 
   using MaskT = Mask<IsCausal, IsLocal>;
   const MaskT mask(seqlen_q, seqlen_k, params);
@@ -325,9 +329,12 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   const int n_iter = n_m * params.h_h_k_ratio;  // (query head of the group, query block) pairs
 
   // TODO(seqinfo.cuh): seq.k_offset (same arithmetic) changes the d128 / d256 machine code, see above.
-  const T* k_gmem = reinterpret_cast<const T*>(params.k) + b * params.k_batch_stride +
+  // (The general path's instantiation takes them from seq.k_offset: varlen.)
+  const T* k_gmem = reinterpret_cast<const T*>(params.k) +
+                    (IsLocal ? seq.k_offset(params.k_batch_stride, params.k_row_stride) : b * params.k_batch_stride) +
                     hk * params.k_head_stride;  // seqlen_k x head_dim
-  const T* v_gmem = reinterpret_cast<const T*>(params.v) + b * params.v_batch_stride +
+  const T* v_gmem = reinterpret_cast<const T*>(params.v) +
+                    (IsLocal ? seq.k_offset(params.v_batch_stride, params.v_row_stride) : b * params.v_batch_stride) +
                     hk * params.v_head_stride;  // seqlen_k x head_dim
 
   // Issue the loads of one iteration into `stage`: Q_i, dO_i, and the raw lse and D rows (cp.async,
@@ -346,12 +353,14 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
     static_assert(2 * kBlockM <= kNThreads, "one lse or D element per thread");
     if (tid < kBlockM) {
       const int row = row0 + tid;
-      const float* src = params.lse + bh * seqlen_q + row;  // lse row (batch x nheads x seqlen_q)
+      // lse row (batch x nheads x seqlen_q; the general path: SeqInfo::lse_offset, varlen)
+      const float* src = params.lse + (IsLocal ? seq.lse_offset(h, params.nheads, seqlen_q) : bh * seqlen_q) + row;
       cp_async_4(smem_u32(lse_smem + stage * kBlockM + tid), row < seqlen_q ? src : params.lse, row < seqlen_q);
     } else if (tid < 2 * kBlockM) {
-      const int i = tid - kBlockM;  // rows < seqlen_q_rounded: always inside dsoftmax_sum
-      cp_async_4(smem_u32(dsum_smem + stage * kBlockM + i),
-                 params.dsoftmax_sum + bh * params.seqlen_q_rounded + row0 + i, true);
+      const int i = tid - kBlockM;  // rows < the entry's workspace rows: always inside dsoftmax_sum
+      const int64_t ws_row0 = IsLocal ? seq.ws_offset(h, params.nheads, params.seqlen_q_rounded)
+                                      : bh * params.seqlen_q_rounded;
+      cp_async_4(smem_u32(dsum_smem + stage * kBlockM + i), params.dsoftmax_sum + ws_row0 + row0 + i, true);
     }
   };
 
@@ -561,9 +570,10 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
         zero_acc(acc_dq);
         warp_gemm_ss<T, kDqMT, kDqNT, kBlockN / 16, false, true, kPStride, kStride, Traits::kUnrollDq>(acc_dq, ds_base + dq_a_off,
                                                                                     k_base + dq_b_off);
+        const int64_t ws_row0 = IsLocal ? seq.ws_offset(h, params.nheads, params.seqlen_q_rounded)
+                                        : seq.head_index(h, params.nheads) * params.seqlen_q_rounded;
         float* dqa_gmem = params.dq_accum +
-                          (seq.head_index(h, params.nheads) * params.seqlen_q_rounded + m_block * kBlockM) *
-                              kHeadDim;  // kBlockM x kHeadDim (fp32, rows within seqlen_q_rounded)
+                          (ws_row0 + m_block * kBlockM) * kHeadDim;  // kBlockM x kHeadDim (fp32, the entry's rows)
         if constexpr (Traits::kDqStage == 0) {
 #pragma unroll
           for (int mi = 0; mi < kDqMT; ++mi) {

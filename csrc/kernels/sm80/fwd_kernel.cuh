@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
            int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM * params.o_row_stride;
   };
   auto lse_block_ptr = [&]() {  // kBlockM rows
-    return params.lse + SeqInfoT<unsigned>(params, blockIdx.z).row_offset(blockIdx.y, params.nheads, params.seqlen_q) +
+    return params.lse + SeqU(params, blockIdx.z).lse_offset(blockIdx.y, params.nheads, params.seqlen_q) +
            int64_t(gridDim.x - 1 - blockIdx.x) * kBlockM;
   };
 
