@@ -281,6 +281,26 @@ void check_varlen_cuda(const VarlenShape& vs) {
               fmt(vs.total_q), ", batch = ", fmt(vs.s.batch), ", total_k = ", fmt(vs.total_k));
 }
 
+// Launches the forward: the sm90 family where it applies (and FLASH_EXT_BACKEND allows), else sm80.
+void launch_forward(const FwdParams& params, const cudaDeviceProp* props, cudaStream_t stream) {
+  bool launched = false;
+#ifdef FLASH_EXT_WITH_SM90
+  if (want_sm90(props) && sm90_fwd_supported(params)) {
+    launched = dispatch_fwd_sm90(round_head_dim(params.head_dim, kSm90FwdHeadDims, std::size(kSm90FwdHeadDims)),
+                                 params, stream);
+  }
+#else
+  want_sm90(props);  // rejects FLASH_EXT_BACKEND=sm90 in a build without the Hopper kernels
+#endif
+  if (!launched) {
+    launched = dispatch_fwd_sm80(round_head_dim(params.head_dim, kSm80FwdHeadDims, std::size(kSm80FwdHeadDims)),
+                                 params, stream);
+  }
+  TORCH_CHECK(launched, "flash_ext: no CUDA forward kernel for head_dim ", fmt(params.head_dim),
+              " (the kernel head dim) runs on this device");
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, std::optional<double> softmax_scale,
     bool causal_in, bool /*deterministic*/, int64_t window_left, int64_t window_right, double softcap,
@@ -317,22 +337,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   fill_bias_params(params, bias, q);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
-  bool launched = false;
-#ifdef FLASH_EXT_WITH_SM90
-  if (want_sm90(props) && sm90_fwd_supported(params)) {
-    launched = dispatch_fwd_sm90(round_head_dim(params.head_dim, kSm90FwdHeadDims, std::size(kSm90FwdHeadDims)),
-                                 params, stream);
-  }
-#else
-  want_sm90(props);  // rejects FLASH_EXT_BACKEND=sm90 in a build without the Hopper kernels
-#endif
-  if (!launched) {
-    launched = dispatch_fwd_sm80(round_head_dim(params.head_dim, kSm80FwdHeadDims, std::size(kSm80FwdHeadDims)),
-                                 params, stream);
-  }
-  TORCH_CHECK(launched, "flash_ext: no CUDA forward kernel for head_dim ", fmt(s.head_dim),
-              " runs on this device (kernel head dim ", fmt(hd), ")");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_forward(params, props, stream);
   return {caller_head_dim(out, s.head_dim), lse};
 }
 
@@ -467,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   return results();
 }
 
-// Variable-length batches, forward: the sm80 family's general path reads the sequences from cu_seqlens itself
+// Variable-length batches, forward: the general path of either family reads the sequences from cu_seqlens itself
 // (csrc/kernels/seqinfo.cuh), one launch over (longest query blocks, heads, sequences), no host synchronization.
 // The kernel writes lse in the caller's (nheads, total_q) layout (SeqInfo::lse_offset); rows of no sequence keep
 // -inf.
@@ -508,11 +513,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
   const std::vector<at::Tensor> offsets = fill_varlen_params(params, vs, cu_seqlens_q, cu_seqlens_k, seqused_k);
   const at::Tensor alibi = float_for_kernels(alibi_slopes), sinks_f32 = float_for_kernels(sinks);
   fill_score_mod_params(params, f, alibi, sinks_f32, scale);
-  want_sm90(props);  // (checks FLASH_EXT_BACKEND; varlen runs the sm80 family on every device for now)
-  const bool launched = dispatch_fwd_sm80(
-      round_head_dim(params.head_dim, kSm80FwdHeadDims, std::size(kSm80FwdHeadDims)), params, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(launched, "flash_ext: no CUDA forward kernel for head_dim ", fmt(s.head_dim), " runs on this device");
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_forward(params, props, c10::cuda::getCurrentCUDAStream().stream());
   return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
 }
 

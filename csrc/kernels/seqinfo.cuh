@@ -34,16 +34,25 @@ struct SeqInfoT {
   int total_q = 0, ws_start = 0;
   int64_t ws_rows = 0;
 
-  __device__ __forceinline__ SeqInfoT(const FwdParams& p, Index b_) : b(b_), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
+  // Reread (MayVarlen): the offsets are read with volatile loads, so that a SeqInfo built again late in a kernel
+  // (an epilogue) reads them again instead of keeping the first reads' registers live across the main loop.
+  __device__ __forceinline__ SeqInfoT(const FwdParams& p, Index b_, bool reread = false)
+      : b(b_), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
     if constexpr (MayVarlen) {
       if (p.cu_seqlens_q != nullptr) {
         auto rows = [](int start, int end, int longest, int total, int& first) {
           first = min(max(start, 0), total);
           return max(min(min(end - first, longest), total - first), 0);
         };
-        seqlen_q = rows(p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1], p.seqlen_q, p.total_q, q_start);
-        const int k_end = p.seqused_k != nullptr ? p.cu_seqlens_k[b] + p.seqused_k[b] : p.cu_seqlens_k[b + 1];
-        seqlen_k = rows(p.cu_seqlens_k[b], k_end, p.seqlen_k, p.total_k, k_start);
+        auto ld = [reread](const int* a) {
+          if (!reread) return *a;
+          int v;
+          asm volatile("ld.volatile.global.b32 %0, [%1];\n" : "=r"(v) : "l"(a));
+          return v;
+        };
+        seqlen_q = rows(ld(p.cu_seqlens_q + b), ld(p.cu_seqlens_q + b + 1), p.seqlen_q, p.total_q, q_start);
+        const int k_end = p.seqused_k != nullptr ? ld(p.cu_seqlens_k + b) + ld(p.seqused_k + b) : ld(p.cu_seqlens_k + b + 1);
+        seqlen_k = rows(ld(p.cu_seqlens_k + b), k_end, p.seqlen_k, p.total_k, k_start);
         total_q = p.total_q;
         ws_start = (q_start + 128 * int(b)) / 128 * 128;
         ws_rows = int64_t(p.total_q) + 128 * int64_t(p.batch);
@@ -72,6 +81,16 @@ struct SeqInfoT {
   __device__ __forceinline__ int64_t row_offset(Index h, int nheads, int rows) const {
     return (int64_t(b) * nheads + h) * rows;
   }
+  // Whether entry b is one sequence of a packed (varlen) batch.
+  __device__ __forceinline__ bool packed() const {
+    if constexpr (MayVarlen) return q_start >= 0;
+    return false;
+  }
+  // TMA box coordinates (sm90): dense maps are (head_dim, seqlen, heads, batch), entry b at batch coordinate b;
+  // varlen maps (head_dim, total rows, heads, 1), entry b's rows from q_start / k_start at batch coordinate 0.
+  __device__ __forceinline__ int tma_q_row(int row) const { return packed() ? q_start + row : row; }
+  __device__ __forceinline__ int tma_k_row(int row) const { return packed() ? k_start + row : row; }
+  __device__ __forceinline__ int tma_batch() const { return packed() ? 0 : int(b); }
   // First element of (entry b, head h) in lse (batch x nheads x rows dense; nheads x total_q varlen).
   __device__ __forceinline__ int64_t lse_offset(Index h, int nheads, int rows) const {
     if constexpr (MayVarlen) {

@@ -77,6 +77,8 @@ struct FwdKernel {
   using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
   using Scheduler = FwdStaticScheduler<kBlockM, IsCausal>;  // the CTA's tiles and their order (fwd_scheduler.cuh)
   using Tile = FwdWork;                                          // (m_block, head, batch)
+  // The general path reads variable-length batches too (seqinfo.cuh); the plain and causal kernels dense ones only.
+  using Seq = SeqInfoT<int, IsLocal>;
   // Partial accumulators per row in the softmax's row max and row sum (each a chain of kBlockN / 8 dependent
   // FMNMX / FADD otherwise; with one warpgroup in its softmax at a time there are few other warps to hide that
   // latency). 4 where registers allow, 2 with 3 consumer warpgroups (4 spilled 4-8 bytes at 160 registers), 1
@@ -284,6 +286,21 @@ struct FwdKernel {
     }
   }
 
+  // Zeroes rows [first_row, kBlockN) of the V slot at v_smem (every chunk) once its load has landed, for the
+  // warpgroup's own wgmma (the async proxy) to read: each thread's stores, a proxy fence, a warpgroup barrier.
+  __device__ static __forceinline__ void zero_v_tail(uint32_t v_smem, uint32_t full, int phase, int first_row, int tid,
+                                                     int cw) {
+    mbar_wait(full, phase);
+    const int rows = kBlockN - max(first_row, 0);
+    for (int i = tid; i < rows * kChunks * 8; i += 128) {  // 16-byte pieces; the swizzle only permutes a row's pieces
+      const int row = kBlockN - rows + i / (kChunks * 8), chunk = (i / 8) % kChunks, piece = i % 8;
+      const uint32_t addr = v_smem + chunk * kKVChunkBytes + row * 128 + piece * 16;
+      asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+    }
+    fence_proxy_async_smem();
+    named_bar_sync(kBarEpi + cw, 128);
+  }
+
   // One tile (m_block, head, batch) for consumer warpgroup cw. kv: the K / V ring's state at this tile's first key
   // block (the slots this CTA consumed before); q_pipe: the Q buffer's (one use per tile).
   __device__ static __forceinline__ void consumer_tile(const FwdTmaArgs& args, uint32_t smem, uint32_t bars, int cw,
@@ -295,7 +312,7 @@ struct FwdKernel {
     const int lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
     const int m_block = tile.m_block;
-    const SeqInfo seq(p, tile.batch);
+    const Seq seq(p, tile.batch);
     const MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     // The tile's key blocks (what the producer loads): [n_block_min, n_tile_max), n_tile of them, from the last
     // one down. WgSkip: this warpgroup's rows see only [n_block_min, n_block_max) of them (its 64-row block of the
@@ -390,6 +407,13 @@ struct FwdKernel {
         if (lane == 0) mbar_arrive(bar_k_empty(bars, stage));
         if (SeparateO && n_iters == 1 && lane == 0) mbar_arrive(bar_q_empty(bars));  // last S done: Q free
         if constexpr (IsLocal) {
+          // Varlen: the last key block of a sequence holds the next sequence's rows (or rows of no sequence) past
+          // seqlen_k, where a dense map reads zeros. Their P is 0, but 0 * V is NaN where V is not finite, so this
+          // warpgroup zeroes those V rows before its first P V reads them (every warpgroup writes the same zeros).
+          if (seq.packed() && n_block_max * kBlockN > seq.seqlen_k) {
+            zero_v_tail(smem + kOffV + stage * kKVBytes, bar_v_full(bars, stage), phase,
+                        seq.seqlen_k - (n_block_max - 1) * kBlockN, tid, cw);
+          }
           if (mod.active()) apply_score_mod(s_reg, mod, p, n_block_max - 1, t, row0, ip0, ip1);
         }
         if (n_block_max - 1 >= n_unmasked_end || (MaskT::kHasLeftBound && n_block_max - 1 < n_unmasked_begin)) {
@@ -532,21 +556,62 @@ struct FwdKernel {
     fence_proxy_async_smem();
     named_bar_sync(kBarEpi + cw, 128);
     if (t == 0) {
-      const SeqInfo seq_o(p, tile.batch);  // re-read here, not kept live across the tile
-      const int64_t lse_base = seq_o.row_offset(tile.head, p.nheads, seq_o.seqlen_q);
+      const Seq seq_o(p, tile.batch);  // re-read here, not kept live across the tile
+      const int64_t lse_base = seq_o.lse_offset(tile.head, p.nheads, seq_o.seqlen_q);
       if (row0 < seq_o.seqlen_q) p.lse[lse_base + row0] = lse[0];
       if (row0 + 8 < seq_o.seqlen_q) p.lse[lse_base + row0 + 8] = lse[1];
     }
-    if (tid == 0) {
+    // Varlen (general path): a warpgroup whose 64 rows run past its sequence's end stores its rows < seqlen_q itself
+    // (a TMA box would overwrite the next sequence's rows).
+    bool rows_store = false;
+    if constexpr (IsLocal) {
+      const Seq seq_e(p, tile.batch, /*reread=*/true);  // re-read here, not kept live across the tile
+      const int first = m_block * kBlockM + cw * 64;
+      rows_store = seq_e.packed() && first + 64 > seq_e.seqlen_q;
+      if (rows_store) store_o_rows(p, o_smem, seq_e, tile.head, first, seq_e.seqlen_q - first, tid);
+    }
+    if (tid == 0 && !rows_store) {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head, seq.b);
+        if constexpr (IsLocal) {
+          const Seq seq_e(p, tile.batch, /*reread=*/true);
+          tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, seq_e.tma_q_row(m_block * kBlockM + cw * 64),
+                       tile.head, seq_e.tma_batch());
+        } else {
+          tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head, seq.b);
+        }
       }
       tma_store_commit();
       if constexpr (!SeparateO) {
         tma_store_wait_read();
         asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], 4;\n" ::"r"(bar_q_empty(bars)) : "memory");
       }
+    }
+    if constexpr (IsLocal && !SeparateO) {
+      if (rows_store) {
+        named_bar_sync(kBarEpi + cw, 128);  // every staged row read before Q (the staging) is free again
+        if (tid == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], 4;\n" ::"r"(bar_q_empty(bars)) : "memory");
+      }
+    }
+  }
+
+  // Rows [0, rows) of the warpgroup's 64 staged O rows (SW128, as stage_o writes them) to out rows first.. of
+  // (seq, head), columns < head_dim, 16 bytes per store: thread tid takes piece tid % kPieces of every
+  // (128 / kPieces)-th row.
+  __device__ static __forceinline__ void store_o_rows(const FwdParams& p, uint32_t o_smem, const Seq& seq, int head,
+                                                      int first, int rows, int tid) {
+    constexpr int kPieces = kHeadDim / 8, kRowStep = 128 / kPieces;
+    const int col = (tid % kPieces) * 8;
+    if (col >= p.head_dim) return;
+    T* out = reinterpret_cast<T*>(p.out) + seq.q_offset(p.o_batch_stride, p.o_row_stride) +
+             int64_t(head) * p.o_head_stride + int64_t(first) * p.o_row_stride + col;
+    const uint32_t src = o_smem + (col / 64) * kQChunkBytes;
+#pragma unroll 1
+    for (int r = tid / kPieces; r < rows; r += kRowStep) {
+      const uint32_t addr = src + r * 128 + ((((col % 64) / 8) ^ (r % 8)) << 4);
+      uint32_t v0, v1, v2, v3;
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3) : "r"(addr));
+      *reinterpret_cast<uint4*>(out + int64_t(r) * p.o_row_stride) = make_uint4(v0, v1, v2, v3);
     }
   }
 
@@ -560,12 +625,23 @@ struct FwdKernel {
     // ChainTiles: consumer 0 issues first; the token then alternates over all GEMM issues of all tiles (both
     // consumers see the same tiles and key blocks), and consumer 0 takes consumer 1's last pass at the end.
     if (PingPong && ChainTiles && cw == kNumWG - 1) named_bar_arrive(kBarSched + 0, 256);
+    int q_uses = 0;  // (the general path) tiles run: the Q buffer's uses
     for (int t = Scheduler::first_tile(args.sched); Scheduler::valid(args.sched, t);
          t = Scheduler::next_tile(args.sched, t, ++tile_iter)) {
       const Tile tile = Scheduler::tile_coord(args.sched, args.params, t);
-      consumer_tile(args, smem, bars, cw, tile, kv, PipelineState<1>(tile_iter));
-      kv.advance(mask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
-                 mask.template n_block_min<kBlockM, kBlockN>(tile.m_block));
+      if constexpr (IsLocal) {
+        // The tile's own sequence (varlen: its lengths; a tile past its end is not run, by any role).
+        const Seq seq(args.params, tile.batch);
+        if (tile.m_block * kBlockM >= seq.seqlen_q) continue;
+        const MaskT tmask(seq.seqlen_q, seq.seqlen_k, args.params);
+        consumer_tile(args, smem, bars, cw, tile, kv, PipelineState<1>(q_uses++));
+        kv.advance(tmask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
+                   tmask.template n_block_min<kBlockM, kBlockN>(tile.m_block));
+      } else {
+        consumer_tile(args, smem, bars, cw, tile, kv, PipelineState<1>(tile_iter));
+        kv.advance(mask.template n_block_max<kBlockM, kBlockN>(tile.m_block) -
+                   mask.template n_block_min<kBlockM, kBlockN>(tile.m_block));
+      }
     }
     if (PingPong && ChainTiles && cw == 0) named_bar_sync(kBarSched + 0, 256);
     // Shared memory must stay valid until the last store has read it.
@@ -574,12 +650,13 @@ struct FwdKernel {
 
   // ------------------------------------------------------------------------------------------ producer
   __device__ static __forceinline__ void load_kv(const CUtensorMap* map, uint32_t dst, uint32_t full, uint32_t empty,
-                                                 int phase, int n_block, int head_k, int batch) {
+                                                 int phase, int n_block, int head_k, int batch, int row0) {
     mbar_wait(empty, phase ^ 1);
     mbar_arrive_expect_tx(full, kKVBytes);
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
-      tma_load_4d(dst + c * kKVChunkBytes, map, full, c * 64, n_block * kBlockN, head_k, batch);
+      tma_load_4d(dst + c * kKVChunkBytes, map, full, c * 64, IsLocal ? row0 + n_block * kBlockN : n_block * kBlockN,
+                  head_k, batch);
     }
   }
 
@@ -594,34 +671,43 @@ struct FwdKernel {
     tma_prefetch_desc(&args.o_map);
     PipelineState<kStages> kv;  // the K / V ring: the next tile's first slot
     int tile_iter = 0;
+    int q_uses = 0;  // (the general path) tiles run: the Q buffer's uses
     for (int t = Scheduler::first_tile(args.sched); Scheduler::valid(args.sched, t);
          t = Scheduler::next_tile(args.sched, t, ++tile_iter)) {
       const Tile tile = Scheduler::tile_coord(args.sched, p, t);
-      const PipelineState<1> q_pipe(tile_iter);  // the Q buffer: one slot, one use per tile
-      const SeqInfo seq(p, tile.batch);
+      const Seq seq(p, tile.batch);
+      if constexpr (IsLocal) {
+        if (tile.m_block * kBlockM >= seq.seqlen_q) continue;  // past its sequence's end (varlen): not run
+      }
+      const PipelineState<1> q_pipe(IsLocal ? q_uses++ : tile_iter);  // the Q buffer: one slot, one use per tile
       const int head_k = tile.head / p.h_h_k_ratio;
-      // Key blocks [n_block_min, n_block_max), from the last one down (the order the consumers use them).
-      const int n_block_min = mask.template n_block_min<kBlockM, kBlockN>(tile.m_block);
-      const int n_block_max = mask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
+      // Key blocks [n_block_min, n_block_max), from the last one down (the order the consumers use them); the
+      // general path's from the tile's own sequence.
+      const MaskT tmask = IsLocal ? MaskT(seq.seqlen_q, seq.seqlen_k, p) : mask;
+      const int n_block_min = tmask.template n_block_min<kBlockM, kBlockN>(tile.m_block);
+      const int n_block_max = tmask.template n_block_max<kBlockM, kBlockN>(tile.m_block);
       const int n_blocks = n_block_max - n_block_min;
+      // TMA coordinates (the general path: seqinfo.cuh's, varlen rows in one packed entry).
+      const int q_row = IsLocal ? seq.tma_q_row(tile.m_block * kBlockM) : tile.m_block * kBlockM;
+      const int k_row0 = IsLocal ? seq.tma_k_row(0) : 0;
+      const int map_b = IsLocal ? seq.tma_batch() : seq.b;
       for (int i = 0; i < n_blocks; ++i) {
         const int n_block = n_block_max - 1 - i;
         const PipelineState<kStages> pipe = kv.advanced(i);  // block i's slot and parity
         const int stage = pipe.stage(), phase = pipe.phase();
         load_kv(&args.k_map, smem + kOffK + stage * kKVBytes, bar_k_full(bars, stage), bar_k_empty(bars, stage), phase,
-                n_block, head_k, seq.b);
+                n_block, head_k, map_b, k_row0);
         if (i == 0) {
           // Q after the first K block: K may stream in while the previous tile's epilogue still holds Q.
           mbar_wait(bar_q_empty(bars), q_pipe.phase() ^ 1);
           mbar_arrive_expect_tx(bar_q(bars), kQBytes);
 #pragma unroll
           for (int c = 0; c < kChunks; ++c) {
-            tma_load_4d(smem + kOffQ + c * kQChunkBytes, &args.q_map, bar_q(bars), c * 64, tile.m_block * kBlockM,
-                        tile.head, seq.b);
+            tma_load_4d(smem + kOffQ + c * kQChunkBytes, &args.q_map, bar_q(bars), c * 64, q_row, tile.head, map_b);
           }
         }
         load_kv(&args.v_map, smem + kOffV + stage * kKVBytes, bar_v_full(bars, stage), bar_v_empty(bars, stage), phase,
-                n_block, head_k, seq.b);
+                n_block, head_k, map_b, k_row0);
       }
       if (n_blocks == 0) {
         // Nothing visible: no Q needed, but keep the Q barrier phases in step with the consumers.

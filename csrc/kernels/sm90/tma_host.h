@@ -74,26 +74,30 @@ inline bool tma_operand_ok(const void* base, bool is_bf16, int head_dim, int seq
 }
 
 // The operands over (seqlen_q, nheads) (q, out, dout) and over (seqlen_k, nheads_k) (k, v): their map, and
-// whether TMA can describe them.
+// whether TMA can describe them. A varlen batch (cu_seqlens_q set) is one entry of total_q / total_k rows: the
+// kernels add each sequence's first row to the row coordinate (SeqInfoT::tma_q_row / tma_k_row).
+inline int q_side_rows(const FwdParams& p) { return p.cu_seqlens_q != nullptr ? p.total_q : p.seqlen_q; }
+inline int k_side_rows(const FwdParams& p) { return p.cu_seqlens_q != nullptr ? p.total_k : p.seqlen_k; }
+inline int map_batch(const FwdParams& p) { return p.cu_seqlens_q != nullptr ? 1 : p.batch; }
 inline bool encode_q_side(CUtensorMap* map, const FwdParams& p, const void* base, int64_t row_stride,
                           int64_t head_stride, int64_t batch_stride, int box_rows) {
-  return encode_tensor_map_4d(map, base, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, row_stride,
+  return encode_tensor_map_4d(map, base, p.is_bf16, p.head_dim, q_side_rows(p), p.nheads, map_batch(p), row_stride,
                               head_stride, batch_stride, box_rows);
 }
 inline bool encode_k_side(CUtensorMap* map, const FwdParams& p, const void* base, int64_t row_stride,
                           int64_t head_stride, int64_t batch_stride, int box_rows) {
-  return encode_tensor_map_4d(map, base, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, row_stride,
+  return encode_tensor_map_4d(map, base, p.is_bf16, p.head_dim, k_side_rows(p), p.nheads_k, map_batch(p), row_stride,
                               head_stride, batch_stride, box_rows);
 }
 inline bool q_side_tma_ok(const FwdParams& p, const void* base, int64_t row_stride, int64_t head_stride,
                           int64_t batch_stride, int box_rows) {
-  return tma_operand_ok(base, p.is_bf16, p.head_dim, p.seqlen_q, p.nheads, p.batch, row_stride, head_stride,
+  return tma_operand_ok(base, p.is_bf16, p.head_dim, q_side_rows(p), p.nheads, map_batch(p), row_stride, head_stride,
                         batch_stride, box_rows);
 }
 inline bool k_side_tma_ok(const FwdParams& p, const void* base, int64_t row_stride, int64_t head_stride,
                           int64_t batch_stride, int box_rows) {
-  return tma_operand_ok(base, p.is_bf16, p.head_dim, p.seqlen_k, p.nheads_k, p.batch, row_stride, head_stride,
-                        batch_stride, box_rows);
+  return tma_operand_ok(base, p.is_bf16, p.head_dim, k_side_rows(p), p.nheads_k, map_batch(p), row_stride,
+                        head_stride, batch_stride, box_rows);
 }
 
 // The shape rules both sm90 entry points share: head_dim a multiple of 8 up to 256, no empty dimension,
