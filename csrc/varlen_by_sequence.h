@@ -1,8 +1,6 @@
 // Variable-length batches run one sequence at a time: each sequence is the dense op's batch of one on its rows
-// (views, any strides), with its row of (batch, nheads) ALiBi slopes. Used by the CPU path, and for now by the CUDA
-// backward too (docs/ARCHITECTURE.md, "Variable-length batches": the CUDA forward already reads the sequences in
-// the kernels; until the backward does, it reads cu_seqlens on the host, which synchronizes, and launches per
-// sequence).
+// (views, any strides), with its row of (batch, nheads) ALiBi slopes. Used by the CPU path (the CUDA kernels read
+// the sequences themselves: docs/ARCHITECTURE.md, "Variable-length batches").
 // Rows of q that no sequence covers get out 0 and lse -inf; the backward gives them, and k / v rows of no
 // sequence or past seqused_k, zero gradients. The values of cu_seqlens / seqused_k are checked here
 // (check_varlen_values). Torch-dependent; never included by csrc/kernels.

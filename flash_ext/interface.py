@@ -68,8 +68,9 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     The values inside cu_seqlens / seqused_k are the caller's contract: non-decreasing offsets from 0 up to the
     totals, lengths <= max_seqlen, 0 <= seqused_k[b] <= that sequence's key rows. The CPU path checks them; on
-    CUDA checking them would synchronize with the host, so they are not checked there, and rows of q outside every
-    sequence are left unwritten in out (the backward gives every row outside a sequence zero gradients).
+    CUDA checking them would synchronize with the host, so they are not checked there (the kernels clamp every
+    offset to the tensors). Rows of q outside every sequence get out 0 and lse -inf on every device, and the
+    backward gives every row outside a sequence zero gradients.
     Returns out (total_q, nheads, head_dim), and with return_lse also lse (nheads, total_q) float32.
     Document masking: one packed sequence with cu_seqlens at the document boundaries is attention within documents.
     """
