@@ -359,6 +359,49 @@ def test_rows_of_no_sequence(where, device, dtype):
         assert_fa_close(name, g, g_ref[name], g_pt[name], dtype)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("device,d", [("cpu", 32), pytest.param("cuda", 64, marks=[requires_cuda]),
+                                      pytest.param("cuda", 128, marks=[requires_cuda]),
+                                      pytest.param("cuda", 256, marks=[requires_cuda])])
+def test_non_finite_rows_outside_sequences(device, d, causal):
+    """Rows of no sequence (after cu_seqlens[-1]) and keys past seqused_k hold NaN and inf (q, k: NaN; v: inf and
+    NaN; dout: NaN): nothing of them may reach a sequence's out or gradients. On CUDA a key or query block that runs
+    past a sequence's end holds such rows (the sm90 forward zeroes the V rows, 0 * NaN being NaN). out and the
+    gradients match the reference on the sequences' rows, and are exactly 0 on the rest."""
+    seqs = [(70, 90, 77), (130, 150, 129), (33, 40, 5), (64, 128, 100)]
+    lq, lk, used = _lengths(seqs)
+    dtype = low_precision(device)
+    nheads, nheads_k, extra = 4, 2, 24
+    tq, tk = sum(lq), sum(lk)
+    q = torch.randn(tq + extra, nheads, d)
+    k = torch.randn(tk + extra, nheads_k, d)
+    v = torch.randn(tk + extra, nheads_k, d)
+    q[tq:] = float("nan")
+    k[tk:] = float("nan")
+    v[tk:] = float("inf")
+    start = 0
+    for b in range(len(seqs)):
+        k[start + used[b]:start + lk[b]] = float("nan")
+        v[start + used[b]:start + lk[b]] = float("nan") if b % 2 else float("inf")
+        start += lk[b]
+    q, k, v = (t.to(device, dtype).requires_grad_() for t in (q, k, v))
+    cu_q, cu_k = _cu(lq, device), _cu(lk, device)
+    seqused = torch.tensor(used, dtype=torch.int32, device=device)
+    poison_cuda_allocator(((tq + extra, nheads, d), dtype), ((tk + extra, nheads_k, d), dtype))
+    out = flash_ext.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), seqused_k=seqused, causal=causal)
+    dout = torch.randn_like(out)
+    dout[tq:] = float("nan")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert torch.equal(out[tq:], torch.zeros_like(out[tq:]))
+    assert torch.equal(dq[tq:], torch.zeros_like(dq[tq:]))
+    assert torch.equal(dk[tk:], torch.zeros_like(dk[tk:])) and torch.equal(dv[tk:], torch.zeros_like(dv[tk:]))
+    out_ref, _, g_ref = varlen_ref_grads(dout[:tq], q[:tq], k[:tk], v[:tk], seqs, True, causal=causal)
+    out_pt, _, g_pt = varlen_ref_grads(dout[:tq], q[:tq], k[:tk], v[:tk], seqs, False, causal=causal)
+    assert_fa_close("out", out[:tq], out_ref, out_pt, dtype)
+    for name, g in (("dq", dq[:tq]), ("dk", dk[:tk]), ("dv", dv[:tk])):
+        assert_fa_close(name, g, g_ref[name], g_pt[name], dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lq,lk", [((0, 0), (0, 0)), ((0, 0), (5, 3)), ((4, 1), (0, 0))])
 def test_empty_totals(device, lq, lk):

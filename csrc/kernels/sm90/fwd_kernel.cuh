@@ -75,7 +75,7 @@ struct FwdKernel {
   static constexpr bool WgSkip = WgSkip_;
   static constexpr bool IsLocal = IsLocal_;
   using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
-  using Scheduler = FwdStaticScheduler<kBlockM, IsCausal>;  // the CTA's tiles and their order (fwd_scheduler.cuh)
+  using Scheduler = FwdStaticScheduler<kBlockM, IsCausal, IsLocal>;  // the CTA's tiles, their order (fwd_scheduler.cuh)
   using Tile = FwdWork;                                          // (m_block, head, batch)
   // The general path reads variable-length batches too (seqinfo.cuh); the plain and causal kernels dense ones only.
   using Seq = SeqInfoT<int, IsLocal>;

@@ -82,7 +82,10 @@ bool launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limi
   using Scheduler = typename Kernel::Scheduler;
   const int num_sm = params.num_sm > 0 ? params.num_sm : 132;
   const int causal_persist_max_m = kHeadDim == 128 && kNumWG == 2 ? kCausalPersistMaxMBlocks128 : 8;
-  const bool persistent = !IsCausal || (Kernel::SeparateO && Scheduler::num_m_blocks(params) <= causal_persist_max_m);
+  // Varlen (the general path): one CTA per tile (fwd_scheduler.cuh), the ragged tiles balanced by the hardware.
+  const bool varlen = IsLocal && params.cu_seqlens_q != nullptr;
+  const bool persistent =
+      !varlen && (!IsCausal || (Kernel::SeparateO && Scheduler::num_m_blocks(params) <= causal_persist_max_m));
   const int max_ctas = grid_limit > 0 ? grid_limit : grid_limit < 0 || persistent ? num_sm : 0;  // 0: one per tile
   const int ctas = Scheduler::grid(args.sched, params, kHeadDim, max_ctas, paired, group_hb);
   auto kernel = sm90_kernel<Kernel, FwdTmaArgs>;

@@ -11,6 +11,9 @@
 //   - Persistent causal pairs (paired): tiles 2q and 2q + 1 are the pair (num_m_blocks - 1 - k, k) of one (head,
 //     batch), run back to back by one CTA, so every pair costs about num_m_blocks + 1 key blocks; CTA b takes pairs
 //     b, b + G, ... With an odd num_m_blocks the middle block's pair has no second tile (next_tile skips it).
+//   - Varlen batches (the general path's scheduler, kRuntimeOrder): one CTA per tile over the longest sequence's
+//     query blocks, descending, so the blocks only long sequences have run first and the hardware's block scheduler
+//     balances the ragged rest (tiles past a sequence's end cost a CTA that exits).
 //   - L2 grouping (all of them): tiles are ordered in groups of group_hb (head, batch) pairs whose K / V fit in L2
 //     together; inside a group the query block index (or the pair's k) is the slower index (descending for causal:
 //     the longest tiles first) and (head, batch) the faster.
@@ -34,6 +37,9 @@ struct FwdSchedArgs {
   int group_hb;      // (head, batch) pairs per L2 group, >= 1
   int num_tiles;     // num_m_blocks * num_hb; paired: 2 * num_pairs
   int paired;        // the causal pair order (persistent causal launches)
+  // Query blocks in descending order (kRuntimeOrder schedulers: the general path's): set for varlen batches, where
+  // the high query blocks exist only in the longest sequences, so that those run first.
+  int descending;
 };
 
 // L2 groups of K / V for one CTA per tile: kL2GroupBytes of K and V per group. Where CTAs loop over tiles, one
@@ -42,7 +48,7 @@ struct FwdSchedArgs {
 // (one pair was up to 8% slower there). NOTES.md (fourth session) has the numbers.
 constexpr int64_t kL2GroupBytes = 32ll << 20;
 
-template <int kBlockM, bool IsCausal>
+template <int kBlockM, bool IsCausal, bool kRuntimeOrder = false>
 struct FwdStaticScheduler {
   // ---- launcher
   static int num_m_blocks(const FwdParams& p) { return (p.seqlen_q + kBlockM - 1) / kBlockM; }
@@ -60,6 +66,7 @@ struct FwdStaticScheduler {
     if (group_hb > 0) group = group_hb;
     s.group_hb = static_cast<int>(group < 1 ? 1 : group > s.num_hb ? s.num_hb : group);
     s.paired = IsCausal && limit < s.num_tiles && paired != 0 ? 1 : 0;
+    s.descending = kRuntimeOrder && p.cu_seqlens_q != nullptr ? 1 : 0;
     if (s.paired) s.num_tiles = 2 * ((s.num_m_blocks + 1) / 2) * s.num_hb;
     const int units = s.paired ? s.num_tiles / 2 : s.num_tiles;  // what one CTA takes per round
     return units < limit ? units : limit;
@@ -109,7 +116,8 @@ struct FwdStaticScheduler {
     }
     const GroupPos g = group_split<false>(s, t);
     FwdWork tile;
-    tile.m_block = IsCausal ? s.num_m_blocks - 1 - g.idx : g.idx;
+    if constexpr (kRuntimeOrder) tile.m_block = IsCausal || s.descending ? s.num_m_blocks - 1 - g.idx : g.idx;
+    else tile.m_block = IsCausal ? s.num_m_blocks - 1 - g.idx : g.idx;
     tile.head = g.hb % p.nheads;
     tile.batch = g.hb / p.nheads;
     return tile;
