@@ -322,24 +322,28 @@ def test_varlen(device, dtype, c):
 def test_rows_of_no_sequence(where, device, dtype):
     """total_q and total_k larger than the sequences cover (rows after cu_seqlens[-1], or before cu_seqlens[0]):
     those q rows get out 0, lse -inf and dq 0, those k rows dk = dv = 0, and the covered rows the reference's
-    answer (on CUDA into outputs the poisoned allocator filled)."""
+    answer (on CUDA into outputs the poisoned allocator filled). The uncovered rows hold large values (q, k x 10,
+    v + 50): were they read, they would dominate the covered rows' results."""
     seqs = [(17, 20), (5, 0), (30, 7), (0, 3)]
     lq, lk, _ = _lengths(seqs)
     extra_q, extra_k = 9, 6
     nheads, nheads_k, d = 4, 2, 32
-    q = (torch.randn(sum(lq) + extra_q, nheads, d) * 10).to(device, dtype).requires_grad_()
-    k = (torch.randn(sum(lk) + extra_k, nheads_k, d) * 10).to(device, dtype).requires_grad_()
-    v = (torch.randn(sum(lk) + extra_k, nheads_k, d) + 50).to(device, dtype).requires_grad_()
     tq, tk = sum(lq) + extra_q, sum(lk) + extra_k
-    poison_cuda_allocator(((tq, nheads, d), dtype), ((nheads, tq), torch.float32), ((tk, nheads_k, d), dtype))
-    cu_q, cu_k = _cu(lq, device), _cu(lk, device)
     if where == "leading":
-        cu_q, cu_k = cu_q + extra_q, cu_k + extra_k
         q_cov, k_cov = slice(extra_q, None), slice(extra_k, None)
         q_out, k_out = slice(0, extra_q), slice(0, extra_k)
     else:
         q_cov, k_cov = slice(0, sum(lq)), slice(0, sum(lk))
         q_out, k_out = slice(sum(lq), None), slice(sum(lk), None)
+    q, k, v = torch.randn(tq, nheads, d), torch.randn(tk, nheads_k, d), torch.randn(tk, nheads_k, d)
+    q[q_out] *= 10
+    k[k_out] *= 10
+    v[k_out] += 50
+    q, k, v = (t.to(device, dtype).requires_grad_() for t in (q, k, v))
+    poison_cuda_allocator(((tq, nheads, d), dtype), ((nheads, tq), torch.float32), ((tk, nheads_k, d), dtype))
+    cu_q, cu_k = _cu(lq, device), _cu(lk, device)
+    if where == "leading":
+        cu_q, cu_k = cu_q + extra_q, cu_k + extra_k
     kw = dict(window_size=(10, 3))
     out, lse = flash_ext.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), return_lse=True, **kw)
     dout = torch.randn_like(out)
