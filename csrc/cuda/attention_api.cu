@@ -256,6 +256,15 @@ void fill_bwd_params(BwdParams& p, const at::Tensor& dout, const at::Tensor& q, 
   p.sm80_smem_limit = sm80_smem_limit();
 }
 
+// dsinks from the key-side kernels' float32 slots (BwdParams::dsink_accum, (batch, nheads, slots); undefined where no
+// kernel ran: 0): dsink_h = -(sum over batch and slots), in float64, in the sinks' dtype; empty without sinks.
+at::Tensor dsinks_from_slots(const at::Tensor& dsink_accum, const Features& f, const std::optional<at::Tensor>& sinks,
+                             const at::Tensor& q) {
+  if (!f.has_sinks) return at::empty({0}, q.options());
+  if (!dsink_accum.defined()) return at::zeros_like(*sinks);
+  return dsink_accum.to(at::kDouble).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type());
+}
+
 // A variable-length batch's fields (FwdParams, general path): its offsets as the kernels read them (int32,
 // contiguous; the tensors the caller keeps alive until the launch, returned), and the packed totals.
 std::vector<at::Tensor> fill_varlen_params(FwdParams& p, const VarlenShape& vs, const at::Tensor& cu_seqlens_q,
@@ -366,12 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // slots of dsink_accum (BwdParams::dsink_accum; undefined: no kernel ran, dsinks = 0), summed here in float64.
   at::Tensor dsink_accum;
   auto results = [&]() {
-    at::Tensor dsinks = at::empty({0}, q_in.options());
-    if (f.has_sinks) {
-      dsinks = dsink_accum.defined()
-                   ? dsink_accum.to(at::kDouble).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type())
-                   : at::zeros_like(*sinks);
-    }
+    const at::Tensor dsinks = dsinks_from_slots(dsink_accum, f, sinks, q_in);
     at::Tensor dbias = at::empty({0}, q_in.options());
     if (bias_requires_grad) {
       const at::Tensor& bias = *attn_bias;
@@ -545,12 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_back
   at::Tensor dv = at::zeros({1, vs.total_k, s.nheads_k, hd}, q_in.options());
   at::Tensor dsink_accum;  // the key-side kernels' dsinks terms (BwdParams::dsink_accum), summed in float64
   auto results = [&]() {
-    at::Tensor dsinks = at::empty({0}, q_in.options());
-    if (f.has_sinks) {
-      dsinks = dsink_accum.defined()
-                   ? dsink_accum.to(at::kDouble).sum(at::IntArrayRef{0, 2}).neg().to(sinks->scalar_type())
-                   : at::zeros_like(*sinks);
-    }
+    const at::Tensor dsinks = dsinks_from_slots(dsink_accum, f, sinks, q_in);
     return std::make_tuple(caller_head_dim(dq, s.head_dim).select(0, 0), caller_head_dim(dk, s.head_dim).select(0, 0),
                            caller_head_dim(dv, s.head_dim).select(0, 0), dsinks);
   };
