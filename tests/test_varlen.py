@@ -717,3 +717,60 @@ def test_compile_fullgraph_varlen(device):
     torch.testing.assert_close(y, y_eager, **tol)
     for a, b in zip(g, g_eager):
         torch.testing.assert_close(a, b, **tol)
+
+
+# ---- no host synchronization (CUDA): sync debug mode, CUDA-graph capture ----
+
+@requires_cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_no_sync_and_graph_replay(d):
+    """The CUDA forward and backward read cu_seqlens / seqused_k on the device only: they run under
+    torch.cuda.set_sync_debug_mode("error") (a synchronizing call raises), and a CUDA graph captured once replays
+    on new values of every input, cu_seqlens and seqused_k included (same totals, lengths within max_seqlen),
+    bit for bit as an eager call on those values (deterministic mode)."""
+    dtype, nheads, nheads_k = torch.bfloat16, 4, 2
+    max_q, max_k, tq, tk = 300, 260, 420, 400
+    kw = dict(causal=True, window_size=(100, 0), deterministic=True)
+
+    def draw():
+        lq, lk, used = [150, 3, 267], [120, 20, 260], [100, 20, 255]
+        if torch.rand(()) < 0.5:
+            lq, lk, used = [0, 300, 120], [260, 40, 100], [260, 33, 99]
+        cu_q, cu_k = _cu(lq + [tq - sum(lq)], "cuda")[:-1], _cu(lk + [tk - sum(lk)], "cuda")[:-1]
+        return cu_q, cu_k, torch.tensor(used, dtype=torch.int32, device="cuda")
+
+    q = torch.randn(tq, nheads, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(tk, nheads_k, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(tk, nheads_k, d, device="cuda", dtype=dtype, requires_grad=True)
+    dout = torch.randn(tq, nheads, d, device="cuda", dtype=dtype)
+    cu_q, cu_k, used = draw()
+
+    def step():
+        out = flash_ext.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=used, **kw)
+        return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up on a side stream, as graph capture wants
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        with torch.no_grad():
+            for t in (q, k, v, dout):
+                t.copy_(torch.randn_like(t))
+            new_q, new_k, new_used = draw()
+            cu_q.copy_(new_q), cu_k.copy_(new_k), used.copy_(new_used)
+        graph.replay()
+        eager = step()
+        for name, a, b in zip(("out", "dq", "dk", "dv"), captured, eager):
+            assert not torch.isnan(a).any(), f"{name}: NaN after replay"
+            assert torch.equal(a, b), f"{name}: the replayed graph differs from the eager call"
