@@ -724,13 +724,15 @@ def test_compile_fullgraph_varlen(device):
 @requires_cuda
 @pytest.mark.parametrize("d", [64, 128])
 def test_cuda_no_sync_and_graph_replay(d):
-    """The CUDA forward and backward read cu_seqlens / seqused_k on the device only: they run under
-    torch.cuda.set_sync_debug_mode("error") (a synchronizing call raises), and a CUDA graph captured once replays
-    on new values of every input, cu_seqlens and seqused_k included (same totals, lengths within max_seqlen),
-    bit for bit as an eager call on those values (deterministic mode)."""
+    """The CUDA forward and backward read cu_seqlens / seqused_k on the device only: attention_varlen with its
+    backward runs under torch.cuda.set_sync_debug_mode("error") (a synchronizing call raises), and a CUDA graph of
+    the forward and backward ops, captured once, replays on new values of every input, cu_seqlens and seqused_k
+    included (same totals, lengths within max_seqlen), bit for bit as the ops called eagerly on those values
+    (deterministic mode). (The graph holds the ops themselves: autograd's engine inside a capture would make the
+    capture stream wait on the stream dout was made on.)"""
     dtype, nheads, nheads_k = torch.bfloat16, 4, 2
     max_q, max_k, tq, tk = 300, 260, 420, 400
-    kw = dict(causal=True, window_size=(100, 0), deterministic=True)
+    scale = d ** -0.5
 
     def draw():
         lq, lk, used = [150, 3, 267], [120, 20, 260], [100, 20, 255]
@@ -745,16 +747,24 @@ def test_cuda_no_sync_and_graph_replay(d):
     dout = torch.randn(tq, nheads, d, device="cuda", dtype=dtype)
     cu_q, cu_k, used = draw()
 
-    def step():
-        out = flash_ext.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=used, **kw)
-        return (out,) + torch.autograd.grad(out, (q, k, v), dout)
-
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        eager = step()
+        out = flash_ext.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, seqused_k=used, causal=True,
+                                         window_size=(100, 0), deterministic=True)
+        torch.autograd.grad(out, (q, k, v), dout)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+    q, k, v = q.detach(), k.detach(), v.detach()
+    ops = torch.ops.flash_ext
+
+    def step():  # causal, deterministic, window (100, 0)
+        out, lse = ops.attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, used, scale, True, True, 100, 0)
+        dq, dk, dv, _ = ops.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, used, scale,
+                                                      True, True, 100, 0)
+        return out, dq, dk, dv
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -764,11 +774,10 @@ def test_cuda_no_sync_and_graph_replay(d):
     with torch.cuda.graph(graph):
         captured = step()
     for _ in range(2):
-        with torch.no_grad():
-            for t in (q, k, v, dout):
-                t.copy_(torch.randn_like(t))
-            new_q, new_k, new_used = draw()
-            cu_q.copy_(new_q), cu_k.copy_(new_k), used.copy_(new_used)
+        for t in (q, k, v, dout):
+            t.copy_(torch.randn_like(t))
+        new_q, new_k, new_used = draw()
+        cu_q.copy_(new_q), cu_k.copy_(new_k), used.copy_(new_used)
         graph.replay()
         eager = step()
         for name, a, b in zip(("out", "dq", "dk", "dv"), captured, eager):
