@@ -313,7 +313,7 @@ def test_varlen(device, dtype, c):
     check_varlen(device, dtype, c)
 
 
-# ---- rows of no sequence (CPU), empty totals ----
+# ---- rows of no sequence, empty totals ----
 
 @pytest.mark.parametrize("where", ["trailing", "leading"])
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
@@ -404,6 +404,23 @@ def test_non_finite_rows_outside_sequences(device, d, causal):
     assert_fa_close("out", out[:tq], out_ref, out_pt, dtype)
     for name, g in (("dq", dq[:tq]), ("dk", dk[:tk]), ("dv", dv[:tk])):
         assert_fa_close(name, g, g_ref[name], g_pt[name], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_sequence_over_rows(device):
+    """batch 0 (cu_seqlens of one element) over q and k rows: every q row is a row of no sequence, so out is 0
+    (into outputs the poisoned allocator filled), lse -inf and every gradient 0."""
+    dtype = low_precision(device)
+    q = torch.randn(5, 4, 32, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(3, 2, 32, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(3, 2, 32, device=device, dtype=dtype, requires_grad=True)
+    cu = torch.zeros(1, dtype=torch.int32, device=device)
+    poison_cuda_allocator(((5, 4, 32), dtype))
+    out, lse = flash_ext.attention_varlen(q, k, v, cu, cu, 1, 1, causal=True, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == -INF).all())
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    for g, t in zip(grads, (q, k, v)):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
 
 
 @pytest.mark.parametrize("device", DEVICES)

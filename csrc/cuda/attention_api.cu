@@ -497,19 +497,18 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_forward_cuda(
   check_varlen_cuda(vs);
 
   const int64_t hd = kernel_head_dim(s.head_dim);
-  at::Tensor out = at::empty({1, vs.total_q, s.nheads, hd}, q_in.options());
+  // Zeros and -inf: rows of q outside every sequence (before cu_seqlens_q[0], past cu_seqlens_q[batch]) keep them,
+  // as no kernel writes there.
+  at::Tensor out = at::zeros({1, vs.total_q, s.nheads, hd}, q_in.options());
   at::Tensor lse = at::full({s.nheads, vs.total_q}, -std::numeric_limits<float>::infinity(),
                             q_in.options().dtype(at::kFloat));
   if (s.batch == 0 || vs.total_q == 0 || s.nheads == 0 || s.seqlen_q == 0) {
     return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
   }
   if (vs.total_k == 0 || s.seqlen_k == 0) {  // no key anywhere: out 0, lse -inf (with sinks: the sink)
-    out.zero_();
     if (f.has_sinks) lse.copy_(float_for_kernels(sinks).view({s.nheads, 1}).expand_as(lse));
     return {caller_head_dim(out, s.head_dim).select(0, 0), lse};
   }
-  // Rows of q past cu_seqlens_q[batch] belong to no sequence: out 0 there (the kernels write only their rows).
-  out.zero_();
   const at::Tensor q = kernel_ready(q_in.unsqueeze(0), hd), k = kernel_ready(k_in.unsqueeze(0), hd),
                    v = kernel_ready(v_in.unsqueeze(0), hd);
   FwdParams params;
@@ -559,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_back
   const at::Tensor q = kernel_ready(q_in.unsqueeze(0), hd), k = kernel_ready(k_in.unsqueeze(0), hd),
                    v = kernel_ready(v_in.unsqueeze(0), hd);
   const at::Tensor out = kernel_ready(out_in.unsqueeze(0), hd), dout = kernel_ready(dout_in.unsqueeze(0), hd);
-  const at::Tensor lse = lse_in.is_contiguous() ? lse_in : lse_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
 
   BwdParams params;
   fill_bwd_params(params, dout, q, k, v, out, lse, dq, dk, dv, s, scale, f, deterministic, props, /*varlen=*/true);

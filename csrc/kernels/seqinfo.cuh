@@ -34,25 +34,16 @@ struct SeqInfoT {
   int total_q = 0, ws_start = 0;
   int64_t ws_rows = 0;
 
-  // Reread (MayVarlen): the offsets are read with volatile loads, so that a SeqInfo built again late in a kernel
-  // (an epilogue) reads them again instead of keeping the first reads' registers live across the main loop.
-  __device__ __forceinline__ SeqInfoT(const FwdParams& p, Index b_, bool reread = false)
-      : b(b_), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
+  __device__ __forceinline__ SeqInfoT(const FwdParams& p, Index b_) : b(b_), seqlen_q(p.seqlen_q), seqlen_k(p.seqlen_k) {
     if constexpr (MayVarlen) {
       if (p.cu_seqlens_q != nullptr) {
         auto rows = [](int start, int end, int longest, int total, int& first) {
           first = min(max(start, 0), total);
           return max(min(min(end - first, longest), total - first), 0);
         };
-        auto ld = [reread](const int* a) {
-          if (!reread) return *a;
-          int v;
-          asm volatile("ld.volatile.global.b32 %0, [%1];\n" : "=r"(v) : "l"(a));
-          return v;
-        };
-        seqlen_q = rows(ld(p.cu_seqlens_q + b), ld(p.cu_seqlens_q + b + 1), p.seqlen_q, p.total_q, q_start);
-        const int k_end = p.seqused_k != nullptr ? ld(p.cu_seqlens_k + b) + ld(p.seqused_k + b) : ld(p.cu_seqlens_k + b + 1);
-        seqlen_k = rows(ld(p.cu_seqlens_k + b), k_end, p.seqlen_k, p.total_k, k_start);
+        seqlen_q = rows(p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1], p.seqlen_q, p.total_q, q_start);
+        const int k_end = p.seqused_k != nullptr ? p.cu_seqlens_k[b] + p.seqused_k[b] : p.cu_seqlens_k[b + 1];
+        seqlen_k = rows(p.cu_seqlens_k[b], k_end, p.seqlen_k, p.total_k, k_start);
         total_q = p.total_q;
         ws_start = (q_start + 128 * int(b)) / 128 * 128;
         ws_rows = int64_t(p.total_q) + 128 * int64_t(p.batch);

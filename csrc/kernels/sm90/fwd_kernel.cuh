@@ -563,20 +563,22 @@ struct FwdKernel {
     }
     // Varlen (general path): a warpgroup whose 64 rows run past its sequence's end stores its rows < seqlen_q itself
     // (a TMA box would overwrite the next sequence's rows).
+    // (o_row, o_batch: the TMA box coordinates of the warpgroup's rows.)
     bool rows_store = false;
+    int o_row = m_block * kBlockM + cw * 64, o_batch = 0;
     if constexpr (IsLocal) {
-      const Seq seq_e(p, tile.batch, /*reread=*/true);  // re-read here, not kept live across the tile
-      const int first = m_block * kBlockM + cw * 64;
-      rows_store = seq_e.packed() && first + 64 > seq_e.seqlen_q;
-      if (rows_store) store_o_rows(p, o_smem, seq_e, tile.head, first, seq_e.seqlen_q - first, tid);
+      const Seq seq_e(p, tile.batch);  // re-read here, not kept live across the tile
+      rows_store = seq_e.packed() && o_row + 64 > seq_e.seqlen_q;
+      if (rows_store) store_o_rows(p, o_smem, seq_e, tile.head, o_row, seq_e.seqlen_q - o_row, tid);
+      o_batch = seq_e.tma_batch();
+      o_row = seq_e.tma_q_row(o_row);
     }
+    (void)o_batch;
     if (tid == 0 && !rows_store) {
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
         if constexpr (IsLocal) {
-          const Seq seq_e(p, tile.batch, /*reread=*/true);
-          tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, seq_e.tma_q_row(m_block * kBlockM + cw * 64),
-                       tile.head, seq_e.tma_batch());
+          tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, o_row, tile.head, o_batch);
         } else {
           tma_store_4d(&args.o_map, o_smem + c * kQChunkBytes, c * 64, m_block * kBlockM + cw * 64, tile.head, seq.b);
         }

@@ -116,8 +116,7 @@ struct FwdStaticScheduler {
     }
     const GroupPos g = group_split<false>(s, t);
     FwdWork tile;
-    if constexpr (kRuntimeOrder) tile.m_block = IsCausal || s.descending ? s.num_m_blocks - 1 - g.idx : g.idx;
-    else tile.m_block = IsCausal ? s.num_m_blocks - 1 - g.idx : g.idx;
+    tile.m_block = IsCausal || (kRuntimeOrder && s.descending) ? s.num_m_blocks - 1 - g.idx : g.idx;
     tile.head = g.hb % p.nheads;
     tile.batch = g.hb / p.nheads;
     return tile;
