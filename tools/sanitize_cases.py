@@ -6,6 +6,7 @@ key blocks no query sees); each family.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_cases.py
 
 Each forward and backward is synchronized and reported on its own line, so a run that stops shows where.
+FLASH_EXT_SANITIZE_ONLY=dense|local|varlen runs one group of cases.
 FLASH_EXT_SANITIZE_DUMP_AFTER=<seconds> prints every thread's Python stack after that long (and again each period),
 for a run that hangs (a racecheck run did, on one machine; csrc/kernels/sm90/NOTES.md, seventh session).
 """
@@ -58,6 +59,8 @@ VARLEN_CASES = [
     ([(77, 200, 150), (300, 129, 100), (5, 5, 0)], 2, 1, 128, True, dict(window_size=(50, 10))),
     ([(200, 200), (33, 513)], 2, 2, 256, False, dict(softcap=4.0, sinks=True)),
     ([(65, 130), (129, 63)], 3, 1, 96, True, dict(causal=True, alibi="bh")),
+    # several key-block tiles per sequence, blocks crossing both ends, deterministic
+    ([(700, 900), (130, 129), (1000, 1000, 777)], 4, 2, 64, True, dict()),
 ]
 
 
@@ -110,12 +113,15 @@ def main():
     dump_after = float(os.environ.get("FLASH_EXT_SANITIZE_DUMP_AFTER", "0"))
     if dump_after > 0:
         faulthandler.dump_traceback_later(dump_after, repeat=True)
+    only = os.environ.get("FLASH_EXT_SANITIZE_ONLY", "")
+    assert only in ("", "dense", "local", "varlen"), f"FLASH_EXT_SANITIZE_ONLY={only!r}: expected dense, local or varlen"
+    groups = {g: not only or only == g for g in ("dense", "local", "varlen")}
     families = [os.environ.get("FLASH_EXT_BACKEND", "")] if os.environ.get("FLASH_EXT_BACKEND") else ["sm80", "sm90"]
     if torch.cuda.get_device_capability() != (9, 0):
         families = ["sm80"]
     for family in families:
         os.environ["FLASH_EXT_BACKEND"] = family
-        for b, sq, sk, h, hk, d, causal, det, *offset in CASES:
+        for b, sq, sk, h, hk, d, causal, det, *offset in CASES if groups["dense"] else []:
             off = offset[0] if offset else 0
             q, k, v = make((b, sq, h, d), off), make((b, sk, hk, d), off), make((b, sk, hk, d), off)
             case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} causal={causal} det={det} offset={off}"
@@ -126,7 +132,7 @@ def main():
             torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
-        for b, sq, sk, h, hk, d, det, kw in LOCAL_CASES:
+        for b, sq, sk, h, hk, d, det, kw in LOCAL_CASES if groups["local"] else []:
             q, k, v = make((b, sq, h, d), 0), make((b, sk, hk, d), 0), make((b, sk, hk, d), 0)
             case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} det={det} {kw}"
             args, leaves = feature_tensors(b, sq, sk, h, kw)
@@ -136,7 +142,7 @@ def main():
             torch.autograd.grad(out, [q, k, v] + leaves, torch.randn_like(out))
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
-        for seqs, h, hk, d, det, kw in VARLEN_CASES:
+        for seqs, h, hk, d, det, kw in VARLEN_CASES if groups["varlen"] else []:
             q, k, v, cu_q, cu_k, max_q, max_k, used = varlen_inputs(seqs, h, hk, d)
             case = f"{family} varlen {seqs} h{h}/{hk} d{d} det={det} {kw}"
             args, leaves = feature_tensors(len(seqs), max_q, max_k, h, kw)
@@ -147,7 +153,8 @@ def main():
             torch.autograd.grad(out, [q, k, v] + leaves, torch.randn_like(out))
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
-        print(f"{family}: {len(CASES) + len(LOCAL_CASES) + len(VARLEN_CASES)} cases ran", flush=True)
+        ran = sum(len(c) for c, g in ((CASES, "dense"), (LOCAL_CASES, "local"), (VARLEN_CASES, "varlen")) if groups[g])
+        print(f"{family}: {ran} cases ran", flush=True)
 
 
 if __name__ == "__main__":
