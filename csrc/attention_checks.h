@@ -11,6 +11,8 @@
 #include <type_traits>
 #include <vector>
 #include <algorithm>
+#include <iterator>
+#include <utility>
 
 namespace flash_ext {
 // Internal linkage: this header is compiled both by the host compiler (cpu/) and by nvcc (cuda/); one
@@ -290,6 +292,90 @@ inline Features check_features(const at::Tensor& q, const AttnShape& s, bool cau
               f.has_bias ? "bias_requires_grad: attn_bias is a bool mask, and a gradient of a bool mask does not exist"
                          : "bias_requires_grad needs an attn_bias (none was passed)");
   return f;
+}
+
+// Block-sparse attention (docs/ARCHITECTURE.md, "Block-sparse attention"): the compressed lists of a
+// flash_ext.BlockMask. block_kv: int32 (Bm, Hm, n_qb, n_kb + 1), row (b, h, query block m) = [count, key blocks in
+// ascending order, unused]; block_q: int32 (Bm, Hm, n_kb, n_qb + 1), the same lists per key block (the backward's).
+// Bm is 1 or batch, Hm 1 or nheads (a size-1 dim is shared), n_qb = ceil(seqlen_q / block_size), n_kb likewise.
+// The values are the caller's contract on CUDA (reading them would synchronize): flash_ext.BlockMask builds them;
+// the CPU path checks them (check_block_lists_values).
+constexpr int64_t kBlockSparseSizes[] = {64, 128};
+
+struct BlockSparse {
+  bool on = false;
+  int64_t block_size = 0, n_qb = 0, n_kb = 0;
+};
+
+inline void check_block_list(const at::Tensor& t, const char* name, const at::Tensor& q, const AttnShape& s,
+                             int64_t rows, int64_t cols, const char* rows_name, const char* cols_name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), name, " must be on the device of q (", q.device(), "), got ", t.device());
+  const bool ok = t.dim() == 4 && (t.size(0) == 1 || t.size(0) == s.batch) &&
+                  (t.size(1) == 1 || t.size(1) == s.nheads) && t.size(2) == rows && t.size(3) == cols + 1;
+  TORCH_CHECK(ok, name, " must have shape (1 or batch = ", fmt(s.batch), ", 1 or nheads = ", fmt(s.nheads), ", ",
+              rows_name, " = ", fmt(rows), ", ", cols_name, " + 1 = ", fmt(cols + 1),
+              ") for this call's seqlens and block_size (a BlockMask built for other seqlens?), got ", fmt(t.sizes()));
+}
+
+inline BlockSparse check_block_sparse(const at::Tensor& q, const AttnShape& s,
+                                      const std::optional<at::Tensor>& block_kv,
+                                      const std::optional<at::Tensor>& block_q, int64_t block_size) {
+  BlockSparse bs;
+  TORCH_CHECK(block_kv.has_value() == block_q.has_value(),
+              "block_kv and block_q must be given together (a flash_ext.BlockMask's lists), got only ",
+              block_kv.has_value() ? "block_kv" : "block_q");
+  if (!block_kv.has_value()) return bs;
+  const bool size_ok = std::find(std::begin(kBlockSparseSizes), std::end(kBlockSparseSizes), block_size) !=
+                       std::end(kBlockSparseSizes);
+  TORCH_CHECK(size_ok, "block_size must be 64 or 128 (the block sizes the kernels take), got ", fmt(block_size));
+  bs.on = true;
+  bs.block_size = block_size;
+  bs.n_qb = (s.seqlen_q + block_size - 1) / block_size;
+  bs.n_kb = (s.seqlen_k + block_size - 1) / block_size;
+  check_block_list(*block_kv, "block_kv", q, s, bs.n_qb, bs.n_kb, "ceil(seqlen_q / block_size)",
+                   "ceil(seqlen_k / block_size)");
+  check_block_list(*block_q, "block_q", q, s, bs.n_kb, bs.n_qb, "ceil(seqlen_k / block_size)",
+                   "ceil(seqlen_q / block_size)");
+  TORCH_CHECK(block_q->size(0) == block_kv->size(0) && block_q->size(1) == block_kv->size(1),
+              "block_q must have the (batch, heads) dims of block_kv ", fmt(block_kv->sizes().slice(0, 2)), ", got ",
+              fmt(block_q->sizes().slice(0, 2)));
+  return bs;
+}
+
+// The block mask (Bm, Hm, rows, cols) bool of one list tensor (CPU, contiguous int32), after checking every list:
+// count in [0, cols], entries strictly ascending in [0, cols).
+inline at::Tensor block_lists_to_dense(const at::Tensor& lists_cpu, const char* name) {
+  const int64_t bm = lists_cpu.size(0), hm = lists_cpu.size(1), rows = lists_cpu.size(2), cols = lists_cpu.size(3) - 1;
+  at::Tensor dense = at::zeros({bm, hm, rows, cols}, lists_cpu.options().dtype(at::kBool));
+  const int32_t* p = lists_cpu.data_ptr<int32_t>();
+  bool* d = dense.data_ptr<bool>();
+  for (int64_t r = 0; r < bm * hm * rows; ++r) {
+    const int32_t* row = p + r * (cols + 1);
+    const int64_t count = row[0];
+    TORCH_CHECK(count >= 0 && count <= cols, name, ": list ", fmt(r), " has count ", fmt(count), ", expected 0..",
+                fmt(cols));
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t blk = row[1 + i];
+      TORCH_CHECK(blk >= 0 && blk < cols && (i == 0 || blk > row[i]), name, ": list ", fmt(r),
+                  " must hold distinct block indices in ascending order in [0, ", fmt(cols), "), got ", fmt(blk),
+                  " at position ", fmt(i));
+      d[r * cols + blk] = true;
+    }
+  }
+  return dense;
+}
+
+// The CPU's check of the lists' values: each list valid, and block_q the transpose of block_kv (the backward's
+// lists name the same blocks as the forward's). Returns the lists, contiguous on the CPU.
+inline std::pair<at::Tensor, at::Tensor> check_block_lists_values(const at::Tensor& block_kv,
+                                                                  const at::Tensor& block_q) {
+  at::Tensor kv = block_kv.contiguous(), qq = block_q.contiguous();
+  const at::Tensor a = block_lists_to_dense(kv, "block_kv"), b = block_lists_to_dense(qq, "block_q");
+  TORCH_CHECK(at::equal(a, b.transpose(2, 3)),
+              "block_q must list, for each key block, the query blocks whose block_kv lists name it (the transpose "
+              "of block_kv; flash_ext.BlockMask builds both)");
+  return {kv, qq};
 }
 
 }  // namespace

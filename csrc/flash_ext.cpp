@@ -17,6 +17,9 @@ namespace flash_ext {
 #define FLASH_EXT_FEATURE_ARGS                                                                             \
   "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "              \
   "Tensor? attn_bias=None, int attention_chunk=0, Tensor? sinks=None"
+// Block-sparse attention (docs/ARCHITECTURE.md, "Block-sparse attention"): a flash_ext.BlockMask's lists, the
+// dense ops' last arguments (block_kv per query block, block_q per key block, both int32; block_size 64 or 128).
+#define FLASH_EXT_BLOCK_ARGS "Tensor? block_kv=None, Tensor? block_q=None, int block_size=0"
 // The varlen ops' features: those of the dense ops without attn_bias.
 #define FLASH_EXT_VARLEN_FEATURE_ARGS                                                                      \
   "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, "              \
@@ -29,17 +32,18 @@ TORCH_LIBRARY(flash_ext, m) {
   // on to attention_backward.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
-      "bool deterministic=False, " FLASH_EXT_FEATURE_ARGS ") -> (Tensor out, Tensor lse)");
+      "bool deterministic=False, " FLASH_EXT_FEATURE_ARGS ", " FLASH_EXT_BLOCK_ARGS ") -> (Tensor out, Tensor lse)");
   // dbias: attn_bias's sizes and dtype when bias_requires_grad, else empty (numel 0); dsinks: sinks' shape
   // and dtype when sinks are given, else empty.
   m.def(
       "attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float softmax_scale, bool causal, bool deterministic=False, " FLASH_EXT_FEATURE_ARGS
-      ", bool bias_requires_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor dsinks)");
+      ", bool bias_requires_grad=False, " FLASH_EXT_BLOCK_ARGS
+      ") -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor dsinks)");
   // What users call: returns out and is differentiable through attention_forward's autograd.
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
-      "bool deterministic=False, " FLASH_EXT_FEATURE_ARGS ") -> Tensor");
+      "bool deterministic=False, " FLASH_EXT_FEATURE_ARGS ", " FLASH_EXT_BLOCK_ARGS ") -> Tensor");
   // Variable-length batches (docs/ARCHITECTURE.md, "Variable-length batches"): q (total_q, nheads, head_dim), k / v
   // (total_k, nheads_k, head_dim); sequence b's rows are cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of q and
   // cu_seqlens_k[b] .. + (seqused_k[b] or cu_seqlens_k[b + 1] - cu_seqlens_k[b]) of k / v; out (total_q, nheads,
@@ -63,10 +67,12 @@ using OptTensor = std::optional<at::Tensor>;
 using FwdResult = std::tuple<at::Tensor, at::Tensor>;
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using FwdSig = FwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>, bool, bool,
-                         int64_t, int64_t, double, const OptTensor&, const OptTensor&, int64_t, const OptTensor&);
+                         int64_t, int64_t, double, const OptTensor&, const OptTensor&, int64_t, const OptTensor&,
+                         const OptTensor&, const OptTensor&, int64_t);
 using BwdSig = BwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, double, bool, bool, int64_t, int64_t, double,
-                         const OptTensor&, const OptTensor&, int64_t, const OptTensor&, bool);
+                         const OptTensor&, const OptTensor&, int64_t, const OptTensor&, bool, const OptTensor&,
+                         const OptTensor&, int64_t);
 
 using VarlenFwdSig = FwdResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, int64_t, int64_t, const OptTensor&, std::optional<double>, bool,
@@ -95,11 +101,12 @@ static at::Tensor attention_composite(const at::Tensor& q, const at::Tensor& k, 
                                       std::optional<double> softmax_scale, bool causal, bool deterministic,
                                       int64_t window_left, int64_t window_right, double softcap,
                                       const OptTensor& alibi_slopes, const OptTensor& attn_bias,
-                                      int64_t attention_chunk, const OptTensor& sinks) {
+                                      int64_t attention_chunk, const OptTensor& sinks, const OptTensor& block_kv,
+                                      const OptTensor& block_q, int64_t block_size) {
   static auto fwd =
       c10::Dispatcher::singleton().findSchemaOrThrow("flash_ext::attention_forward", "").typed<FwdSig>();
   return std::get<0>(fwd.call(q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap,
-                              alibi_slopes, attn_bias, attention_chunk, sinks));
+                              alibi_slopes, attn_bias, attention_chunk, sinks, block_kv, block_q, block_size));
 }
 
 TORCH_LIBRARY_IMPL(flash_ext, CompositeImplicitAutograd, m) {
@@ -117,14 +124,15 @@ static FwdResult attention_forward_autocast(const at::Tensor& q, const at::Tenso
                                             std::optional<double> softmax_scale, bool causal, bool deterministic,
                                             int64_t window_left, int64_t window_right, double softcap,
                                             const OptTensor& alibi_slopes, const OptTensor& attn_bias,
-                                            int64_t attention_chunk, const OptTensor& sinks) {
+                                            int64_t attention_chunk, const OptTensor& sinks,
+                                            const OptTensor& block_kv, const OptTensor& block_q, int64_t block_size) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("flash_ext::attention_forward", "").typed<FwdSig>();
   return op.call(at::autocast::cached_cast(to, q, kDevice), at::autocast::cached_cast(to, k, kDevice),
                  at::autocast::cached_cast(to, v, kDevice), softmax_scale, causal, deterministic, window_left,
-                 window_right, softcap, alibi_slopes, attn_bias, attention_chunk, sinks);
+                 window_right, softcap, alibi_slopes, attn_bias, attention_chunk, sinks, block_kv, block_q, block_size);
 }
 
 template <c10::DeviceType kDevice>
@@ -134,7 +142,8 @@ static BwdResult attention_backward_autocast(const at::Tensor& dout, const at::T
                                              int64_t window_left, int64_t window_right, double softcap,
                                              const OptTensor& alibi_slopes, const OptTensor& attn_bias,
                                              int64_t attention_chunk, const OptTensor& sinks,
-                                             bool bias_requires_grad) {
+                                             bool bias_requires_grad, const OptTensor& block_kv,
+                                             const OptTensor& block_q, int64_t block_size) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto to = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
   static auto op =
@@ -142,7 +151,7 @@ static BwdResult attention_backward_autocast(const at::Tensor& dout, const at::T
   auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, kDevice); };
   return op.call(cast(dout), cast(q), cast(k), cast(v), cast(out), lse, softmax_scale, causal, deterministic,
                  window_left, window_right, softcap, alibi_slopes, attn_bias, attention_chunk, sinks,
-                 bias_requires_grad);
+                 bias_requires_grad, block_kv, block_q, block_size);
 }
 
 template <c10::DeviceType kDevice>

@@ -3,6 +3,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .block_mask import BlockMask
+
 
 def _window_bounds(window_size) -> Tuple[int, int]:
     """window_size as a pair of ints (left, right); the op itself rejects bounds below -1."""
@@ -18,7 +20,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
               softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
               attn_bias: Optional[torch.Tensor] = None, attention_chunk: int = 0,
-              sinks: Optional[torch.Tensor] = None, return_lse: bool = False, deterministic: bool = False):
+              sinks: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None, return_lse: bool = False,
+              deterministic: bool = False):
     """Exact attention softmax(softmax_scale * q k^T [+ modifiers, masks]) v, computed IO-aware.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim) with
@@ -33,7 +36,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     attn_bias: broadcastable to (batch, nheads, seqlen_q, seqlen_k) (fewer dims get leading size-1 dims;
     broadcast dims are read in place), bool, float32 or q's dtype; a float bias that requires grad gets its
     gradient. sinks: (nheads,) logits added to each row's softmax denominator (nothing added to the output),
-    differentiable. A row that sees no key gets out 0 and lse -inf (lse = sink with sinks).
+    differentiable. block_mask: a flash_ext.BlockMask built for (seqlen_q, seqlen_k): only its True blocks are
+    computed (block-sparse attention), the masks above still apply inside them. A row that sees no key gets out
+    0 and lse -inf (lse = sink with sinks).
     deterministic=True makes the backward bitwise reproducible (CUDA; the CPU path always is).
     Returns out (batch, seqlen_q, nheads, head_dim), and with return_lse also the float32
     log-sum-exp (batch, nheads, seqlen_q) (not differentiable).
@@ -43,10 +48,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if attn_bias is not None and attn_bias.dim() < 4:  # a view: autograd maps dbias back to the caller's shape
         attn_bias = attn_bias.view((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
     args = (q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes,
-            attn_bias, attention_chunk, sinks)
+            attn_bias, attention_chunk, sinks) + _block_args(block_mask, q, k)
     if return_lse:
         return torch.ops.flash_ext.attention_forward(*args)
     return torch.ops.flash_ext.attention(*args)
+
+
+def _block_args(block_mask, q, k):
+    """The op arguments (block_kv, block_q, block_size) of a BlockMask (or none)."""
+    if block_mask is None:
+        return ()
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"flash_ext.attention: block_mask must be a flash_ext.BlockMask, got "
+                        f"{type(block_mask).__name__}")
+    if q.dim() == 4 and k.dim() == 4 and (block_mask.seqlen_q, block_mask.seqlen_k) != (q.shape[1], k.shape[1]):
+        raise ValueError(f"flash_ext.attention: block_mask was built for seqlen_q = {block_mask.seqlen_q}, seqlen_k = "
+                         f"{block_mask.seqlen_k}, but q has seqlen_q = {q.shape[1]} and k seqlen_k = {k.shape[1]}")
+    return (block_mask.kv_lists, block_mask.q_lists, block_mask.block_size)
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,

@@ -25,9 +25,10 @@ def _grad_of_out(grad_out, out):
     return grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
 
 
-def _check_devices(q, alibi_slopes, attn_bias, sinks):
+def _check_devices(q, alibi_slopes, attn_bias, sinks, block_kv=None, block_q=None):
     # The dispatcher runs these fake kernels, not the C++ checks, when one of the tensors is on the meta device.
-    for name, t in (("alibi_slopes", alibi_slopes), ("attn_bias", attn_bias), ("sinks", sinks)):
+    for name, t in (("alibi_slopes", alibi_slopes), ("attn_bias", attn_bias), ("sinks", sinks),
+                    ("block_kv", block_kv), ("block_q", block_q)):
         torch._check(t is None or t.device == q.device,
                      lambda: f"{name} must be on the device of q ({q.device}), got {t.device}")
 
@@ -35,14 +36,15 @@ def _check_devices(q, alibi_slopes, attn_bias, sinks):
 @torch.library.register_fake("flash_ext::attention_forward")
 def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, deterministic=False, window_left=-1,
                             window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, attention_chunk=0,
-                            sinks=None):
+                            sinks=None, block_kv=None, block_q=None, block_size=0):
     torch._check(q.dim() == 4, lambda: f"q must be a 4-D tensor, got {q.dim()}-D")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be 4-D tensors")
     torch._check(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "head_dim must match")
     torch._check(k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
                  lambda: "q's nheads must be divisible by k's nheads_k")
     torch._check(attn_bias is None or attn_bias.dim() == 4, lambda: "attn_bias must be a 4-D tensor")
-    _check_devices(q, alibi_slopes, attn_bias, sinks)
+    torch._check((block_kv is None) == (block_q is None), lambda: "block_kv and block_q must be given together")
+    _check_devices(q, alibi_slopes, attn_bias, sinks, block_kv, block_q)
     batch, seqlen_q, nheads, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, nheads, head_dim))
     lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
@@ -52,11 +54,11 @@ def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, determini
 @torch.library.register_fake("flash_ext::attention_backward")
 def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic=False, window_left=-1,
                              window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, attention_chunk=0,
-                             sinks=None, bias_requires_grad=False):
+                             sinks=None, bias_requires_grad=False, block_kv=None, block_q=None, block_size=0):
     torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
     torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
     torch._check(not bias_requires_grad or attn_bias is not None, lambda: "bias_requires_grad needs an attn_bias")
-    _check_devices(q, alibi_slopes, attn_bias, sinks)
+    _check_devices(q, alibi_slopes, attn_bias, sinks, block_kv, block_q)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_requires_grad else q.new_empty((0,))
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
@@ -64,9 +66,10 @@ def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, det
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes, attn_bias,
-     attention_chunk, sinks) = inputs
+     attention_chunk, sinks, block_kv, block_q, block_size) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_bias, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_bias, sinks, block_kv, block_q)
+    ctx.block_size = block_size
     ctx.softmax_scale = _default_scale(softmax_scale, q.shape[-1])
     ctx.causal = causal
     ctx.deterministic = deterministic
@@ -76,17 +79,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, alibi_slopes, attn_bias, sinks = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, attn_bias, sinks, block_kv, block_q = ctx.saved_tensors
     window_left, window_right, softcap, attention_chunk = ctx.features
     grad_out = _grad_of_out(grad_out, out)
     # A bool mask has no gradient (and cannot require one).
     bias_grad = attn_bias is not None and attn_bias.is_floating_point() and ctx.needs_input_grad[_BIAS_INDEX]
     dq, dk, dv, dbias, dsinks = torch.ops.flash_ext.attention_backward(
         grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic, window_left, window_right,
-        softcap, alibi_slopes, attn_bias, attention_chunk, sinks, bias_grad)
+        softcap, alibi_slopes, attn_bias, attention_chunk, sinks, bias_grad, block_kv, block_q, ctx.block_size)
     return (dq, dk, dv, None, None, None, None, None, None, None,
             dbias if bias_grad else None, None,
-            dsinks if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX] else None)
+            dsinks if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX] else None, None, None, None)
 
 
 torch.library.register_autograd(

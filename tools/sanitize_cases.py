@@ -6,7 +6,7 @@ key blocks no query sees); each family.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_cases.py
 
 Each forward and backward is synchronized and reported on its own line, so a run that stops shows where.
-FLASH_EXT_SANITIZE_ONLY=dense|local|varlen runs one group of cases.
+FLASH_EXT_SANITIZE_ONLY=dense|local|varlen|blocksparse runs one group of cases.
 FLASH_EXT_SANITIZE_DUMP_AFTER=<seconds> prints every thread's Python stack after that long (and again each period),
 for a run that hangs (a racecheck run did, on one machine; csrc/kernels/sm90/NOTES.md, seventh session).
 """
@@ -64,6 +64,14 @@ VARLEN_CASES = [
 ]
 
 
+# Block-sparse (flash_ext.BlockMask): batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, block_size, density,
+# deterministic, causal; partial last blocks, a float bias with its gradient on the second.
+BLOCKSPARSE_CASES = [
+    (2, 300, 513, 4, 2, 64, 128, 0.5, False, True),
+    (1, 130, 200, 2, 1, 128, 64, 0.3, True, False),
+]
+
+
 def varlen_inputs(seqs, h, hk, d):
     """Packed q / k / v for the sequences (3 rows of no sequence after the last), cu_seqlens, seqused_k."""
     lq = [s[0] for s in seqs]
@@ -114,8 +122,9 @@ def main():
     if dump_after > 0:
         faulthandler.dump_traceback_later(dump_after, repeat=True)
     only = os.environ.get("FLASH_EXT_SANITIZE_ONLY", "")
-    assert only in ("", "dense", "local", "varlen"), f"FLASH_EXT_SANITIZE_ONLY={only!r}: expected dense, local or varlen"
-    groups = {g: not only or only == g for g in ("dense", "local", "varlen")}
+    names = ("dense", "local", "varlen", "blocksparse")
+    assert only in ("",) + names, f"FLASH_EXT_SANITIZE_ONLY={only!r}: expected one of {names}"
+    groups = {g: not only or only == g for g in names}
     families = [os.environ.get("FLASH_EXT_BACKEND", "")] if os.environ.get("FLASH_EXT_BACKEND") else ["sm80", "sm90"]
     if torch.cuda.get_device_capability() != (9, 0):
         families = ["sm80"]
@@ -153,7 +162,21 @@ def main():
             torch.autograd.grad(out, [q, k, v] + leaves, torch.randn_like(out))
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
-        ran = sum(len(c) for c, g in ((CASES, "dense"), (LOCAL_CASES, "local"), (VARLEN_CASES, "varlen")) if groups[g])
+        for i, (b, sq, sk, h, hk, d, bs, density, det, causal) in enumerate(
+                BLOCKSPARSE_CASES if groups["blocksparse"] else []):
+            q, k, v = make((b, sq, h, d), 0), make((b, sk, hk, d), 0), make((b, sk, hk, d), 0)
+            mask = torch.rand(b, 1, -(-sq // bs), -(-sk // bs), device="cuda") < density
+            bm = flash_ext.BlockMask.from_dense(mask, sq, sk, bs)
+            bias = torch.randn(b, 1, 1, sk, device="cuda", requires_grad=True) if i % 2 else None
+            case = f"{family} blocksparse b{b} sq{sq} sk{sk} h{h}/{hk} d{d} bs{bs} det={det} causal={causal}"
+            out = flash_ext.attention(q, k, v, block_mask=bm, attn_bias=bias, causal=causal, deterministic=det)
+            torch.cuda.synchronize()
+            print(f"{case}: forward done", flush=True)
+            torch.autograd.grad(out, [q, k, v] + ([bias] if bias is not None else []), torch.randn_like(out))
+            torch.cuda.synchronize()
+            print(f"{case}: backward done", flush=True)
+        ran = sum(len(c) for c, g in ((CASES, "dense"), (LOCAL_CASES, "local"), (VARLEN_CASES, "varlen"),
+                                      (BLOCKSPARSE_CASES, "blocksparse")) if groups[g])
         print(f"{family}: {ran} cases ran", flush=True)
 
 

@@ -168,6 +168,58 @@ struct KeyRange {
   }
 };
 
+// The tiles a call visits. Without a block mask: row blocks of kBlockM queries, and each row block's key tiles of
+// kBlockN keys aligned to kBlockN over the keys its rows can see (KeyRange::keys); the backward's column blocks have
+// kBlockN keys. With a block mask (flash_ext.BlockMask: docs/ARCHITECTURE.md, "Block-sparse attention") every tile is
+// one mask block: row blocks and column blocks of block_size, a row block's key tiles the blocks its list names
+// (cut to the keys its rows can see), a column block's row blocks the ones its list names. The forward and both
+// backward passes take their tiles from here, so each computes the same S for the same (row block, key block).
+struct Tiles {
+  bool sparse = false;
+  int64_t bm = kBlockM, bn = kBlockN;  // row block, column block (the backward's second pass)
+  at::Tensor kv, q;                    // the lists, contiguous int32 on the CPU (sparse only)
+  int64_t n_qb = 0, n_kb = 0;
+
+  Tiles(const BlockSparse& sp, const std::optional<at::Tensor>& block_kv, const std::optional<at::Tensor>& block_q) {
+    if (!sp.on) return;
+    sparse = true;
+    bm = bn = sp.block_size;
+    n_qb = sp.n_qb, n_kb = sp.n_kb;
+    std::tie(kv, q) = check_block_lists_values(block_kv->to(at::kCPU), block_q->to(at::kCPU));
+  }
+  // List `row` of (b, h) in lists t of (Bm, Hm, rows, cols + 1): a size-1 batch or head dim is shared.
+  static const int32_t* list(const at::Tensor& t, int64_t b, int64_t h, int64_t row) {
+    const int64_t bb = t.size(0) == 1 ? 0 : b, hh = t.size(1) == 1 ? 0 : h;
+    return t.data_ptr<int32_t>() + ((bb * t.size(1) + hh) * t.size(2) + row) * t.size(3);
+  }
+  // fn(n0, nlen) for each key tile of row block mb of (b, h) whose rows can see keys [range.first, range.second).
+  template <typename Fn>
+  void key_tiles(int64_t b, int64_t h, int64_t mb, std::pair<int64_t, int64_t> range, Fn fn) const {
+    const auto [n_min, n_max] = range;
+    if (!sparse) {
+      for (int64_t n0 = n_min / kBlockN * kBlockN; n0 < n_max; n0 += kBlockN) fn(n0, std::min(kBlockN, n_max - n0));
+      return;
+    }
+    const int32_t* l = list(kv, b, h, mb);
+    for (int64_t i = 0; i < l[0]; ++i) {
+      const int64_t n0 = int64_t(l[1 + i]) * bn;
+      if (n0 >= n_max) break;  // ascending
+      if (n0 + bn <= n_min) continue;
+      fn(n0, std::min(bn, n_max - n0));
+    }
+  }
+  // fn(mb) for each row block that may see column block nb of (b, h), in increasing order.
+  template <typename Fn>
+  void row_blocks(int64_t b, int64_t h, int64_t nb, int64_t n_mblocks, Fn fn) const {
+    if (!sparse) {
+      for (int64_t mb = 0; mb < n_mblocks; ++mb) fn(mb);
+      return;
+    }
+    const int32_t* l = list(q, b, h, nb);
+    for (int64_t i = 0; i < l[0]; ++i) fn(int64_t(l[1 + i]));
+  }
+};
+
 // The score modifiers, applied to a tile of scale * Q K^T in this order: softcap, ALiBi, attn_bias.
 struct ScoreMods {
   int64_t sq = 0, sk = 0, nheads = 0;
@@ -261,13 +313,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, std::optional<double> softmax_scale,
     bool causal, bool /*deterministic*/, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
-    int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in) {
+    int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in, const std::optional<at::Tensor>& block_kv,
+    const std::optional<at::Tensor>& block_q, int64_t block_size) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const auto dtype = q_in.scalar_type();
   check_cpu_dtype(dtype);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks_in);
+  const Tiles tiles(check_block_sparse(q_in, s, block_kv, block_q, block_size), block_kv, block_q);
 
   at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
   at::Tensor lse = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
@@ -285,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   const at::Tensor q = q_in.detach().to(acc), k = k_in.detach().to(acc), v = v_in.detach().to(acc);
   at::Tensor out_acc = acc == dtype ? out : at::empty(out.sizes(), out.options().dtype(acc));
   const int64_t group = s.nheads / s.nheads_k;
-  const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM);
+  const int64_t n_mblocks = num_blocks(s.seqlen_q, tiles.bm);
   const double inf = std::numeric_limits<double>::infinity();
   const KeyRange mask(s.seqlen_q, s.seqlen_k, f);
   const ScoreMods mods = make_mods(s, f, alibi_slopes, attn_bias);
@@ -297,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   for_each_block(s.batch, s.nheads, n_mblocks, make_scratch, [&](int64_t mb, int64_t h, int64_t b, auto& bufs) {
     at::Tensor& s_buf = bufs.first;
     at::Tensor& o_buf = bufs.second;
-    const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
+    const int64_t m0 = mb * tiles.bm, mlen = std::min(tiles.bm, s.seqlen_q - m0);
     // scale * Q_i (mlen x head_dim): the scale folded into Q as PyTorch's own attention does.
     const at::Tensor q_i = q.select(0, b).select(1, h).narrow(0, m0, mlen) * scale;
     const at::Tensor k_h = k.select(0, b).select(1, h / group);  // seqlen_k x head_dim
@@ -305,10 +359,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     at::Tensor o_i = front(o_buf, mlen, s.head_dim).zero_();
     at::Tensor m_i = at::full({mlen}, -inf, q.options());  // running max of S
     at::Tensor l_i = at::zeros({mlen}, q.options());       // running sum of exp(S - m)
-    // The key blocks some row of this block sees: [n_min, n_max), tiles aligned to kBlockN.
-    const auto [n_min, n_max] = mask.keys(m0, mlen);
-    for (int64_t n0 = n_min / kBlockN * kBlockN; n0 < n_max; n0 += kBlockN) {
-      const int64_t nlen = std::min(kBlockN, n_max - n0);
+    // The key tiles of the keys some row of this block sees (Tiles::key_tiles).
+    tiles.key_tiles(b, h, mb, mask.keys(m0, mlen), [&](int64_t n0, int64_t nlen) {
       at::Tensor s_ij = front(s_buf, mlen, nlen);
       at::mm_out(s_ij, q_i, k_h.narrow(0, n0, nlen).t());
       mods.apply(s_ij, b, h, m0, n0, nullptr);
@@ -321,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       l_i.mul_(alpha).add_(s_ij.sum(1));
       o_i.mul_(alpha.unsqueeze(1)).addmm_(s_ij, v_h.narrow(0, n0, nlen));
       m_i = m_new;
-    }
+    });
     if (!sinks.empty()) fold_sink(m_i, l_i, &o_i, sinks[h]);
     // Epilogue: O /= l, lse = m + log(l); a row that saw no key (and no sink) gets O = 0 and lse = -inf.
     const at::Tensor seen = l_i > 0;
@@ -338,7 +390,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& out_in, const at::Tensor& lse_in, double softmax_scale, bool causal,
     bool /*deterministic: the CPU backward is always deterministic*/, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
-    int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in, bool bias_requires_grad) {
+    int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in, bool bias_requires_grad,
+    const std::optional<at::Tensor>& block_kv, const std::optional<at::Tensor>& block_q, int64_t block_size) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const auto dtype = q_in.scalar_type();
@@ -346,6 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks_in, bias_requires_grad);
+  const Tiles tiles(check_block_sparse(q_in, s, block_kv, block_q, block_size), block_kv, block_q);
 
   const auto acc = kBwdAccType;
   at::Tensor dq = at::zeros({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options().dtype(acc));
@@ -387,23 +441,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // D = rowsum(dO * O) = sum_j P_ij dP_ij: batch x nheads x seqlen_q, filled by pass 1.
   at::Tensor D = at::empty({s.batch, s.nheads, s.seqlen_q}, q.options());
   const int64_t group = s.nheads / s.nheads_k;
-  const int64_t n_mblocks = num_blocks(s.seqlen_q, kBlockM), n_nblocks = num_blocks(s.seqlen_k, kBlockN);
+  const int64_t n_mblocks = num_blocks(s.seqlen_q, tiles.bm), n_nblocks = num_blocks(s.seqlen_k, tiles.bn);
   const KeyRange mask(s.seqlen_q, s.seqlen_k, f);
   const ScoreMods mods = make_mods(s, f, alibi_slopes, attn_bias);
   const std::vector<double> sinks = sink_values(sinks_in);
   const bool has_softcap = f.softcap > 0;
 
   // Per-thread tiles: S in the score type, P and dP (later dS) in float64, tanh(S_raw / softcap) in the score type.
-  struct Tiles {
+  struct Bufs {
     at::Tensor s, p, dp, t;
   };
   auto make_tiles = [&]() {
-    return Tiles{at::empty({kBlockM, kBlockN}, q_s.options()), at::empty({kBlockM, kBlockN}, q.options()),
+    return Bufs{at::empty({kBlockM, kBlockN}, q_s.options()), at::empty({kBlockM, kBlockN}, q.options()),
                  at::empty({kBlockM, kBlockN}, q.options()),
                  has_softcap ? at::empty({kBlockM, kBlockN}, q_s.options()) : at::Tensor()};
   };
   // S (mlen x nlen) for rows m0.. of head h and keys n0.., modified and masked as in the forward, in the score type.
-  auto scores = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Tiles& t) {
+  auto scores = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Bufs& t) {
     at::Tensor s_ij = front(t.s, mlen, nlen);
     at::mm_out(s_ij, q_s.select(0, b).select(1, h).narrow(0, m0, mlen) * scale,
                k_s.select(0, b).select(1, h / group).narrow(0, n0, nlen).t());
@@ -414,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     return s_ij;
   };
   // Recomputes P and dP = dO V^T (mlen x nlen) for rows m0.. of head h and keys n0...
-  auto recompute = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Tiles& t) {
+  auto recompute = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Bufs& t) {
     const at::Tensor s_ij = scores(b, h, m0, mlen, n0, nlen, t);
     // Exact lse: S as computed. Saved lse: S rounded to float32 as the forward's was, so a row with one
     // visible key gets P = 1 exactly.
@@ -432,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     return dp.sub_(D.select(0, b).select(0, h).narrow(0, m0, mlen).unsqueeze(1)).mul_(p);
   };
   // dS_raw, the gradient of scale * Q K^T: through the softcap's tanh, dS * (1 - t^2), in place.
-  auto raw_ds = [&](at::Tensor& ds, int64_t mlen, int64_t nlen, Tiles& t) {
+  auto raw_ds = [&](at::Tensor& ds, int64_t mlen, int64_t nlen, Bufs& t) {
     if (has_softcap) ds.mul_(front(t.t, mlen, nlen).square().neg_().add_(1.0));
   };
 
@@ -443,30 +497,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   if (bias_requires_grad) {
     serial.batch = dbias.size(0) == 1, serial.heads = dbias.size(1) == 1, serial.blocks = dbias.size(2) == 1;
   }
-  for_each_block(s.batch, s.nheads, n_mblocks, make_tiles, [&](int64_t mb, int64_t h, int64_t b, Tiles& t) {
-    const int64_t m0 = mb * kBlockM, mlen = std::min(kBlockM, s.seqlen_q - m0);
-    const auto [n_min, n_max] = mask.keys(m0, mlen);
-    const int64_t n_start = n_min / kBlockN * kBlockN;
+  for_each_block(s.batch, s.nheads, n_mblocks, make_tiles, [&](int64_t mb, int64_t h, int64_t b, Bufs& t) {
+    const int64_t m0 = mb * tiles.bm, mlen = std::min(tiles.bm, s.seqlen_q - m0);
+    const auto range = mask.keys(m0, mlen);
     if (exact_lse) {  // online max and sum over the row block's keys (and its sink), as in the forward
       at::Tensor m_i = at::full({mlen}, -inf, q.options()), l_i = at::zeros({mlen}, q.options());
-      for (int64_t n0 = n_start; n0 < n_max; n0 += kBlockN) {
-        at::Tensor s_ij = scores(b, h, m0, mlen, n0, std::min(kBlockN, n_max - n0), t);
+      tiles.key_tiles(b, h, mb, range, [&](int64_t n0, int64_t nlen) {
+        at::Tensor s_ij = scores(b, h, m0, mlen, n0, nlen, t);
         const at::Tensor m_new = at::maximum(m_i, s_ij.amax(1));
         const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
         l_i.mul_((m_i - m_safe).exp_()).add_(s_ij.sub_(m_safe.unsqueeze(1)).exp_().sum(1));
         m_i = m_new;
-      }
+      });
       if (!sinks.empty()) fold_sink(m_i, l_i, nullptr, sinks[h]);
       lse.select(0, b).select(0, h).narrow(0, m0, mlen).copy_(at::where(l_i > 0, m_i + l_i.log(), inf));
     }
     at::Tensor d_i = D.select(0, b).select(0, h).narrow(0, m0, mlen).zero_();
-    for (int64_t n0 = n_start; n0 < n_max; n0 += kBlockN) {
-      auto [p, dp] = recompute(b, h, m0, mlen, n0, std::min(kBlockN, n_max - n0), t);
+    tiles.key_tiles(b, h, mb, range, [&](int64_t n0, int64_t nlen) {
+      auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
       d_i.add_((p * dp).sum(1));
-    }
+    });
     at::Tensor dq_i = dq.select(0, b).select(1, h).narrow(0, m0, mlen);
-    for (int64_t n0 = n_start; n0 < n_max; n0 += kBlockN) {
-      const int64_t nlen = std::min(kBlockN, n_max - n0);
+    tiles.key_tiles(b, h, mb, range, [&](int64_t n0, int64_t nlen) {
       auto [p, dp] = recompute(b, h, m0, mlen, n0, nlen, t);
       at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
       if (bias_requires_grad) {  // dbias += dS, summed over the dims the bias is broadcast over
@@ -477,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
       }
       raw_ds(ds, mlen, nlen, t);
       dq_i.addmm_(ds, k.select(0, b).select(1, h / group).narrow(0, n0, nlen), 1.0, scale);  // dQ += scale dS K
-    }
+    });
   });
 
   // dsink_h = -sum over (batch, rows) of exp(sink_h - lse) * D: the sink's share of each row's denominator
@@ -489,15 +541,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   // Pass 2: dK and dV, parallel over (batch, K/V head, column block); sums over the group's heads, over the
   // query blocks that see the column block.
-  for_each_block(s.batch, s.nheads_k, n_nblocks, make_tiles, [&](int64_t nb, int64_t hk, int64_t b, Tiles& t) {
-    const int64_t n0 = nb * kBlockN, nlen = std::min(kBlockN, s.seqlen_k - n0);
+  for_each_block(s.batch, s.nheads_k, n_nblocks, make_tiles, [&](int64_t nb, int64_t hk, int64_t b, Bufs& t) {
+    const int64_t n0 = nb * tiles.bn, nlen = std::min(tiles.bn, s.seqlen_k - n0);
     at::Tensor dk_j = dk.select(0, b).select(1, hk).narrow(0, n0, nlen);
     at::Tensor dv_j = dv.select(0, b).select(1, hk).narrow(0, n0, nlen);
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      for (int64_t m0 = 0; m0 < s.seqlen_q; m0 += kBlockM) {
-        const int64_t mlen = std::min(kBlockM, s.seqlen_q - m0);
+      tiles.row_blocks(b, h, nb, n_mblocks, [&](int64_t mb) {
+        const int64_t m0 = mb * tiles.bm, mlen = std::min(tiles.bm, s.seqlen_q - m0);
         const auto [k_min, k_max] = mask.keys(m0, mlen);
-        if (k_max <= n0 || k_min >= n0 + nlen || k_min == k_max) continue;  // no row of this block sees the keys
+        if (k_max <= n0 || k_min >= n0 + nlen || k_min == k_max) return;  // no row of this block sees the keys
         // Pass 1's tile of this row block (cut at its k_max): the same operands give bitwise the same S and dP, so
         // dS = P * (dP - D) is exactly 0 where pass 1's is (a row that sees one key). Keys past k_max get nothing.
         const int64_t tlen = std::min(nlen, k_max - n0);
@@ -506,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
         at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
         raw_ds(ds, mlen, tlen, t);
         dk_j.narrow(0, 0, tlen).addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK
-      }
+      });
     }
   });
   return finish();
