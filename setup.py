@@ -48,7 +48,7 @@ def _gencode_flags(archs):
 
 def _extension():
     cxx_flags = ["-O3", "-std=c++17"]
-    sources = [_rel("flash_ext.cpp")] + _sources("cpu", ".cpp")
+    sources = [_rel("flash_ext.cpp"), _rel("kvcache.cpp")] + _sources("cpu", ".cpp")
     reason = _cuda_reason()
     if reason is not None:
         print(f"flash_ext: building the CPU-only extension ({reason}); CUDA tensors will be rejected.")

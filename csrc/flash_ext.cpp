@@ -61,6 +61,16 @@ TORCH_LIBRARY(flash_ext, m) {
       "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, Tensor? seqused_k=None, float? softmax_scale=None, bool causal=False, "
       "bool deterministic=False, " FLASH_EXT_VARLEN_FEATURE_ARGS ") -> Tensor");
+  // KV-cache attention (docs/ARCHITECTURE.md, "KV-cache attention"; csrc/kvcache.cpp), inference only: q (batch,
+  // seqlen_q, nheads, head_dim) against the first cache_seqlens[b] (+ seqlen_new) keys of a contiguous cache
+  // (batch_cache, seqlen_cache, nheads_k, head_dim) or a paged one (num_pages, page_size, nheads_k, head_dim) with
+  // block_table (batch, max_pages); k / v (batch, seqlen_new, nheads_k, head_dim), when given, are written into the
+  // caches in place at cache_seqlens[b]. out (batch, seqlen_q, nheads, head_dim), lse (batch, nheads, seqlen_q).
+  m.def(
+      "attention_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k=None, Tensor? v=None, "
+      "Tensor? cache_seqlens=None, Tensor? cache_batch_idx=None, Tensor? block_table=None, "
+      "float? softmax_scale=None, bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
+      "Tensor? alibi_slopes=None, int num_splits=0) -> (Tensor out, Tensor lse)");
 }
 
 using OptTensor = std::optional<at::Tensor>;

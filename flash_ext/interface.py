@@ -100,6 +100,47 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return torch.ops.flash_ext.attention_varlen(*args)
 
 
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None, *,
+                           cache_seqlens=None, cache_batch_idx: Optional[torch.Tensor] = None,
+                           block_table: Optional[torch.Tensor] = None, softmax_scale: Optional[float] = None,
+                           causal: bool = False, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 0,
+                           return_lse: bool = False):
+    """Attention against a KV cache (decoding, speculative steps, chunked prefill), FlashAttention's kvcache call.
+
+    q: (batch, seqlen_q, nheads, head_dim). The cache is contiguous, k_cache / v_cache (batch_cache, seqlen_cache,
+    nheads_k, head_dim), or paged, (num_pages, page_size, nheads_k, head_dim) with block_table int32 (batch,
+    max_pages): batch row b's position t lives in page block_table[b, t // page_size], slot t % page_size (any
+    page size). cache_seqlens: int32 (batch,) or an int, the tokens already in each row's cache (None: the whole
+    cache). k / v (batch, seqlen_new, nheads_k, head_dim), when given, are written into the caches in place at
+    positions cache_seqlens[b] .. + seqlen_new and attended in the same call. Query row b attends the first
+    cache_seqlens[b] + seqlen_new keys of its cache row; causal, window_size and ALiBi are aligned with the end
+    of the updated cache (query i at position i + keys - seqlen_q), as attention's bottom-right alignment.
+    cache_batch_idx int32 (batch,): the cache row of each batch row (contiguous caches; default b). num_splits: how
+    many parts the key range is split into (0: chosen for the GPU; 1: none); the result does not depend on it.
+    Cache slots past cache_seqlens may hold anything (NaN included): they are never read into the result.
+
+    The values of cache_seqlens / cache_batch_idx / block_table are the caller's contract (the new tokens fit the
+    cache, indices name existing rows / pages): the CPU path checks them; on CUDA checking would synchronize, and
+    out-of-range values give wrong results, never an out-of-bounds access. Inference only: inputs that require grad
+    (with grad mode on) raise. Returns out (batch, seqlen_q, nheads, head_dim), and with return_lse also lse
+    (batch, nheads, seqlen_q) float32. No host synchronization, no value-dependent allocation: CUDA-graph safe.
+    """
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"flash_ext.attention_with_kvcache is inference only: {name} requires grad; "
+                                   "call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
+    window_left, window_right = _window_bounds(window_size)
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    out, lse = torch.ops.flash_ext.attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal, window_left,
+        window_right, softcap, alibi_slopes, num_splits)
+    return (out, lse) if return_lse else out
+
+
 def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
     """A padded batch as the packed rows attention_varlen takes.
 

@@ -25,10 +25,9 @@ def _grad_of_out(grad_out, out):
     return grad_out.contiguous() if grad_out.stride(-1) != 1 else grad_out
 
 
-def _check_devices(q, alibi_slopes, attn_bias, sinks, block_kv=None, block_q=None):
+def _check_devices(q, **tensors):
     # The dispatcher runs these fake kernels, not the C++ checks, when one of the tensors is on the meta device.
-    for name, t in (("alibi_slopes", alibi_slopes), ("attn_bias", attn_bias), ("sinks", sinks),
-                    ("block_kv", block_kv), ("block_q", block_q)):
+    for name, t in tensors.items():
         torch._check(t is None or t.device == q.device,
                      lambda: f"{name} must be on the device of q ({q.device}), got {t.device}")
 
@@ -44,7 +43,8 @@ def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, determini
                  lambda: "q's nheads must be divisible by k's nheads_k")
     torch._check(attn_bias is None or attn_bias.dim() == 4, lambda: "attn_bias must be a 4-D tensor")
     torch._check((block_kv is None) == (block_q is None), lambda: "block_kv and block_q must be given together")
-    _check_devices(q, alibi_slopes, attn_bias, sinks, block_kv, block_q)
+    _check_devices(q, alibi_slopes=alibi_slopes, attn_bias=attn_bias, sinks=sinks, block_kv=block_kv,
+                   block_q=block_q)
     batch, seqlen_q, nheads, head_dim = q.shape
     out = q.new_empty((batch, seqlen_q, nheads, head_dim))
     lse = q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
@@ -58,7 +58,8 @@ def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, det
     torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
     torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
     torch._check(not bias_requires_grad or attn_bias is not None, lambda: "bias_requires_grad needs an attn_bias")
-    _check_devices(q, alibi_slopes, attn_bias, sinks, block_kv, block_q)
+    _check_devices(q, alibi_slopes=alibi_slopes, attn_bias=attn_bias, sinks=sinks, block_kv=block_kv,
+                   block_q=block_q)
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_requires_grad else q.new_empty((0,))
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
@@ -111,7 +112,7 @@ def _attention_varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
                  lambda: "q's nheads must be divisible by k's nheads_k")
     torch._check(cu_seqlens_q.dim() == 1 and cu_seqlens_k.shape == cu_seqlens_q.shape,
                  lambda: "cu_seqlens_q and cu_seqlens_k must be 1-D tensors of batch + 1 elements")
-    _check_devices(q, alibi_slopes, None, sinks)
+    _check_devices(q, alibi_slopes=alibi_slopes, sinks=sinks)
     total_q, nheads, head_dim = q.shape
     return q.new_empty((total_q, nheads, head_dim)), q.new_empty((nheads, total_q), dtype=torch.float32)
 
@@ -122,7 +123,7 @@ def _attention_varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_se
                                     window_right=-1, softcap=0.0, alibi_slopes=None, attention_chunk=0, sinks=None):
     torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
     torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
-    _check_devices(q, alibi_slopes, None, sinks)
+    _check_devices(q, alibi_slopes=alibi_slopes, sinks=sinks)
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
@@ -153,3 +154,20 @@ def _varlen_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd(
     "flash_ext::attention_varlen_forward", _varlen_backward, setup_context=_varlen_setup_context)
+
+
+# ---- KV-cache attention (attention_with_kvcache: inference only, mutates k_cache / v_cache)
+@torch.library.register_fake("flash_ext::attention_with_kvcache")
+def _attention_with_kvcache_fake(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_batch_idx=None,
+                                 block_table=None, softmax_scale=None, causal=False, window_left=-1, window_right=-1,
+                                 softcap=0.0, alibi_slopes=None, num_splits=0):
+    torch._check(q.dim() == 4, lambda: f"q must be a 4-D tensor, got {q.dim()}-D")
+    torch._check(k_cache.dim() == 4 and v_cache.shape == k_cache.shape,
+                 lambda: "k_cache and v_cache must be 4-D tensors of one shape")
+    torch._check(k_cache.shape[3] == q.shape[3], lambda: "head_dim must match")
+    torch._check((k is None) == (v is None), lambda: "k and v must be given together")
+    _check_devices(q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                   cache_batch_idx=cache_batch_idx, block_table=block_table, alibi_slopes=alibi_slopes)
+    batch, seqlen_q, nheads, head_dim = q.shape
+    return q.new_empty((batch, seqlen_q, nheads, head_dim)), q.new_empty((batch, nheads, seqlen_q),
+                                                                         dtype=torch.float32)
