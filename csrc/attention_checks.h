@@ -294,6 +294,24 @@ inline Features check_features(const at::Tensor& q, const AttnShape& s, bool cau
   return f;
 }
 
+// Attention dropout (docs/ARCHITECTURE.md, "Dropout"): dropout_p in [0, 1); dropout_rng int64 (2,) on q's device, the
+// (seed, offset) of csrc/kernels/dropout.h, drawn from torch's generator by flash_ext.attention.
+inline bool check_dropout(const at::Tensor& q, double dropout_p, const std::optional<at::Tensor>& dropout_rng) {
+  TORCH_CHECK(!std::isnan(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
+              fmt(dropout_p));
+  if (dropout_rng.has_value()) {
+    const at::Tensor& r = *dropout_rng;
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.size(0) == 2,
+                "dropout_rng must be an int64 tensor of 2 elements (seed, offset), got ", r.scalar_type(), " of shape ",
+                fmt(r.sizes()));
+    TORCH_CHECK(r.device() == q.device(), "dropout_rng must be on the device of q (", q.device(), "), got ",
+                r.device());
+  }
+  TORCH_CHECK(dropout_p == 0.0 || dropout_rng.has_value(),
+              "dropout_rng must be given with dropout_p > 0 (the (seed, offset) pair; flash_ext.attention draws it)");
+  return dropout_p > 0.0;
+}
+
 // Block-sparse attention (docs/ARCHITECTURE.md, "Block-sparse attention"): the compressed lists of a
 // flash_ext.BlockMask. block_kv: int32 (Bm, Hm, n_qb, n_kb + 1), row (b, h, query block m) = [count, key blocks in
 // ascending order, unused]; block_q: int32 (Bm, Hm, n_kb, n_qb + 1), the same lists per key block (the backward's).

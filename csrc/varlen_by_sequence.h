@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_by_sequence(
     auto [o, l] = fwd(q.narrow(0, sq.q0, sq.seqlen_q).unsqueeze(0), k.narrow(0, sq.k0, sq.seqlen_k).unsqueeze(0),
                       v.narrow(0, sq.k0, sq.seqlen_k).unsqueeze(0), softmax_scale, causal, deterministic, window_left,
                       window_right, softcap, seq_slopes(alibi_slopes, b), std::nullopt, attention_chunk, sinks,
-                      std::nullopt, std::nullopt, 0);
+                      std::nullopt, std::nullopt, 0, 0.0, std::nullopt);
     out.narrow(0, sq.q0, sq.seqlen_q).copy_(o.select(0, 0));
     lse.narrow(1, sq.q0, sq.seqlen_q).copy_(l.select(0, 0));
   }
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_by_se
         bwd(rows_q(dout), rows_q(q), rows_k(k), rows_k(v), rows_q(out),
             lse.narrow(1, sq.q0, sq.seqlen_q).unsqueeze(0), softmax_scale, causal, deterministic, window_left,
             window_right, softcap, seq_slopes(alibi_slopes, b), std::nullopt, attention_chunk, sinks, false,
-            std::nullopt, std::nullopt, 0);
+            std::nullopt, std::nullopt, 0, 0.0, std::nullopt);
     dq.narrow(0, sq.q0, sq.seqlen_q).copy_(dq_b.select(0, 0));
     dk.narrow(0, sq.k0, sq.seqlen_k).add_(dk_b.select(0, 0));
     dv.narrow(0, sq.k0, sq.seqlen_k).add_(dv_b.select(0, 0));

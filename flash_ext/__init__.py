@@ -10,7 +10,8 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers the op schemas and kernels)
 from . import ops  # noqa: F401  (registers fake kernels and autograd)
 from .block_mask import BlockMask
-from .interface import attention, attention_varlen, attention_with_kvcache, pad_input, sdpa, unpad_input
+from .interface import (attention, attention_varlen, attention_with_kvcache, dropout_mask, pad_input, sdpa,
+                        unpad_input)
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,4 @@ def cuda_built() -> bool:
     return bool(_C.with_cuda)
 
 
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "BlockMask", "unpad_input", "pad_input", "sdpa", "cuda_built", "__version__"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "BlockMask", "dropout_mask", "unpad_input", "pad_input", "sdpa", "cuda_built", "__version__"]

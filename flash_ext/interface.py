@@ -20,8 +20,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               softmax_scale: Optional[float] = None, window_size: Tuple[int, int] = (-1, -1),
               softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
               attn_bias: Optional[torch.Tensor] = None, attention_chunk: int = 0,
-              sinks: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None, return_lse: bool = False,
-              deterministic: bool = False):
+              sinks: Optional[torch.Tensor] = None, block_mask: Optional[BlockMask] = None, dropout_p: float = 0.0,
+              generator: Optional[torch.Generator] = None, return_lse: bool = False, deterministic: bool = False):
     """Exact attention softmax(softmax_scale * q k^T [+ modifiers, masks]) v, computed IO-aware.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim) with
@@ -39,6 +39,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     differentiable. block_mask: a flash_ext.BlockMask built for (seqlen_q, seqlen_k): only its True blocks are
     computed (block-sparse attention), the masks above still apply inside them. A row that sees no key gets out
     0 and lse -inf (lse = sink with sinks).
+    dropout_p in [0, 1): dropout on the softmax probabilities, kept ones scaled by 1 / (1 - dropout_p), as SDPA; the
+    mask comes from a (seed, offset) pair drawn from torch's generator for q's device (or `generator`), so
+    torch.manual_seed makes it reproducible, each call draws a new one, and a CUDA graph replay draws fresh ones;
+    the backward regenerates the same mask (flash_ext.dropout_mask materializes it). CPU only for now.
     deterministic=True makes the backward bitwise reproducible (CUDA; the CPU path always is).
     Returns out (batch, seqlen_q, nheads, head_dim), and with return_lse also the float32
     log-sum-exp (batch, nheads, seqlen_q) (not differentiable).
@@ -48,16 +52,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if attn_bias is not None and attn_bias.dim() < 4:  # a view: autograd maps dbias back to the caller's shape
         attn_bias = attn_bias.view((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
     args = (q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes,
-            attn_bias, attention_chunk, sinks) + _block_args(block_mask, q, k)
+            attn_bias, attention_chunk, sinks)
+    args += _block_args(block_mask, q, k) + _dropout_args(dropout_p, generator, q)
     if return_lse:
         return torch.ops.flash_ext.attention_forward(*args)
     return torch.ops.flash_ext.attention(*args)
 
 
+def _dropout_args(dropout_p, generator, q):
+    """The op arguments (dropout_p, dropout_rng): dropout_rng = (seed, offset) int64 drawn from
+    torch's generator on q's device (no host synchronization)."""
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
+        raise TypeError(f"flash_ext.attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if generator is not None and generator.device.type != q.device.type:
+        raise ValueError(f"flash_ext.attention: generator is on {generator.device}, q on {q.device}: the generator "
+                         "must belong to q's device")
+    if not dropout_p > 0:  # 0 (no dropout), or NaN / negative (the op rejects them)
+        return (float(dropout_p), None)
+    rng = torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=q.device, generator=generator)
+    return (float(dropout_p), rng)
+
+
 def _block_args(block_mask, q, k):
-    """The op arguments (block_kv, block_q, block_size) of a BlockMask (or none)."""
+    """The op arguments (block_kv, block_q, block_size) of a BlockMask (the defaults without one)."""
     if block_mask is None:
-        return ()
+        return (None, None, 0)
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"flash_ext.attention: block_mask must be a flash_ext.BlockMask, got "
                         f"{type(block_mask).__name__}")
@@ -141,6 +160,15 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return (out, lse) if return_lse else out
 
 
+def dropout_mask(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, dropout_p: float, seed: int, offset: int,
+                 device=None) -> torch.Tensor:
+    """The keep mask (batch, nheads, seqlen_q, seqlen_k) bool that attention with dropout_p and the dropout_rng (seed,
+    offset) applies (docs/ARCHITECTURE.md, "Dropout"), on `device`: a testing hook for small shapes (computed on
+    the CPU and copied)."""
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=device)
+    return torch.ops.flash_ext.dropout_mask(rng, batch, nheads, seqlen_q, seqlen_k, dropout_p)
+
+
 def unpad_input(x: torch.Tensor, attention_mask: torch.Tensor):
     """A padded batch as the packed rows attention_varlen takes.
 
@@ -174,10 +202,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
     attn_mask (bool: True = may attend; or float, added to the scores) broadcastable to
     (batch, nheads, seqlen_q, seqlen_k) is passed on as attn_bias. is_causal is aligned top-left as in SDPA
     (query i sees keys j <= i, also when seqlen_q != seqlen_k). attn_mask together with is_causal raises, as
-    SDPA's documentation and its math backend do. Dropout is not supported yet and raises.
+    SDPA's documentation and its math backend do. dropout_p as `attention`'s (CPU only for now).
     """
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"flash_ext.sdpa: dropout_p must be 0.0, got {dropout_p}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:
             raise ValueError(f"flash_ext.sdpa: {name} must be a 4-D tensor (batch, nheads, seqlen, head_dim), "
@@ -201,5 +227,5 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
             bias = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=query.device).tril_().view(
                 1, 1, seqlen_q, seqlen_k)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    return attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window_size,
-                     attn_bias=bias).transpose(1, 2)
+    return attention(q, k, v, causal=causal, softmax_scale=scale, window_size=window_size, attn_bias=bias,
+                     dropout_p=dropout_p).transpose(1, 2)

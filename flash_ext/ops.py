@@ -35,7 +35,8 @@ def _check_devices(q, **tensors):
 @torch.library.register_fake("flash_ext::attention_forward")
 def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, deterministic=False, window_left=-1,
                             window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, attention_chunk=0,
-                            sinks=None, block_kv=None, block_q=None, block_size=0):
+                            sinks=None, block_kv=None, block_q=None, block_size=0, dropout_p=0.0,
+                            dropout_rng=None):
     torch._check(q.dim() == 4, lambda: f"q must be a 4-D tensor, got {q.dim()}-D")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be 4-D tensors")
     torch._check(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3], lambda: "head_dim must match")
@@ -54,7 +55,8 @@ def _attention_forward_fake(q, k, v, softmax_scale=None, causal=False, determini
 @torch.library.register_fake("flash_ext::attention_backward")
 def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, deterministic=False, window_left=-1,
                              window_right=-1, softcap=0.0, alibi_slopes=None, attn_bias=None, attention_chunk=0,
-                             sinks=None, bias_requires_grad=False, block_kv=None, block_q=None, block_size=0):
+                             sinks=None, bias_requires_grad=False, block_kv=None, block_q=None, block_size=0,
+                             dropout_p=0.0, dropout_rng=None):
     torch._check(dout.shape == q.shape, lambda: "dout must have the shape of q")
     torch._check(lse.dtype == torch.float32, lambda: "lse must be float32")
     torch._check(not bias_requires_grad or attn_bias is not None, lambda: "bias_requires_grad needs an attn_bias")
@@ -67,10 +69,11 @@ def _attention_backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, det
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, softmax_scale, causal, deterministic, window_left, window_right, softcap, alibi_slopes, attn_bias,
-     attention_chunk, sinks, block_kv, block_q, block_size) = inputs
+     attention_chunk, sinks, block_kv, block_q, block_size, dropout_p, dropout_rng) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_bias, sinks, block_kv, block_q)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, attn_bias, sinks, block_kv, block_q, dropout_rng)
     ctx.block_size = block_size
+    ctx.dropout_p = dropout_p
     ctx.softmax_scale = _default_scale(softmax_scale, q.shape[-1])
     ctx.causal = causal
     ctx.deterministic = deterministic
@@ -80,17 +83,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, alibi_slopes, attn_bias, sinks, block_kv, block_q = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, attn_bias, sinks, block_kv, block_q, dropout_rng = ctx.saved_tensors
     window_left, window_right, softcap, attention_chunk = ctx.features
     grad_out = _grad_of_out(grad_out, out)
     # A bool mask has no gradient (and cannot require one).
     bias_grad = attn_bias is not None and attn_bias.is_floating_point() and ctx.needs_input_grad[_BIAS_INDEX]
     dq, dk, dv, dbias, dsinks = torch.ops.flash_ext.attention_backward(
         grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic, window_left, window_right,
-        softcap, alibi_slopes, attn_bias, attention_chunk, sinks, bias_grad, block_kv, block_q, ctx.block_size)
+        softcap, alibi_slopes, attn_bias, attention_chunk, sinks, bias_grad, block_kv, block_q, ctx.block_size,
+        ctx.dropout_p, dropout_rng)
     return (dq, dk, dv, None, None, None, None, None, None, None,
             dbias if bias_grad else None, None,
-            dsinks if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX] else None, None, None, None)
+            dsinks if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX] else None, None, None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -171,3 +175,8 @@ def _attention_with_kvcache_fake(q, k_cache, v_cache, k=None, v=None, cache_seql
     batch, seqlen_q, nheads, head_dim = q.shape
     return q.new_empty((batch, seqlen_q, nheads, head_dim)), q.new_empty((batch, nheads, seqlen_q),
                                                                          dtype=torch.float32)
+
+
+@torch.library.register_fake("flash_ext::dropout_mask")
+def _dropout_mask_fake(dropout_rng, batch, nheads, seqlen_q, seqlen_k, dropout_p):
+    return dropout_rng.new_empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.bool)

@@ -23,7 +23,7 @@ def visible_keys(seqlen_q, seqlen_k, causal=False, window_size=(-1, -1), attenti
 
 
 def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, *, window_size=(-1, -1), softcap=0.0,
-                  alibi_slopes=None, attn_bias=None, attention_chunk=0, sinks=None):
+                  alibi_slopes=None, attn_bias=None, attention_chunk=0, sinks=None, dropout_mask=None, dropout_p=0.0):
     """softmax(scale * q k^T + modifiers + mask) v on (batch, seqlen, nheads, head_dim) tensors.
 
     upcast=True computes in float64 (the reference); upcast=False computes in the inputs' dtype
@@ -31,7 +31,9 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, *, win
     (out, lse); lse is -inf and out 0 for a row that sees no key (lse = sink with sinks). Causal is aligned
     bottom-right. The features act as docs/ARCHITECTURE.md ("Masks and score modifiers") says: softcap, ALiBi,
     attn_bias (float: added; bool: a mask; broadcast as torch broadcasts), then the masks; sinks join the
-    softmax's denominator. Differentiable (the reference gradients): every hidden position is filled with -inf
+    softmax's denominator. dropout_mask (broadcastable to (batch, nheads, seqlen_q, seqlen_k), True = kept) drops
+    probabilities after the softmax and scales the kept ones by 1 / (1 - dropout_p) (lse is the softmax's).
+    Differentiable (the reference gradients): every hidden position is filled with -inf
     by masked_fill, whose gradient there is 0, so a row that sees nothing gets zero gradients, not softmax's NaN.
     """
     dtype = q.dtype
@@ -44,7 +46,7 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, *, win
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     scores = torch.einsum("bqhd,bkhd->bhqk", q * scale, k)
     plain = (window_size == (-1, -1) and softcap == 0 and alibi_slopes is None and attn_bias is None
-             and attention_chunk == 0 and sinks is None)
+             and attention_chunk == 0 and sinks is None and dropout_mask is None)
     if plain:  # the computation every test before issue 15 was written against
         if causal:
             i = torch.arange(seqlen_q, device=q.device)[:, None]
@@ -80,6 +82,8 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, *, win
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if sinks is not None:
         probs = probs[..., :-1]  # the sink adds nothing to the output
+    if dropout_mask is not None:
+        probs = probs * dropout_mask.to(probs.dtype) / (1 - dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.to(dtype) if not upcast else out, lse
 

@@ -116,10 +116,9 @@ def test_sdpa_matches_torch_sdpa(device, causal):
 
 def test_sdpa_rejects_what_it_does_not_support():
     """attn_mask and top-left is_causal are supported since issue 15 (tests/test_variants.py); attn_mask with
-    is_causal raises as torch's SDPA documents (and its math backend does)."""
+    is_causal raises as torch's SDPA documents (and its math backend does). dropout_p is supported since issue 19
+    (tests/test_dropout.py)."""
     q = torch.randn(1, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        flash_ext.sdpa(q, q, q, dropout_p=0.1)
     with pytest.raises(ValueError, match="enable_gqa"):
         flash_ext.sdpa(q, q[:, :1], q[:, :1])
     with pytest.raises(RuntimeError, match="attn_mask must not be set when is_causal=True"):

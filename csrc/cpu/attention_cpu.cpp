@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "../attention_checks.h"
+#include "../kernels/dropout.h"
 #include "../varlen_by_sequence.h"
 
 namespace flash_ext {
@@ -220,6 +221,47 @@ struct Tiles {
   }
 };
 
+// Attention dropout's factors for a tile (docs/ARCHITECTURE.md, "Dropout"; csrc/kernels/dropout.h): 1 / (1 - p) where
+// the probability is kept, 0 where it is dropped, the same mask for the same (seed, offset) as every CUDA kernel.
+struct DropoutTiles {
+  bool on = false;
+  DropoutRng rng;
+  double scale = 1.0;
+
+  DropoutTiles(bool on_, double p, const std::optional<at::Tensor>& dropout_rng, const AttnShape& s) : on(on_) {
+    if (!on) return;
+    const at::Tensor r = dropout_rng->to(at::kCPU);
+    rng = DropoutRng(static_cast<uint64_t>(r.data_ptr<int64_t>()[0]), static_cast<uint64_t>(r.data_ptr<int64_t>()[1]),
+                     s.nheads, s.seqlen_q, s.seqlen_k, p);
+    scale = 1.0 / (1.0 - p);
+  }
+  // The (mlen x nlen) factors of rows m0.. and keys n0.. of (b, h), in `opts`' dtype. Each Philox call gives the
+  // 2 x 2 elements (i, i + 8) x (j, j + 1) it covers.
+  at::Tensor factors(int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen,
+                     const at::TensorOptions& opts) const {
+    at::Tensor f = at::empty({mlen, nlen}, opts.dtype(at::kDouble));
+    double* fp = f.data_ptr<double>();
+    const int64_t m1 = m0 + mlen, n1 = n0 + nlen;
+    for (int64_t i16 = m0 / 16; i16 * 16 < m1; ++i16) {
+      for (int64_t r = 0; r < 8; ++r) {
+        for (int64_t j2 = n0 / 2; j2 * 2 < n1; ++j2) {
+          const Philox4 w = rng.words(b, h, i16, r, j2);
+          for (int u = 0; u < 2; ++u) {
+            const int64_t i = 16 * i16 + 8 * u + r;
+            if (i < m0 || i >= m1) continue;
+            for (int v = 0; v < 2; ++v) {
+              const int64_t j = 2 * j2 + v;
+              if (j < n0 || j >= n1) continue;
+              fp[(i - m0) * nlen + (j - n0)] = w.x[2 * u + v] >= rng.threshold ? scale : 0.0;
+            }
+          }
+        }
+      }
+    }
+    return f.to(opts.dtype());
+  }
+};
+
 // The score modifiers, applied to a tile of scale * Q K^T in this order: softcap, ALiBi, attn_bias.
 struct ScoreMods {
   int64_t sq = 0, sk = 0, nheads = 0;
@@ -314,7 +356,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     bool causal, bool /*deterministic*/, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
     int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in, const std::optional<at::Tensor>& block_kv,
-    const std::optional<at::Tensor>& block_q, int64_t block_size) {
+    const std::optional<at::Tensor>& block_q, int64_t block_size, double dropout_p,
+    const std::optional<at::Tensor>& dropout_rng) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const auto dtype = q_in.scalar_type();
   check_cpu_dtype(dtype);
@@ -322,6 +365,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks_in);
   const Tiles tiles(check_block_sparse(q_in, s, block_kv, block_q, block_size), block_kv, block_q);
+  const DropoutTiles dropout(check_dropout(q_in, dropout_p, dropout_rng), dropout_p, dropout_rng, s);
 
   at::Tensor out = at::empty({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options());
   at::Tensor lse = at::empty({s.batch, s.nheads, s.seqlen_q}, q_in.options().dtype(at::kFloat));
@@ -370,7 +414,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
       const at::Tensor m_safe = m_new.masked_fill(m_new == -inf, 0.0);
       const at::Tensor alpha = (m_i - m_safe).exp_();
       s_ij.sub_(m_safe.unsqueeze(1)).exp_();  // s_ij now holds P
-      l_i.mul_(alpha).add_(s_ij.sum(1));
+      l_i.mul_(alpha).add_(s_ij.sum(1));  // the normalization sums the probabilities before dropout
+      if (dropout.on) s_ij.mul_(dropout.factors(b, h, m0, mlen, n0, nlen, s_ij.options()));
       o_i.mul_(alpha.unsqueeze(1)).addmm_(s_ij, v_h.narrow(0, n0, nlen));
       m_i = m_new;
     });
@@ -391,7 +436,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     bool /*deterministic: the CPU backward is always deterministic*/, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
     int64_t attention_chunk, const std::optional<at::Tensor>& sinks_in, bool bias_requires_grad,
-    const std::optional<at::Tensor>& block_kv, const std::optional<at::Tensor>& block_q, int64_t block_size) {
+    const std::optional<at::Tensor>& block_kv, const std::optional<at::Tensor>& block_q, int64_t block_size, double dropout_p,
+    const std::optional<at::Tensor>& dropout_rng) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   check_bwd_args(dout_in, q_in, out_in, lse_in, s);
   const auto dtype = q_in.scalar_type();
@@ -400,6 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const Features f = check_features(q_in, s, causal, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks_in, bias_requires_grad);
   const Tiles tiles(check_block_sparse(q_in, s, block_kv, block_q, block_size), block_kv, block_q);
+  const DropoutTiles dropout(check_dropout(q_in, dropout_p, dropout_rng), dropout_p, dropout_rng, s);
 
   const auto acc = kBwdAccType;
   at::Tensor dq = at::zeros({s.batch, s.seqlen_q, s.nheads, s.head_dim}, q_in.options().dtype(acc));
@@ -467,7 +514,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     mask.apply(s_ij, m0, n0);
     return s_ij;
   };
-  // Recomputes P and dP = dO V^T (mlen x nlen) for rows m0.. of head h and keys n0...
+  // Recomputes P and dP (mlen x nlen) for rows m0.. of head h and keys n0..: dP = dO V^T, times the dropout
+  // factors F with dropout (the gradient of P through P o F; D = sum_j P dP stays dO . O).
   auto recompute = [&](int64_t b, int64_t h, int64_t m0, int64_t mlen, int64_t n0, int64_t nlen, Bufs& t) {
     const at::Tensor s_ij = scores(b, h, m0, mlen, n0, nlen, t);
     // Exact lse: S as computed. Saved lse: S rounded to float32 as the forward's was, so a row with one
@@ -479,6 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     at::Tensor dp = front(t.dp, mlen, nlen);
     at::mm_out(dp, dout.select(0, b).select(1, h).narrow(0, m0, mlen),
                v.select(0, b).select(1, h / group).narrow(0, n0, nlen).t());
+    if (dropout.on) dp.mul_(dropout.factors(b, h, m0, mlen, n0, nlen, dp.options()));
     return std::make_pair(p, dp);
   };
   // dS = P * (dP - D), in place of dP: the gradient of the score after the modifiers (dbias).
@@ -554,7 +603,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
         // dS = P * (dP - D) is exactly 0 where pass 1's is (a row that sees one key). Keys past k_max get nothing.
         const int64_t tlen = std::min(nlen, k_max - n0);
         auto [p, dp] = recompute(b, h, m0, mlen, n0, tlen, t);
-        dv_j.narrow(0, 0, tlen).addmm_(p.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));  // dV += P^T dO
+        // dV += (P o F)^T dO (F: the dropout factors, 1 without dropout)
+        const at::Tensor pf = dropout.on ? p * dropout.factors(b, h, m0, mlen, n0, tlen, p.options()) : p;
+        dv_j.narrow(0, 0, tlen).addmm_(pf.t(), dout.select(0, b).select(1, h).narrow(0, m0, mlen));
         at::Tensor ds = make_ds(b, h, m0, mlen, p, dp);
         raw_ds(ds, mlen, tlen, t);
         dk_j.narrow(0, 0, tlen).addmm_(ds.t(), q.select(0, b).select(1, h).narrow(0, m0, mlen), 1.0, scale);  // dK

@@ -316,18 +316,22 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
     bool causal_in, bool /*deterministic*/, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
     int64_t attention_chunk, const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& block_kv,
-    const std::optional<at::Tensor>& block_q, int64_t block_size) {
+    const std::optional<at::Tensor>& block_q, int64_t block_size, double dropout_p,
+    const std::optional<at::Tensor>& dropout_rng) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   // Every issue-15 feature runs on CUDA (docs/ARCHITECTURE.md, "Issue 15 plan"); check_features checks them as on
   // the CPU.
   const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks);
+  TORCH_CHECK_NOT_IMPLEMENTED(!check_dropout(q_in, dropout_p, dropout_rng),
+                              "dropout_p > 0 is not implemented on CUDA yet (docs/ARCHITECTURE.md, \"Dropout\"); "
+                              "the CPU path has it");
   const BlockSparse sp = check_block_sparse(q_in, s, block_kv, block_q, block_size);
   if (sp.on) {  // the block mask folded into attn_bias for now (csrc/block_mask_as_bias.h)
     return attention_forward_cuda(q_in, k_in, v_in, softmax_scale, causal_in, false, window_left, window_right,
                                   softcap, alibi_slopes, block_mask_as_bias(*block_kv, attn_bias, s, sp),
-                                  attention_chunk, sinks, std::nullopt, std::nullopt, 0);
+                                  attention_chunk, sinks, std::nullopt, std::nullopt, 0, dropout_p, dropout_rng);
   }
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaDeviceProp* props = check_cuda_inputs(q_in, s);
@@ -364,17 +368,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& attn_bias, int64_t attention_chunk, const std::optional<at::Tensor>& sinks,
     bool bias_requires_grad, const std::optional<at::Tensor>& block_kv, const std::optional<at::Tensor>& block_q,
-    int64_t block_size) {
+    int64_t block_size, double dropout_p, const std::optional<at::Tensor>& dropout_rng) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
                                     attention_chunk, sinks, bias_requires_grad);
+  TORCH_CHECK_NOT_IMPLEMENTED(!check_dropout(q_in, dropout_p, dropout_rng),
+                              "dropout_p > 0 is not implemented on CUDA yet (docs/ARCHITECTURE.md, \"Dropout\")");
   const BlockSparse sp = check_block_sparse(q_in, s, block_kv, block_q, block_size);
   if (sp.on) {  // as the forward: the block mask folded into attn_bias (csrc/block_mask_as_bias.h)
     auto [dq, dk, dv, dbias, dsinks] = attention_backward_cuda(
         dout_in, q_in, k_in, v_in, out_in, lse_in, softmax_scale, causal_in, deterministic, window_left, window_right,
         softcap, alibi_slopes, block_mask_as_bias(*block_kv, attn_bias, s, sp), attention_chunk, sinks,
-        bias_requires_grad, std::nullopt, std::nullopt, 0);
+        bias_requires_grad, std::nullopt, std::nullopt, 0, dropout_p, dropout_rng);
     if (bias_requires_grad) dbias = block_dbias(dbias, *attn_bias);
     return std::make_tuple(dq, dk, dv, dbias, dsinks);
   }
