@@ -8,6 +8,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 "$PY" -m pip install -q ninja pybind11 pytest numpy tqdm "setuptools>=64" wheel
+# transformers (optional: tests/test_transformers.py and the examples' --model hf need it); its tests skip when it
+# cannot be installed (no network and no local wheel).
+"$PY" -c "import transformers" 2>/dev/null || "$PY" -m pip install -q "transformers>=4.56" \
+  || echo "tools/install.sh: transformers could not be installed; tests/test_transformers.py will skip" >&2
 # Build unless flash_ext already imports from this checkout (another checkout's install does not count).
 here=$(pwd -P)
 installed=$(cd / && "$PY" -c "import os, flash_ext; print(os.path.dirname(os.path.dirname(os.path.realpath(flash_ext.__file__))))" 2>/dev/null || true)
