@@ -16,6 +16,7 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
 
 
 def _rel(*parts):
@@ -84,12 +85,27 @@ def _extension():
     )
 
 
+def _write_build_info(cuda_built, archs):
+    """flash_ext/_build_info.py: what this build is compiled against, which `import flash_ext` compares with the torch
+    it finds (flash_ext/__init__.py), so a mismatch is one clear error instead of an undefined symbol."""
+    info = dict(VERSION=VERSION, TORCH_VERSION=torch.__version__, TORCH_CUDA=torch.version.cuda, CUDA_BUILT=cuda_built,
+                CUDA_ARCHS=archs)
+    lines = ['"""Written by setup.py at build time: what the compiled extension was built against."""']
+    lines += [f"{k} = {v!r}" for k, v in info.items()]
+    with open(os.path.join(ROOT, "flash_ext", "_build_info.py"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+_ext = _extension()
+_cuda = _cuda_reason() is None
+_write_build_info(_cuda, os.environ.get("FLASH_EXT_CUDA_ARCHS", "80;90a") if _cuda else "")
+
 setup(
     name="flash_ext",
-    version="0.1.0",
+    version=VERSION,
     description="Hand-written CUDA FlashAttention for PyTorch, with a tiled CPU implementation",
     packages=find_packages(include=["flash_ext", "flash_ext.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[_ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     zip_safe=False,

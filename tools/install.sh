@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q ninja pybind11 pytest numpy tqdm "setuptools>=64" wheel
+"$PY" -m pip install -q ninja pybind11 pytest numpy tqdm "setuptools>=64" wheel build
 # transformers (optional: tests/test_transformers.py and the examples' --model hf need it); its tests skip when it
 # cannot be installed (no network and no local wheel).
 "$PY" -c "import transformers" 2>/dev/null || "$PY" -m pip install -q "transformers>=4.56" \
