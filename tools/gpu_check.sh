@@ -3,6 +3,8 @@
 #   build     pip install -e . (timed; skipped when flash_ext is already built in this tree)
 #   default   the whole test suite with the default kernel family (sm90 on an H200 where it applies)
 #   sm80      the CUDA tests again with FLASH_EXT_BACKEND=sm80
+#   varlen90  tests/test_varlen.py's CUDA cases with the sm90 varlen backward switched on (FLASH_EXT_SM90_VARLEN_BWD=1;
+#             not in the default stages until it has passed: docs/ARCHITECTURE.md, "Variable-length batches")
 #   sanitize  compute-sanitizer memcheck and racecheck on small cases (tools/sanitize_cases.py)
 #   sass      HGMMA count in the built library and the ptxas resource summary
 # Usage: bash tools/gpu_check.sh [stage ...]
@@ -38,6 +40,11 @@ if has sm80; then
   FLASH_EXT_BACKEND=sm80 timeout ${SM80_TIMEOUT:-400} python3 -m pytest tests -q -rs -k cuda -p no:cacheprovider \
     > "$OUT/pytest_sm80.log" 2>&1
   summary+=("sm80 family: $(tail -1 "$OUT/pytest_sm80.log") (rc $?)")
+fi
+if has varlen90; then
+  FLASH_EXT_SM90_VARLEN_BWD=1 timeout ${VARLEN90_TIMEOUT:-200} python3 -m pytest tests/test_varlen.py -q -rs -k cuda \
+    -p no:cacheprovider > "$OUT/pytest_varlen90.log" 2>&1
+  summary+=("sm90 varlen backward: $(tail -1 "$OUT/pytest_varlen90.log") (rc $?)")
 fi
 if has sanitize; then
   # Each tool run is capped (SANITIZE_TIMEOUT seconds, normally ~30-60 s) and dumps the Python stacks shortly

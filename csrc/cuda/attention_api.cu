@@ -21,6 +21,7 @@
 #include "../block_mask_as_bias.h"
 #include "../kernels/instantiations/dispatch.h"
 #include "../kernels/params.h"
+#include "../kernels/seqinfo.cuh"
 #ifdef FLASH_EXT_WITH_SM90
 #include "../kernels/sm90/bwd_api.h"
 #include "../kernels/sm90/fwd_api.h"
@@ -285,7 +286,7 @@ std::vector<at::Tensor> fill_varlen_params(FwdParams& p, const VarlenShape& vs, 
 // The totals a varlen batch may have on CUDA: int32 row indices, and the backward's workspace rows
 // (total_q + 128 batch, csrc/kernels/seqinfo.cuh) in 31 bits.
 void check_varlen_cuda(const VarlenShape& vs) {
-  TORCH_CHECK(vs.total_q + 128 * (vs.s.batch + 1) < std::numeric_limits<int>::max() &&
+  TORCH_CHECK(varlen_ws_rows(vs.total_q, vs.s.batch) < std::numeric_limits<int>::max() &&
                   vs.total_k < std::numeric_limits<int>::max(),
               "attention_varlen on CUDA: total_q + 128 * batch and total_k must fit in 31 bits, got total_q = ",
               fmt(vs.total_q), ", batch = ", fmt(vs.s.batch), ", total_k = ", fmt(vs.total_k));
@@ -594,15 +595,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_varlen_back
     dsink_accum = at::zeros({s.batch, s.nheads, params.dsink_slots}, q.options().dtype(at::kFloat));
     params.dsink_accum = dsink_accum.data_ptr<float>();
   }
+  // Workspaces: D and the dQ accumulator in (nheads, ws_rows) rows (SeqInfoT::ws_offset), written by the kernels.
+  const int64_t ws_rows = varlen_ws_rows(vs.total_q, s.batch);  // (csrc/kernels/seqinfo.cuh)
+  auto workspace = [&](int head_dim_rounded) {
+    params.head_dim_rounded = head_dim_rounded;
+    at::Tensor dq_accum = at::empty({s.nheads, ws_rows, head_dim_rounded}, q.options().dtype(at::kFloat));
+    at::Tensor dsoftmax_sum = at::empty({s.nheads, ws_rows}, q.options().dtype(at::kFloat));
+    params.dq_accum = dq_accum.data_ptr<float>();
+    params.dsoftmax_sum = dsoftmax_sum.data_ptr<float>();
+    return std::make_pair(dq_accum, dsoftmax_sum);
+  };
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+#ifdef FLASH_EXT_WITH_SM90
+  // The sm90 varlen backward (head dims up to 128) is written but has not yet run on a GPU: it runs only with
+  // FLASH_EXT_SM90_VARLEN_BWD=1 until the tests have passed on it (docs/ARCHITECTURE.md, "Variable-length batches").
+  const char* sm90_bwd_env = std::getenv("FLASH_EXT_SM90_VARLEN_BWD");
+  if (want_sm90(props) && sm90_bwd_env != nullptr && std::strcmp(sm90_bwd_env, "1") == 0) {
+    const int inst = round_head_dim(params.head_dim, kSm90BwdHeadDims, std::size(kSm90BwdHeadDims));
+    if (inst > 0 && inst <= 128) {
+      auto ws = workspace(inst);
+      // lse * log2 e per workspace row (+inf where P = 0), then the tile counter (4 floats), as in the dense call.
+      at::Tensor lse_log2 = at::empty({s.nheads * ws_rows + 4}, q.options().dtype(at::kFloat));
+      params.lse_log2 = lse_log2.data_ptr<float>();
+      params.tile_counter = reinterpret_cast<int*>(params.lse_log2 + s.nheads * ws_rows);
+      at::Tensor dq_semaphore;  // deterministic: one counter per 64 workspace rows
+      if (deterministic) {
+        dq_semaphore = at::empty({s.nheads, ws_rows / 64}, q.options().dtype(at::kInt));
+        params.dq_semaphore = dq_semaphore.data_ptr<int>();
+      }
+      if (sm90_bwd_supported(params)) {
+        TORCH_CHECK(dispatch_bwd_sm90(inst, params, stream), "flash_ext: the sm90 varlen backward did not take head_dim ",
+                    fmt(s.head_dim));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return results();
+      }
+      params.lse_log2 = nullptr, params.tile_counter = nullptr, params.dq_semaphore = nullptr;
+    }
+  }
+#endif
+  want_sm90(props);  // (checks FLASH_EXT_BACKEND)
   const int inst = round_head_dim(params.head_dim, kSm80BwdHeadDims, std::size(kSm80BwdHeadDims));
-  params.head_dim_rounded = inst;
-  const int64_t ws_rows = vs.total_q + 128 * s.batch;
-  const at::Tensor dq_accum = at::empty({s.nheads, ws_rows, inst}, q.options().dtype(at::kFloat));
-  const at::Tensor dsoftmax_sum = at::empty({s.nheads, ws_rows}, q.options().dtype(at::kFloat));
-  params.dq_accum = dq_accum.data_ptr<float>();
-  params.dsoftmax_sum = dsoftmax_sum.data_ptr<float>();
-  want_sm90(props);  // (checks FLASH_EXT_BACKEND; varlen runs the sm80 family on every device for now)
-  const bool launched = dispatch_bwd_sm80(inst, params, c10::cuda::getCurrentCUDAStream().stream());
+  auto ws = workspace(inst);
+  const bool launched = dispatch_bwd_sm80(inst, params, stream);
   TORCH_CHECK(launched, "flash_ext: no CUDA backward kernel for head_dim ", fmt(s.head_dim),
               " runs on this device (kernel head dim ", fmt(inst),
               "; its sm80 tiles need more shared memory per block than the device has, or FLASH_EXT_SM80_SMEM_LIMIT)");

@@ -13,6 +13,11 @@
 
 namespace flash_ext {
 
+// Rows per head of the backward's workspaces for a varlen batch (SeqInfoT::ws_offset); the API allocates these.
+__host__ __device__ __forceinline__ int64_t varlen_ws_rows(int64_t total_q, int64_t batch) {
+  return (total_q + 128 * batch + 127) / 128 * 128;
+}
+
 // Index is the type the entry index arrives in: int where a kernel keeps it in a variable, unsigned
 // where it reads blockIdx.z at the point of use (SeqInfoT<unsigned>: the offsets widen the index with a
 // zero extension, as arithmetic on blockIdx.z itself does, instead of a sign extension; the two give
@@ -29,8 +34,9 @@ struct SeqInfoT {
   int q_start = -1, k_start = 0;
   // Varlen only: lse is (nheads, total_q) (the caller's layout), and the backward's float32 workspaces (D, dQ
   // accumulator) are (nheads, ws_rows) with entry b's rows from ws_start: (q_start + 128 b) rounded down to a
-  // multiple of 128, so that each entry has its seqlen_q rounded up to 128 rows of its own and
-  // ws_rows = total_q + 128 batch rows hold them all (instead of batch x longest).
+  // multiple of 128, so that each entry has its seqlen_q rounded up to 128 rows of its own, and
+  // ws_rows = varlen_ws_rows(total_q, batch) (total_q + 128 batch, rounded up to 128: every head's rows start
+  // 512-byte aligned for the bulk copies) hold them all (instead of batch x longest).
   int total_q = 0, ws_start = 0;
   int64_t ws_rows = 0;
 
@@ -46,7 +52,7 @@ struct SeqInfoT {
         seqlen_k = rows(p.cu_seqlens_k[b], k_end, p.seqlen_k, p.total_k, k_start);
         total_q = p.total_q;
         ws_start = (q_start + 128 * int(b)) / 128 * 128;
-        ws_rows = int64_t(p.total_q) + 128 * int64_t(p.batch);
+        ws_rows = varlen_ws_rows(p.total_q, p.batch);
       }
     }
   }

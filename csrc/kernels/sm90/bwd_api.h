@@ -26,7 +26,8 @@ template <> bool run_bwd_sm90<256>(const BwdParams& params, cudaStream_t stream)
 // then falls back to sm80 (its attention_backward passes out aligned that way and allocates dq contiguous).
 // Host only, cheap (four cuTensorMapEncodeTiled calls, no device work).
 inline bool sm90_bwd_supported(const BwdParams& p) {
-  if (p.cu_seqlens_q != nullptr) return false;  // varlen: the sm80 backward reads packed sequences (seqinfo.cuh)
+  // Varlen: the head dim 64 / 128 kernels read packed sequences (seqinfo.cuh); the d256 kernel does not yet.
+  if (p.cu_seqlens_q != nullptr && p.head_dim > 128) return false;
   if (p.deterministic && (p.dq_semaphore == nullptr || reinterpret_cast<uintptr_t>(p.dq_semaphore) % 4 != 0))
     return false;
   if (!sm90::dense_shape_ok(p)) return false;

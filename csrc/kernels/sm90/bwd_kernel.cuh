@@ -89,14 +89,35 @@ __host__ __device__ __forceinline__ int dq_accum_index(int row, int col, int n_d
 // Producer loads shared by the backward kernels (this file's and bwd_kernel_hd256.cuh's), issued by one lane.
 // Key block n_block's K and V, kChunks boxes of 64 columns each (kChunkBytes apart), into k_dst / v_dst; bar
 // expects their kKVBytes bytes each.
-template <int kChunks, int kChunkBytes, int kBlockN, int kKVBytes>
+// (row0: the sequence's first key row in a varlen map, SeqInfoT::tma_k_row; 0 dense.)
+template <int kChunks, int kChunkBytes, int kBlockN, int kKVBytes, bool MayVarlen = false>
 __device__ __forceinline__ void load_kv_block(const BwdTmaArgs& args, uint32_t k_dst, uint32_t v_dst, uint32_t bar,
-                                              int n_block, int head_k, int batch) {
+                                              int n_block, int head_k, int batch, int row0 = 0) {
   mbar_arrive_expect_tx(bar, 2 * kKVBytes);
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
-    tma_load_4d(k_dst + c * kChunkBytes, &args.k_map, bar, c * 64, n_block * kBlockN, head_k, batch);
-    tma_load_4d(v_dst + c * kChunkBytes, &args.v_map, bar, c * 64, n_block * kBlockN, head_k, batch);
+    if constexpr (MayVarlen) {
+      tma_load_4d(k_dst + c * kChunkBytes, &args.k_map, bar, c * 64, row0 + n_block * kBlockN, head_k, batch);
+      tma_load_4d(v_dst + c * kChunkBytes, &args.v_map, bar, c * 64, row0 + n_block * kBlockN, head_k, batch);
+    } else {
+      tma_load_4d(k_dst + c * kChunkBytes, &args.k_map, bar, c * 64, n_block * kBlockN, head_k, batch);
+      tma_load_4d(v_dst + c * kChunkBytes, &args.v_map, bar, c * 64, n_block * kBlockN, head_k, batch);
+    }
+  }
+}
+// Varlen: zeroes rows [first_row, rows) of a SW128 tile of kChunks chunks (chunk_bytes apart, 128-byte rows) in
+// shared memory, 16 bytes per store by the 128 threads of a warpgroup, then makes the stores visible to the
+// warpgroup's wgmma (proxy fence, barrier `bar`). A sequence's last block holds the next sequence's rows (or rows
+// of no sequence) where a dense map reads zeros; they are masked (P = 0) but 0 * a non-finite value is NaN, so
+// they must be finite: every warpgroup that reads the tile writes the same zeros before its first wgmma on it.
+template <int kChunks, int kChunkBytes, int kRows>
+__device__ __forceinline__ void zero_tile_rows(uint32_t tile, int first_row, int tid) {
+  const int first = max(first_row, 0);
+  for (int i = tid; i < (kRows - first) * kChunks * 8; i += 128) {
+    const int row = first + i / (kChunks * 8), chunk = (i / 8) % kChunks, piece = i % 8;
+    asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(tile + chunk * kChunkBytes + row * 128 + piece * 16),
+                 "r"(0)
+                 : "memory");
   }
 }
 // The lse_log2 and D rows [row0, row0 + kBlockM) of a step into lse_dst / d_dst, completing on bar (rows up to
@@ -108,10 +129,10 @@ __device__ __forceinline__ void load_lse_d_rows(const BwdParams& p, uint32_t lse
   bulk_load(d_dst, p.dsoftmax_sum + row0, kBlockM * 4, bar);
 }
 
-template <typename T, int kNCols>
+template <typename T, int kNCols, typename Seq>
 __device__ __forceinline__ void store_dkdv_pairs(const BwdParams& p, const float (&dk_reg)[kNCols / 2],
                                                  const float (&dv_reg)[kNCols / 2], int key0, int col0, int t,
-                                                 const SeqInfo& seq, int head_k) {
+                                                 const Seq& seq, int head_k) {
   T* dk_ptr = static_cast<T*>(p.dk);  // batch x seqlen_k x nheads_k x head_dim
   T* dv_ptr = static_cast<T*>(p.dv);  // batch x seqlen_k x nheads_k x head_dim
   const float scale = p.scale_softmax;
@@ -159,19 +180,26 @@ __device__ __forceinline__ float dot2(uint32_t a, uint32_t b) {
 // against the first version (a warp per row, 4-byte loads), d128 88 -> 86 us, but d256 75 -> 88 us (with all 8
 // passes in flight, 128 registers: 100 us). Zeroing dq_accum by cudaMemsetAsync instead cost more in total (30 us
 // memset + 55 / 79 / 63 us). cuDNN's dO.O kernel takes 67-72 us for the same rows (without zeroing).
-template <typename T, int kHeadDim>
+// MayVarlen (the general path's launches): the rows of SeqInfoT::ws_offset; blocks past the sequence's own rows return.
+template <typename T, int kHeadDim, bool MayVarlen = false>
 __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // launched on compute capability 9.0 only
   const int m_block = blockIdx.x, h = blockIdx.y;
+  using SeqInfo = SeqInfoT<int, MayVarlen>;
   const SeqInfo seq(p, blockIdx.z);
-  const int64_t row_base = seq.row_offset(h, p.nheads, p.seqlen_q_rounded) + m_block * 64;
+  if constexpr (MayVarlen) {
+    if (m_block * 64 >= seq.ws_rows_of_entry(p.seqlen_q_rounded)) return;
+  }
+  const int64_t row_base = (MayVarlen ? seq.ws_offset(h, p.nheads, p.seqlen_q_rounded)
+                                      : seq.row_offset(h, p.nheads, p.seqlen_q_rounded)) + m_block * 64;
   // Zero this block's dq_accum rows (64 x kHeadDim floats, contiguous).
   float4* acc = reinterpret_cast<float4*>(p.dq_accum + row_base * kHeadDim);
   for (int i = threadIdx.x; i < 64 * kHeadDim / 4; i += 256) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
   // Deterministic mode: zero this block's dQ counter (one per 64 rows; the main kernel, later on the same
   // stream, indexes them per kBlockM rows, which is at most as many).
   if (p.dq_semaphore != nullptr && threadIdx.x == 0) {
-    p.dq_semaphore[seq.row_offset(h, p.nheads, p.seqlen_q_rounded / 64) + m_block] = 0;
+    p.dq_semaphore[(MayVarlen ? seq.ws_offset(h, p.nheads, p.seqlen_q_rounded) / 64
+                              : seq.row_offset(h, p.nheads, p.seqlen_q_rounded / 64)) + m_block] = 0;
   }
   constexpr int kTPR = kHeadDim / 8;            // threads per row (8 columns each): 8, 16, 32
   constexpr int kRowsPerPass = 256 / kTPR;      // 32, 16, 8
@@ -205,7 +233,7 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
         const int r = (i0 + i) * kRowsPerPass + r_in, row = m_block * 64 + r;
         p.dsoftmax_sum[row_base + r] = sum;
         const SeqInfo seq_row(p, seq.b);
-        float l = row < seq_row.seqlen_q ? p.lse[seq.row_offset(h, p.nheads, p.seqlen_q) + row] : INFINITY;
+        float l = row < seq_row.seqlen_q ? p.lse[seq.lse_offset(h, p.nheads, p.seqlen_q) + row] : INFINITY;
         p.lse_log2[row_base + r] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
       }
     }
@@ -224,17 +252,21 @@ __global__ void __launch_bounds__(256) bwd_preprocess_sm90(const __grid_constant
 // 32 different banks), then each thread scales, rounds and writes 4 columns (8 bytes) of a row, so a warp
 // writes whole rows (dq: 16-byte aligned, strides multiples of 8 elements: sm90_bwd_supported). (The first
 // version wrote 4-byte pairs straight from the permuted order: 16-byte pieces of 8 rows per warp store.)
-template <typename T, int kHeadDim, int kNDq>
+template <typename T, int kHeadDim, int kNDq, bool MayVarlen = false>
 __global__ void __launch_bounds__(128) bwd_convert_dq_sm90(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr int kRuns = kHeadDim / 8;
   constexpr int kStride = kHeadDim + 8;
   __shared__ __align__(16) float tile[16 * kStride];
   const int h = blockIdx.y;
-  const SeqInfo seq(p, blockIdx.z);
+  const SeqInfoT<int, MayVarlen> seq(p, blockIdx.z);
   const int m_block = blockIdx.x / 4, w = blockIdx.x % 4;
+  if constexpr (MayVarlen) {
+    if (m_block * 64 + w * 16 >= seq.seqlen_q) return;  // past the sequence's rows (varlen)
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_base = seq.row_offset(h, p.nheads, p.seqlen_q_rounded) + m_block * 64;
+  const int64_t row_base = (MayVarlen ? seq.ws_offset(h, p.nheads, p.seqlen_q_rounded)
+                                      : seq.row_offset(h, p.nheads, p.seqlen_q_rounded)) + m_block * 64;
   const float4* acc = reinterpret_cast<const float4*>(p.dq_accum + row_base * kHeadDim);  // 64 x kHeadDim floats
   float4 a[kRuns / 4];
 #pragma unroll
@@ -271,13 +303,14 @@ __global__ void __launch_bounds__(128) bwd_convert_dq_sm90(const __grid_constant
 }
 
 // Launch geometry of the two kernels above (the d64 / d128 and d256 launchers and the harness use these).
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool MayVarlen = false>
 inline void launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
-  bwd_preprocess_sm90<T, kHeadDim><<<dim3(p.seqlen_q_rounded / 64, p.nheads, p.batch), 256, 0, stream>>>(p);
+  bwd_preprocess_sm90<T, kHeadDim, MayVarlen><<<dim3(p.seqlen_q_rounded / 64, p.nheads, p.batch), 256, 0, stream>>>(p);
 }
-template <typename T, int kHeadDim, int kNDq>
+template <typename T, int kHeadDim, int kNDq, bool MayVarlen = false>
 inline void launch_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
-  bwd_convert_dq_sm90<T, kHeadDim, kNDq><<<dim3((p.seqlen_q + 15) / 16, p.nheads, p.batch), 128, 0, stream>>>(p);
+  bwd_convert_dq_sm90<T, kHeadDim, kNDq, MayVarlen>
+      <<<dim3((p.seqlen_q + 15) / 16, p.nheads, p.batch), 128, 0, stream>>>(p);
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
@@ -295,6 +328,8 @@ struct BwdKernel {
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool IsLocal = IsLocal_;
   using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges on both sides (mask.cuh)
+  // The general path reads variable-length batches too (seqinfo.cuh); the plain and causal kernels dense ones only.
+  using Seq = SeqInfoT<int, IsLocal>;
   static constexpr bool DqSplitKeys = DqSplitKeys_;
   static constexpr bool DkLast = DkLast_;
   static constexpr bool Deterministic = Deterministic_;
@@ -398,6 +433,22 @@ struct BwdKernel {
       }
     }
   }
+  // First workspace row (lse_log2, D, dq_accum) of `head`'s rows of the tile's sequence, and its first dQ counter
+  // (one per 64 rows): SeqInfoT::ws_offset in the general path (varlen), the dense layout otherwise.
+  __device__ static __forceinline__ int64_t ws_base(const BwdParams& p, const Seq& seq, int head) {
+    if constexpr (IsLocal) return seq.ws_offset(head, p.nheads, p.seqlen_q_rounded);
+    else return seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
+  }
+  __device__ static __forceinline__ int64_t sem_base(const BwdParams& p, const Seq& seq, int head) {
+    if constexpr (IsLocal) return seq.ws_offset(head, p.nheads, p.seqlen_q_rounded) / 64;
+    else return seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64);
+  }
+  // Varlen (general path): whether key block n_block lies past its sequence's keys (a tile no role runs).
+  __device__ static __forceinline__ bool tile_past_end(const BwdParams& p, int n_block, int batch) {
+    if constexpr (IsLocal) return n_block * kBlockN >= Seq(p, batch).seqlen_k;
+    else return false;
+  }
+
   // The end of key block n_block's query-block range [Mask::m_block_min, Mask::m_block_max). The plain and causal
   // policies bound it by seqlen_q alone, the same for every key block: the launcher evaluates it once
   // (args.num_m_blocks, read here from the constant bank; computing mask.m_block_max in the kernel spilled 8 bytes
@@ -434,10 +485,11 @@ struct BwdKernel {
                                   int batch, int g0 = 0, int tile_iter = 0, int sched_tile = 0) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    const SeqInfo seq(p, batch);
+    const Seq seq(p, batch);
     MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const PipelineState<1> kv(tile_iter);  // the K / V buffer: one slot, one use per tile
+    // (TMA coordinates: the general path's from SeqInfo, a varlen map being one packed entry.)
     if (Persistent && tile_iter > 0) mbar_wait(bar_kv_empty(bars), kv.advanced(-1).phase());
     if (lane == 0) {
       // (The consumers read it after their bar_kv wait, which the arrival below releases; they are done with the
@@ -449,8 +501,13 @@ struct BwdKernel {
         tma_prefetch_desc(&args.q_map);
         tma_prefetch_desc(&args.do_map);
       }
-      load_kv_block<kChunks, kKVChunkBytes, kBlockN, kKVBytes>(args, smem + kOffK, smem + kOffV, bar_kv(bars), n_block,
-                                                               head_k, seq.b);
+      if constexpr (IsLocal) {
+        load_kv_block<kChunks, kKVChunkBytes, kBlockN, kKVBytes, true>(args, smem + kOffK, smem + kOffV, bar_kv(bars),
+                                                                       n_block, head_k, seq.tma_batch(), seq.tma_k_row(0));
+      } else {
+        load_kv_block<kChunks, kKVChunkBytes, kBlockN, kKVBytes>(args, smem + kOffK, smem + kOffV, bar_kv(bars), n_block,
+                                                                 head_k, seq.b);
+      }
     }
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
     const PipelineState<kStages> first(g0);  // this tile's first step on the Q / dO / lse / D ring
@@ -459,7 +516,7 @@ struct BwdKernel {
       int hh, m_block;
       step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
-      const int64_t d_base = seq.row_offset(head, p.nheads, p.seqlen_q_rounded);
+      const int64_t d_base = ws_base(p, seq, head);
       const int stage = pipe.stage(), phase = pipe.phase();
       mbar_wait(bar_empty(bars, stage), phase ^ 1);
       if (lane == 0) {
@@ -467,9 +524,11 @@ struct BwdKernel {
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
           tma_load_4d(smem + kOffQ + stage * kQBytes + c * kQChunkBytes, &args.q_map, bar_full(bars, stage), c * 64,
-                      m_block * kBlockM, head, seq.b);
+                      IsLocal ? seq.tma_q_row(m_block * kBlockM) : m_block * kBlockM, head,
+                      IsLocal ? seq.tma_batch() : seq.b);
           tma_load_4d(smem + kOffDo + stage * kQBytes + c * kQChunkBytes, &args.do_map, bar_full(bars, stage),
-                      c * 64, m_block * kBlockM, head, seq.b);
+                      c * 64, IsLocal ? seq.tma_q_row(m_block * kBlockM) : m_block * kBlockM, head,
+                      IsLocal ? seq.tma_batch() : seq.b);
         }
         load_lse_d_rows<kBlockM>(p, smem + kOffLse + stage * kBlockM * 4, smem + kOffD + stage * kBlockM * 4,
                                  d_base + static_cast<int64_t>(m_block) * kBlockM, bar_full(bars, stage));
@@ -504,7 +563,7 @@ struct BwdKernel {
                                    int batch) {
     const BwdParams& p = args.params;
     const int lane = threadIdx.x % 32;
-    const SeqInfo seq(p, batch);
+    const Seq seq(p, batch);
     MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
@@ -517,9 +576,8 @@ struct BwdKernel {
       const int head = head_k * p.h_h_k_ratio + hh;
       const int buf = dq_pipe.stage();
       const uint32_t par = dq_pipe.phase();
-      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
-      int* sem = p.dq_semaphore + seq.row_offset(head, p.nheads, p.seqlen_q_rounded / 64) +
-                 m_block;  // only dereferenced when deterministic (then not null)
+      const int64_t row = ws_base(p, seq, head) + m_block * kBlockM;
+      int* sem = p.dq_semaphore + sem_base(p, seq, head) + m_block;  // only dereferenced when deterministic
       if constexpr (Deterministic) {
         // Key blocks [n_block_min, n_block) of this query block add before this one: one increment each.
         wait_counter_geq(sem, n_block - mask.template n_block_min<kBlockM, kBlockN>(m_block));
@@ -551,7 +609,7 @@ struct BwdKernel {
     const int tid = threadIdx.x - 128 * (cw + 1);  // 0..127 inside the warpgroup
     const int warp_in_wg = tid / 32, lane = tid % 32;
     const int g = lane / 4, t = lane % 4;
-    const SeqInfo seq(p, batch);
+    const Seq seq(p, batch);
     MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
     const int m_block_min = mask.template m_block_min<kBlockM, kBlockN>(n_block);
     const int n_iters = num_steps(args, mask, n_block, m_block_min);
@@ -773,7 +831,7 @@ struct BwdKernel {
       step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
       const int head = head_k * p.h_h_k_ratio + hh;
       const uint32_t dq_s = smem + kOffDq + cw * kDqPartBytes;
-      const int64_t row = seq.row_offset(head, p.nheads, p.seqlen_q_rounded) + m_block * kBlockM;
+      const int64_t row = ws_base(p, seq, head) + m_block * kBlockM;
       reduce_dq_part(p, row, cw, dq_s);
       tma_store_commit();
     };
@@ -816,11 +874,37 @@ struct BwdKernel {
     auto wait_full = [&](int) { mbar_wait(bar_full(bars, pipe.stage()), pipe.phase()); };
 
     mbar_wait(bar_kv(bars), PipelineState<1>(tile_iter).phase());  // (the K / V buffer: one use per tile)
+    if constexpr (IsLocal) {
+      // Varlen: the K / V rows past seqlen_k of the sequence's last key block (zero_tile_rows); every consumer reads
+      // all of K (dQ), so each zeroes both halves.
+      if (seq.packed() && (n_block + 1) * kBlockN > seq.seqlen_k) {
+        zero_tile_rows<kChunks, kKVChunkBytes, kBlockN>(smem + kOffK, seq.seqlen_k - n_block * kBlockN, tid);
+        zero_tile_rows<kChunks, kKVChunkBytes, kBlockN>(smem + kOffV, seq.seqlen_k - n_block * kBlockN, tid);
+        fence_proxy_async_smem();
+        named_bar_sync(kBarDq + cw, 128);
+      }
+    }
+    // Varlen: the rows of a sequence's last query block past seqlen_q are zeroed below (one register across the
+    // loop: the row count, or a bound no block reaches when the batch is dense).
+    const int q_tail = IsLocal && seq.packed() ? seq.seqlen_q : 0x7fffffff;
+    (void)q_tail;
     for (int it = 0; it < n_iters; ++it) {
       pipe = first.advanced(it);
       ds_pipe = ds_first.advanced(it);
       dq_pipe = dq_first.advanced(it);
       wait_full(it);
+      if constexpr (IsLocal) {
+        // The Q / dO rows past seqlen_q (a NaN Q row would make P^T NaN in spite of lse_log2 = +inf, and 0 * NaN
+        // dO poison dV).
+        int hh, m_block;
+        step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
+        if ((m_block + 1) * kBlockM > q_tail) {
+          zero_tile_rows<kChunks, kQChunkBytes, kBlockM>(q_stage(it), q_tail - m_block * kBlockM, tid);
+          zero_tile_rows<kChunks, kQChunkBytes, kBlockM>(do_stage(it), q_tail - m_block * kBlockM, tid);
+          fence_proxy_async_smem();
+          named_bar_sync(kBarDq + cw, 128);
+        }
+      }
       issue_sdp(it);
       softmax(it);
       if constexpr (DkLast) {
@@ -850,7 +934,9 @@ struct BwdKernel {
     }
 
     // ---- epilogue: dV, dK (scaled) to global; rows < seqlen_k, cols < head_dim.
-    if (args.dkdv_tma) {
+    // (Varlen: a key block crossing its sequence's end leaves as pairs, for both consumers alike; a TMA box would
+    // write into the next sequence's rows.)
+    if (IsLocal ? args.dkdv_tma && !(seq.packed() && (n_block + 1) * kBlockN > seq.seqlen_k) : args.dkdv_tma) {
       // Through shared memory (SW128, the layout of the maps' 64 x 64 boxes) and TMA stores issued by tid 0, which
       // leave in the background (the persistent loop goes on to the next tile; see store_ds). The staging area
       // (dS buffers, dQ staging) is free once both consumers' wgmmas are complete (each waited for its own in
@@ -886,8 +972,13 @@ struct BwdKernel {
         const int key_row = n_block * kBlockN + cw * 64;
 #pragma unroll
         for (int c = 0; c < kChunks; ++c) {
-          tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, key_row, head_k, seq.b);
-          tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, key_row, head_k, seq.b);
+          if constexpr (IsLocal) {
+            tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, seq.tma_k_row(key_row), head_k, seq.tma_batch());
+            tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, seq.tma_k_row(key_row), head_k, seq.tma_batch());
+          } else {
+            tma_store_4d(&args.dk_map, st_k + c * (64 * 128), c * 64, key_row, head_k, seq.b);
+            tma_store_4d(&args.dv_map, st_v + c * (64 * 128), c * 64, key_row, head_k, seq.b);
+          }
         }
         tma_store_commit();
       }
@@ -908,6 +999,9 @@ struct BwdKernel {
     const int warp = threadIdx.x / 32;
     int n_block, head_k, batch;  // one CTA per tile: this CTA's
     Scheduler::cta_tile(n_block, head_k, batch);
+    if constexpr (!Persistent) {
+      if (tile_past_end(args.params, n_block, batch)) return;  // varlen: the whole CTA, before any barrier
+    }
     if (threadIdx.x == 0) {
       mbar_init(bar_kv(bars), 1);
       if constexpr (Persistent) mbar_init(bar_kv_empty(bars), 8);
@@ -933,18 +1027,29 @@ struct BwdKernel {
       const Scheduler sched(p);
       // Pipeline steps of tile (nb, bb): the query-block range of its key block, for its batch entry.
       auto tile_steps = [&](int nb, int bb) {
-        const SeqInfo seq(p, bb);
+        const Seq seq(p, bb);
         MaskT mask(seq.seqlen_q, seq.seqlen_k, p);
         return num_steps(args, mask, nb, mask.template m_block_min<kBlockM, kBlockN>(nb));
       };
       // Static order (non-causal).
       auto for_tiles = [&](auto&& body) {
         int g0 = 0, tile_iter = 0;
-        for (int tile = sched.first_tile(); tile < sched.num_tiles; tile = sched.next_static(tile), ++tile_iter) {
-          int nb, hk, bb;
-          sched.coords(p, tile, nb, hk, bb);
-          body(nb, hk, bb, g0, tile_iter);
-          g0 += tile_steps(nb, bb);
+        if constexpr (IsLocal) {
+          for (int tile = sched.first_tile(); tile < sched.num_tiles; tile = sched.next_static(tile)) {
+            int nb, hk, bb;
+            sched.coords(p, tile, nb, hk, bb);
+            if (tile_past_end(p, nb, bb)) continue;  // varlen: a tile no role runs (nor counts)
+            body(nb, hk, bb, g0, tile_iter);
+            g0 += tile_steps(nb, bb);
+            ++tile_iter;
+          }
+        } else {
+          for (int tile = sched.first_tile(); tile < sched.num_tiles; tile = sched.next_static(tile), ++tile_iter) {
+            int nb, hk, bb;
+            sched.coords(p, tile, nb, hk, bb);
+            body(nb, hk, bb, g0, tile_iter);
+            g0 += tile_steps(nb, bb);
+          }
         }
       };
       if (warp < 4) {

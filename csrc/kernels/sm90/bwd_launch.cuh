@@ -78,12 +78,12 @@ bool launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   if (!encode_bwd_maps(args, params, Kernel::kBlockM, Kernel::kBlockN)) return false;  // sm90_bwd_supported said no
   args.num_m_blocks = (params.seqlen_q + Kernel::kBlockM - 1) / Kernel::kBlockM;
   encode_dkdv_maps(args, params);
-  launch_bwd_preprocess<T, kHeadDim>(params, stream);
+  launch_bwd_preprocess<T, kHeadDim, IsLocal>(params, stream);  // (the general path reads varlen batches)
   const dim3 grid_main = Kernel::Scheduler::grid(params);  // (key blocks fastest: see bwd_scheduler.cuh)
   auto kernel = sm90_kernel<Kernel, BwdTmaArgs>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Kernel::kSmemBytes);
   kernel<<<grid_main, Kernel::kNThreads, Kernel::kSmemBytes, stream>>>(args);
-  launch_bwd_convert_dq<T, kHeadDim, Kernel::kNDq>(params, stream);
+  launch_bwd_convert_dq<T, kHeadDim, Kernel::kNDq, IsLocal>(params, stream);
   return true;
 }
 
