@@ -222,6 +222,7 @@ struct Features {
   double softcap = 0.0;                         // 0: off
   bool has_alibi = false, has_bias = false, has_sinks = false;
   bool bias_is_bool = false;
+  double dropout_p = 0.0;  // 0: off (set by the CUDA API layer after check_dropout; the general path runs it)
   // Whether the mask is the plain causal one or none at all: the only masks the kernels ran before issue 15.
   bool mask_is_plain() const { return window_left < 0 && attention_chunk == 0; }
   bool is_causal_only() const { return mask_is_plain() && window_right == 0; }

@@ -42,7 +42,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     dropout_p in [0, 1): dropout on the softmax probabilities, kept ones scaled by 1 / (1 - dropout_p), as SDPA; the
     mask comes from a (seed, offset) pair drawn from torch's generator for q's device (or `generator`), so
     torch.manual_seed makes it reproducible, each call draws a new one, and a CUDA graph replay draws fresh ones;
-    the backward regenerates the same mask (flash_ext.dropout_mask materializes it). CPU only for now.
+    the backward regenerates the same mask (flash_ext.dropout_mask materializes it). Dense batches (not varlen).
     deterministic=True makes the backward bitwise reproducible (CUDA; the CPU path always is).
     Returns out (batch, seqlen_q, nheads, head_dim), and with return_lse also the float32
     log-sum-exp (batch, nheads, seqlen_q) (not differentiable).
@@ -202,7 +202,7 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=
     attn_mask (bool: True = may attend; or float, added to the scores) broadcastable to
     (batch, nheads, seqlen_q, seqlen_k) is passed on as attn_bias. is_causal is aligned top-left as in SDPA
     (query i sees keys j <= i, also when seqlen_q != seqlen_k). attn_mask together with is_causal raises, as
-    SDPA's documentation and its math backend do. dropout_p as `attention`'s (CPU only for now).
+    SDPA's documentation and its math backend do. dropout_p as `attention`'s.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() != 4:

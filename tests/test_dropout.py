@@ -2,15 +2,18 @@
 against an independent Python implementation and the generator's published test vectors; the keep rate; forward and
 backward against the float64 reference with the exact mask (flash_ext.dropout_mask) alone and with causal, window,
 GQA, bias, softcap and sinks, odd lengths; reproducibility from torch's generator; bad input; gradcheck, opcheck,
-compile; sdpa(dropout_p=...). The CUDA kernels do not have dropout yet: CUDA raises NotImplementedError (tested).
+compile; sdpa(dropout_p=...). On CUDA: every kernel family (sm90, sm80, the sm80 backward's A100 fallback tiles) and
+both backward modes against the same reference, and the kernels' keep masks, read back from the forward's output and
+the backward's dV, bitwise equal to the CPU mask; fresh masks on each CUDA-graph replay.
 """
 import pytest
 import torch
 
 import flash_ext
-from conftest import requires_cuda
+from conftest import poison_cuda_allocator, requires_cuda
 from reference import assert_fa_close, attention_ref_grads
 from test_attention import make_inputs
+from test_inputs import A100_SMEM
 
 M32 = 0xFFFFFFFF
 
@@ -84,26 +87,28 @@ CASES = [
 ]
 
 
-def check_dropout_case(dtype, c):
+def check_dropout_case(dtype, c, device="cpu", deterministic=False):
     b, h, hk, sq, sk, d, p = c["b"], c["h"], c["hk"], c["sq"], c["sk"], c["d"], c["p"]
-    q, k, v = make_inputs("cpu", dtype, b, h, hk, sq, sk, d, False)
+    q, k, v = make_inputs(device, dtype, b, h, hk, sq, sk, d, False)
     kw = dict(c["kw"])
     bias = sinks = None
     if kw.pop("bias", False):
-        bias = torch.randn(b, 1, 1, sk, requires_grad=True)
+        bias = torch.randn(b, 1, 1, sk, device=device, requires_grad=True)
     if kw.pop("sinks", False):
-        sinks = torch.randn(h, requires_grad=True)
+        sinks = torch.randn(h, device=device, requires_grad=True)
     seed, offset = 987654321 + sq, 42
-    rng = torch.tensor([seed, offset], dtype=torch.int64)
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=device)
     window = kw.get("window_size", (-1, -1))
-    args = (q, k, v, None, kw.get("causal", False), False, window[0], window[1], kw.get("softcap", 0.0), None, bias,
-            0, sinks, None, None, 0, p, rng)
+    args = (q, k, v, None, kw.get("causal", False), deterministic, window[0], window[1], kw.get("softcap", 0.0), None,
+            bias, 0, sinks, None, None, 0, p, rng)
+    poison_cuda_allocator(((b, sq, h, d), dtype), ((b, h, sq), torch.float32))
     out, lse = torch.ops.flash_ext.attention_forward(*args)
     dout = torch.randn_like(out)
     leaves = [q, k, v] + ([bias] if bias is not None else []) + ([sinks] if sinks is not None else [])
     names = ["dq", "dk", "dv"] + (["dbias"] if bias is not None else []) + (["dsinks"] if sinks is not None else [])
+    poison_cuda_allocator(((b, sq, h, d), dtype), ((b, sk, hk, d), dtype))
     grads = torch.autograd.grad(out, leaves, dout)
-    mask = flash_ext.dropout_mask(b, h, sq, sk, p, seed, offset)
+    mask = flash_ext.dropout_mask(b, h, sq, sk, p, seed, offset).to(device)  # computed on the CPU
     ref_kw = dict(kw, dropout_mask=mask, dropout_p=p)
     out_ref, lse_ref, g_ref = attention_ref_grads(dout, q, k, v, True, bias, sinks, bias is not None, **ref_kw)
     out_pt, lse_pt, g_pt = attention_ref_grads(dout, q, k, v, False, bias, sinks, bias is not None, **ref_kw)
@@ -111,11 +116,14 @@ def check_dropout_case(dtype, c):
     assert_fa_close("lse", lse, lse_ref, lse_pt, torch.float32)
     for name, g in zip(names, grads):
         assert_fa_close(name, g, g_ref[name], g_pt[name], dtype)
-    # The backward regenerates the same mask: a second call and backward are bitwise the first.
+    # The backward regenerates the same mask: a second call and backward are bitwise the first (all but CUDA's dq
+    # outside the deterministic mode, which float atomics add up in any order).
     out2, _ = torch.ops.flash_ext.attention_forward(*args)
     assert torch.equal(out, out2)
-    for g1, g2 in zip(grads, torch.autograd.grad(out2, leaves, dout)):
-        assert torch.equal(g1, g2)
+    for name, g1, g2 in zip(names, grads, torch.autograd.grad(out2, leaves, dout)):
+        if name == "dq" and device != "cpu" and not deterministic:
+            continue
+        assert torch.equal(g1, g2), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -199,11 +207,150 @@ def test_gradcheck_opcheck_compile():
     assert torch.equal(got, want)
 
 
+# ---- CUDA: every kernel family and backward mode ----
+
+FAMILIES = {"sm90": dict(FLASH_EXT_BACKEND="sm90"), "sm80": dict(FLASH_EXT_BACKEND="sm80"),
+            "sm80-a100": dict(FLASH_EXT_BACKEND="sm80", FLASH_EXT_SM80_SMEM_LIMIT=str(A100_SMEM))}
+
+
+def use_family(monkeypatch, family):
+    """sm90 on a GPU without it runs sm80 (the launcher's choice, as for every call); sm80-a100: the sm80 backward's
+    fallback tiles (key-major S^T, as sm90's backward), forced on any GPU by the A100's shared-memory limit."""
+    monkeypatch.setenv("FLASH_EXT_CUDA_DROPOUT", "1")  # the kernels' opt-in (docs/ARCHITECTURE.md, "Dropout")
+    if family == "sm90" and torch.cuda.get_device_capability()[0] != 9:
+        family = "sm80"
+    for name, value in FAMILIES[family].items():
+        monkeypatch.setenv(name, value)
+
+
+CUDA_CASES = [dict(c, dtype=torch.bfloat16 if i % 2 == 0 else torch.float16) for i, c in enumerate(CASES)] + [
+    dict(dropout_case("d128-causal", 200, 333, 128, 2, 4, 2, 0.2, causal=True), dtype=torch.bfloat16),
+    dict(dropout_case("d128-gqa", 257, 190, 128, 1, 8, 2, 0.5), dtype=torch.float16),
+    dict(dropout_case("d96", 129, 190, 96, 1, 2, 1, 0.1), dtype=torch.bfloat16),
+    dict(dropout_case("d192-causal", 140, 140, 192, 1, 2, 2, 0.3, causal=True), dtype=torch.bfloat16),
+    dict(dropout_case("d256", 150, 260, 256, 1, 2, 2, 0.3), dtype=torch.bfloat16),
+]
+# The A100 tiles have no backward for head dims above 192 (test_inputs.py): no such case there.
+CUDA_GRID = [(f, det, c) for f in FAMILIES for det in (False, True) for c in CUDA_CASES
+             if not (f == "sm80-a100" and c["d"] > 192)]
+
+
 @requires_cuda
-def test_cuda_dropout_is_not_there_yet():
-    """Until the CUDA kernels have dropout (docs/ARCHITECTURE.md, "Dropout"), CUDA says so instead of ignoring it."""
+@pytest.mark.parametrize("family,deterministic,c", CUDA_GRID,
+                         ids=[f"{f}-{'det' if det else 'atomic'}-{c['name']}" for f, det, c in CUDA_GRID])
+def test_cuda_dropout_against_the_reference(monkeypatch, family, deterministic, c):
+    use_family(monkeypatch, family)
+    check_dropout_case(c["dtype"], c, "cuda", deterministic)
+
+
+def kernel_masks(b, h, sq, sk, d, p, seed, offset, causal=False):
+    """The keep masks the CUDA kernels apply, read back exactly. Forward: with q = 0 every visible key of a row has
+    P = 1 / (its count); V rows one-hot (key j -> column j mod d) and a bool bias that shows one chunk of d keys at
+    a time give out[i, j mod d] = Z_ij / (count (1 - p)). Backward: dO rows one-hot (row i -> column i mod d), zero
+    outside one chunk of d rows at a time, give dV[j, i mod d] = P_ij Z_ij / (1 - p)."""
+    dev, dt = "cuda", torch.bfloat16
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=dev)
+    q = torch.zeros(b, sq, h, d, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(b, sk, h, d, device=dev, dtype=dt, requires_grad=True)
+    eye_k = torch.eye(d, device=dev, dtype=dt)[torch.arange(sk, device=dev) % d]  # (sk, d)
+    v = eye_k.view(1, sk, 1, d).expand(b, sk, h, d).contiguous().requires_grad_()
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=dev)
+    if causal:
+        visible = torch.ones(sq, sk, dtype=torch.bool, device=dev).tril(sk - sq)
+    fwd = torch.zeros(b, h, sq, sk, dtype=torch.bool, device=dev)
+    base = lambda bias: (q, k, v, None, causal, False, -1, -1, 0.0, None, bias, 0, None, None, None, 0, p, rng)
+    for c0 in range(0, sk, d):
+        chunk = torch.zeros(sk, dtype=torch.bool, device=dev)
+        chunk[c0:c0 + d] = True
+        bias = chunk.view(1, 1, 1, sk).expand(b, h, sq, sk)
+        out, _ = torch.ops.flash_ext.attention_forward(*base(bias))
+        assert torch.isfinite(out).all()
+        got = out.float().permute(0, 2, 1, 3)[..., : min(d, sk - c0)] != 0  # (b, h, sq, keys of the chunk)
+        fwd[..., c0:c0 + d] = got
+    fwd &= visible
+    bwd = torch.zeros(b, h, sq, sk, dtype=torch.bool, device=dev)
+    out = torch.ops.flash_ext.attention(*base(None))
+    for r0 in range(0, sq, d):
+        rows = torch.arange(sq, device=dev)
+        do = torch.eye(d, device=dev, dtype=dt)[rows % d] * ((rows >= r0) & (rows < r0 + d)).to(dt)[:, None]
+        dout = do.view(1, sq, 1, d).expand(b, sq, h, d).contiguous()
+        (dv,) = torch.autograd.grad(out, (v,), dout, retain_graph=True)
+        assert torch.isfinite(dv).all()
+        got = dv.float().permute(0, 2, 3, 1)[:, :, : min(d, sq - r0), :] != 0  # (b, h, rows of the chunk, sk)
+        bwd[:, :, r0:r0 + d] = got
+    return fwd, bwd & visible, visible
+
+
+@requires_cuda
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("d,sq,sk,p,causal", [(128, 300, 333, 0.3, False), (64, 129, 77, 0.5, True),
+                                               (256, 100, 270, 0.1, False), (32, 50, 80, 0.9, False)])
+def test_cuda_kernel_masks_are_the_cpu_mask(monkeypatch, family, d, sq, sk, p, causal):
+    """The forward's and the backward's keep masks, read back from the kernels, equal flash_ext.dropout_mask (the
+    CPU's) bit for bit: the same Philox words at the same elements in every family, tile shape and layout."""
+    if family == "sm80-a100" and d > 192:
+        d = 192  # no A100 backward above 192 (test_inputs.py)
+    use_family(monkeypatch, family)
+    b, h, seed, offset = 2, 3, 1234567 + d, 99 + sq
+    fwd, bwd, visible = kernel_masks(b, h, sq, sk, d, p, seed, offset, causal)
+    want = flash_ext.dropout_mask(b, h, sq, sk, p, seed, offset).cuda() & visible
+    assert torch.equal(fwd, want), f"forward mask: {(fwd != want).sum().item()} of {want.numel()} elements differ"
+    assert torch.equal(bwd, want), f"backward mask: {(bwd != want).sum().item()} of {want.numel()} elements differ"
+    kept = want[visible.expand_as(want)].float()
+    sigma = (p * (1 - p) / kept.numel()) ** 0.5
+    assert abs(kept.mean().item() - (1 - p)) < 4 * sigma + 1e-9
+
+
+@requires_cuda
+def test_cuda_dropout_reproducible_and_fresh_in_graphs(monkeypatch):
+    """Same generator state -> bitwise the same output and gradients (deterministic mode); a captured call draws
+    a fresh mask on each replay (the seed / offset come from torch's graph-safe CUDA generator)."""
+    monkeypatch.setenv("FLASH_EXT_CUDA_DROPOUT", "1")
+    q, k, v = make_inputs("cuda", torch.bfloat16, 2, 4, 2, 300, 300, 64, False)
+    dout = torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        torch.cuda.manual_seed(5)
+        out = flash_ext.attention(q, k, v, dropout_p=0.2, causal=True, deterministic=True)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    torch.cuda.manual_seed(5)
+    other = flash_ext.attention(q, k, v, dropout_p=0.2, causal=True)
+    assert torch.equal(other, runs[0][0])
+    assert not torch.equal(flash_ext.attention(q, k, v, dropout_p=0.2, causal=True), runs[0][0])
+
+    qs, ks, vs = (t.detach().clone() for t in (q, k, v))
+    static_out = torch.empty_like(qs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the capture
+            static_out.copy_(flash_ext.attention(qs, ks, vs, dropout_p=0.5))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out.copy_(flash_ext.attention(qs, ks, vs, dropout_p=0.5))
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        replays.append(static_out.clone())
+    assert all(torch.isfinite(r).all() for r in replays)
+    assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2])
+
+
+@requires_cuda
+def test_cuda_dropout_is_opt_in(monkeypatch):
+    """Without FLASH_EXT_CUDA_DROPOUT=1 CUDA says that dropout is opt-in instead of ignoring it."""
+    monkeypatch.delenv("FLASH_EXT_CUDA_DROPOUT", raising=False)
     q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="dropout_p > 0 is not implemented on CUDA yet"):
+    with pytest.raises(NotImplementedError, match="FLASH_EXT_CUDA_DROPOUT=1"):
         flash_ext.attention(q, q, q, dropout_p=0.1)
+    assert torch.isfinite(flash_ext.attention(q, q, q, dropout_p=0.0)).all()
+
+
+@requires_cuda
+def test_cuda_dropout_mask_op():
     m = flash_ext.dropout_mask(1, 2, 20, 30, 0.2, 1, 2, device="cuda")
     assert m.is_cuda and torch.equal(m.cpu(), flash_ext.dropout_mask(1, 2, 20, 30, 0.2, 1, 2))

@@ -6,7 +6,7 @@ key blocks no query sees); each family.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/sanitize_cases.py
 
 Each forward and backward is synchronized and reported on its own line, so a run that stops shows where.
-FLASH_EXT_SANITIZE_ONLY=dense|local|varlen|blocksparse runs one group of cases.
+FLASH_EXT_SANITIZE_ONLY=dense|local|varlen|blocksparse|dropout runs one group of cases.
 FLASH_EXT_SANITIZE_DUMP_AFTER=<seconds> prints every thread's Python stack after that long (and again each period),
 for a run that hangs (a racecheck run did, on one machine; csrc/kernels/sm90/NOTES.md, seventh session).
 """
@@ -51,6 +51,13 @@ LOCAL_CASES = [
     (1, 129, 77, 2, 2, 256, False, dict(window_size=(20, 20), bias=("full", torch.bfloat16), alibi="h", sinks=True)),
 ]
 
+# Attention dropout (the general path's dropout instantiations): as LOCAL_CASES; tails, GQA, d256, both modes.
+DROPOUT_CASES = [
+    (2, 113, 203, 4, 2, 64, False, dict(dropout_p=0.2)),
+    (1, 300, 257, 2, 1, 128, True, dict(dropout_p=0.5, causal=True)),
+    (1, 130, 77, 2, 2, 256, False, dict(dropout_p=0.1, window_size=(30, 0), softcap=4.0)),
+    (1, 77, 130, 2, 2, 96, True, dict(dropout_p=0.3, bias=("kpm", torch.bool), sinks=True)),
+]
 
 # Variable-length batches: (per-sequence (len_q, len_k[, seqused_k]), nheads, nheads_k, head_dim, deterministic,
 # kwargs). Empty sequences, lengths off the block sizes, trailing rows of no sequence, keys past seqused_k.
@@ -122,7 +129,7 @@ def main():
     if dump_after > 0:
         faulthandler.dump_traceback_later(dump_after, repeat=True)
     only = os.environ.get("FLASH_EXT_SANITIZE_ONLY", "")
-    names = ("dense", "local", "varlen", "blocksparse")
+    names = ("dense", "local", "varlen", "blocksparse", "dropout")
     assert only in ("",) + names, f"FLASH_EXT_SANITIZE_ONLY={only!r}: expected one of {names}"
     groups = {g: not only or only == g for g in names}
     families = [os.environ.get("FLASH_EXT_BACKEND", "")] if os.environ.get("FLASH_EXT_BACKEND") else ["sm80", "sm90"]
@@ -141,7 +148,8 @@ def main():
             torch.autograd.grad(out, (q, k, v), dout)
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
-        for b, sq, sk, h, hk, d, det, kw in LOCAL_CASES if groups["local"] else []:
+        for b, sq, sk, h, hk, d, det, kw in ((LOCAL_CASES if groups["local"] else []) +
+                                             (DROPOUT_CASES if groups["dropout"] else [])):
             q, k, v = make((b, sq, h, d), 0), make((b, sk, hk, d), 0), make((b, sk, hk, d), 0)
             case = f"{family} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} det={det} {kw}"
             args, leaves = feature_tensors(b, sq, sk, h, kw)
@@ -176,7 +184,7 @@ def main():
             torch.cuda.synchronize()
             print(f"{case}: backward done", flush=True)
         ran = sum(len(c) for c, g in ((CASES, "dense"), (LOCAL_CASES, "local"), (VARLEN_CASES, "varlen"),
-                                      (BLOCKSPARSE_CASES, "blocksparse")) if groups[g])
+                                      (BLOCKSPARSE_CASES, "blocksparse"), (DROPOUT_CASES, "dropout")) if groups[g])
         print(f"{family}: {ran} cases ran", flush=True)
 
 

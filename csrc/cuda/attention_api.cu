@@ -19,6 +19,7 @@
 
 #include "../attention_checks.h"
 #include "../block_mask_as_bias.h"
+#include "../kernels/dropout.h"
 #include "../kernels/instantiations/dispatch.h"
 #include "../kernels/params.h"
 #include "../kernels/seqinfo.cuh"
@@ -144,7 +145,7 @@ void fill_mask_params(FwdParams& p, const Features& f, const AttnShape& s, bool 
   // batches) runs for any window, chunk, softcap, ALiBi, sinks or varlen batch; causal then is its window (-1, 0), and
   // the plain causal policy does not run.
   p.is_local = varlen || !f.mask_is_plain() || f.window_right > 0 || f.softcap > 0.0 || f.has_alibi || f.has_sinks ||
-               f.has_bias;
+               f.has_bias || f.dropout_p > 0.0;
   p.is_causal = f.is_causal_only() && !p.is_local;
   if (!p.is_local) return;  // (the window fields stay 0: no other policy reads them)
   const int64_t unbounded = s.seqlen_q + s.seqlen_k;  // |i' - j| < seqlen_q + seqlen_k for every row and key
@@ -203,6 +204,26 @@ void fill_bias_params(FwdParams& p, const at::Tensor& b, const at::Tensor& q) {
   TORCH_INTERNAL_ASSERT(p.bias_kind != 3 || b.scalar_type() == q.scalar_type());
   int64_t* strides[4] = {&p.bias_batch_stride, &p.bias_head_stride, &p.bias_row_stride, &p.bias_col_stride};
   for (int d = 0; d < 4; ++d) *strides[d] = b.size(d) == 1 ? 0 : b.stride(d);
+}
+
+// FLASH_EXT_CUDA_DROPOUT=1 switches the dropout kernels on: opt-in until their tests have passed on a GPU
+// (docs/ARCHITECTURE.md, "Dropout"); otherwise dropout_p > 0 raises NotImplementedError on CUDA.
+bool cuda_dropout_enabled(const Features& f) {
+  if (f.dropout_p <= 0.0) return true;
+  const char* env = std::getenv("FLASH_EXT_CUDA_DROPOUT");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+constexpr const char* kCudaDropoutOff =
+    "dropout_p > 0 on CUDA: the dropout kernels are opt-in (FLASH_EXT_CUDA_DROPOUT=1) until their tests have passed "
+    "on a GPU (docs/ARCHITECTURE.md, \"Dropout\"); the CPU path has dropout";
+
+// Dropout's fields (general path only; FwdParams): `rng` is the op's dropout_rng as the kernels read it (two
+// contiguous int64 on q's device), kept alive by the caller until the launch.
+void fill_dropout_params(FwdParams& p, const Features& f, const at::Tensor& rng) {
+  if (f.dropout_p <= 0.0) return;
+  p.dropout_rng = rng.data_ptr<int64_t>();
+  p.dropout_threshold = DropoutRng::threshold_of(f.dropout_p);
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - f.dropout_p));
 }
 
 // alibi_slopes or sinks (checked by check_features: (nheads,), or (batch, nheads) for the slopes, float32 or q's
@@ -323,11 +344,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   // Every issue-15 feature runs on CUDA (docs/ARCHITECTURE.md, "Issue 15 plan"); check_features checks them as on
   // the CPU.
-  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
-                                    attention_chunk, sinks);
-  TORCH_CHECK_NOT_IMPLEMENTED(!check_dropout(q_in, dropout_p, dropout_rng),
-                              "dropout_p > 0 is not implemented on CUDA yet (docs/ARCHITECTURE.md, \"Dropout\"); "
-                              "the CPU path has it");
+  Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                              attention_chunk, sinks);
+  if (check_dropout(q_in, dropout_p, dropout_rng)) f.dropout_p = dropout_p;
+  TORCH_CHECK_NOT_IMPLEMENTED(cuda_dropout_enabled(f), kCudaDropoutOff);
   const BlockSparse sp = check_block_sparse(q_in, s, block_kv, block_q, block_size);
   if (sp.on) {  // the block mask folded into attn_bias for now (csrc/block_mask_as_bias.h)
     return attention_forward_cuda(q_in, k_in, v_in, softmax_scale, causal_in, false, window_left, window_right,
@@ -357,6 +377,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   fill_score_mod_params(params, f, alibi, sinks_f32, scale);
   const at::Tensor bias = bias_for_kernels(attn_bias);
   fill_bias_params(params, bias, q);
+  const at::Tensor rng = f.dropout_p > 0.0 ? dropout_rng->contiguous() : at::Tensor();
+  fill_dropout_params(params, f, rng);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
   launch_forward(params, props, stream);
@@ -372,10 +394,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     int64_t block_size, double dropout_p, const std::optional<at::Tensor>& dropout_rng) {
   const AttnShape s = check_qkv(q_in, k_in, v_in);
   const double scale = resolve_scale(softmax_scale, s.head_dim);
-  const Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
-                                    attention_chunk, sinks, bias_requires_grad);
-  TORCH_CHECK_NOT_IMPLEMENTED(!check_dropout(q_in, dropout_p, dropout_rng),
-                              "dropout_p > 0 is not implemented on CUDA yet (docs/ARCHITECTURE.md, \"Dropout\")");
+  Features f = check_features(q_in, s, causal_in, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                              attention_chunk, sinks, bias_requires_grad);
+  if (check_dropout(q_in, dropout_p, dropout_rng)) f.dropout_p = dropout_p;
+  TORCH_CHECK_NOT_IMPLEMENTED(cuda_dropout_enabled(f), kCudaDropoutOff);
   const BlockSparse sp = check_block_sparse(q_in, s, block_kv, block_q, block_size);
   if (sp.on) {  // as the forward: the block mask folded into attn_bias (csrc/block_mask_as_bias.h)
     auto [dq, dk, dv, dbias, dsinks] = attention_backward_cuda(
@@ -433,6 +455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   fill_score_mod_params(params, f, alibi, sinks_f32, scale);
   const at::Tensor bias = bias_for_kernels(attn_bias);
   fill_bias_params(params, bias, q);
+  const at::Tensor rng = f.dropout_p > 0.0 ? dropout_rng->contiguous() : at::Tensor();
+  fill_dropout_params(params, f, rng);
   // dbias: dS of every (batch, head, row, key) in float32 (zero where no tile ran: masked, or a key block no query
   // block sees), summed over the bias's broadcast dims below.
   if (bias_requires_grad) {

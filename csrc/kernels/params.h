@@ -71,6 +71,13 @@ struct FwdParams {
   const int* cu_seqlens_k;
   const int* seqused_k;
   int total_q, total_k;
+  // Attention dropout (general path only; csrc/kernels/dropout.cuh): (seed, offset) as two int64 on the device (the
+  // op's dropout_rng, drawn from torch's generator without a host sync); nullptr: no dropout. An element is kept
+  // iff its Philox word >= dropout_threshold = floor(p 2^32); kept probabilities are scaled by dropout_scale =
+  // 1 / (1 - p). Dense batches only (the counters use batch, nheads, seqlen_q, seqlen_k above).
+  const int64_t* dropout_rng;
+  uint32_t dropout_threshold;
+  float dropout_scale;
 };
 
 struct BwdParams : public FwdParams {

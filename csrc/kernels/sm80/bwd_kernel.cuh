@@ -26,6 +26,7 @@
 #include "../ptx.cuh"
 #include "../mask.cuh"
 #include "../score_mod.cuh"
+#include "../dropout.cuh"
 #include "../seqinfo.cuh"
 
 namespace flash_ext {
@@ -230,7 +231,7 @@ bwd_convert_dq_kernel(const __grid_constant__ BwdParams params) {
 // ==================================================================================================
 // 2. dK, dV (and dQ through atomics unless params.deterministic).
 // Grid: (ceil(seqlen_k / kBlockN), nheads_k, batch). Block: kNThreads. Dynamic smem: kSmemBytes.
-template <typename Traits, typename T, bool IsCausal, bool IsLocal = false>
+template <typename Traits, typename T, bool IsCausal, bool IsLocal = false, bool Dropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
 bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
@@ -486,6 +487,14 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
     // dP^T = V dO^T.
     float acc_dp[kSubM / 8][4];
     gemm_sub(acc_dp, v_base, do_base);
+    // Dropout (dropout.cuh): dP^T o Z / (1 - p) here; the P^T of dV += P^T dO is P^T o Z / (1 - p) (below).
+    uint64_t keep[(kSubM / 2 + 63) / 64];
+    if constexpr (Dropout) {
+      const DropoutDev drop(params, b, h);
+      drop.template oct_keep<kSubM / 2>(keep, m_block * kBlockM + q0, n_block * kBlockN + 16 * wn + g, t);
+      dropout_apply(flat(acc_dp), keep, drop.scale);
+    }
+    (void)keep;
     if constexpr (IsLocal) {
       // The sinks' gradient terms exp2(sink_log2 - lse_log2) P^T dP^T (params.h); the kWarpsD warps of a key row
       // group hold the same P^T and dP^T: one adds them.
@@ -536,8 +545,13 @@ bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
           }
         }
       }
-      a_p[j / 2][(j & 1) * 2] = pack2<T>(acc_s[j][0], acc_s[j][1]);
-      a_p[j / 2][(j & 1) * 2 + 1] = pack2<T>(acc_s[j][2], acc_s[j][3]);
+      float pv[4] = {acc_s[j][0], acc_s[j][1], acc_s[j][2], acc_s[j][3]};  // the P^T of dV += P^T dO
+      if constexpr (Dropout) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pv[e] = dropout_kept(keep, 4 * j + e) ? pv[e] * params.dropout_scale : 0.f;
+      }
+      a_p[j / 2][(j & 1) * 2] = pack2<T>(pv[0], pv[1]);
+      a_p[j / 2][(j & 1) * 2 + 1] = pack2<T>(pv[2], pv[3]);
       a_ds[j / 2][(j & 1) * 2] = pack2<T>(ds[0], ds[1]);
       a_ds[j / 2][(j & 1) * 2 + 1] = pack2<T>(ds[2], ds[3]);
     }
@@ -624,7 +638,7 @@ struct DqTraits {
   static constexpr int kSmemBytes = (2 * kBlockM * kStride + 4 * kBlockN * kStride) * 2;
 };
 
-template <typename Traits, typename T, bool IsCausal, bool IsLocal = false>
+template <typename Traits, typename T, bool IsCausal, bool IsLocal = false, bool Dropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads)
 bwd_dq_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
@@ -760,6 +774,15 @@ bwd_dq_kernel(const __grid_constant__ BwdParams params) {
           row = m_block * kBlockM + 16 * warp + g + 8 * ((i % 4) / 2);
           col = n_block * kBlockN + 8 * (i / 4) + 2 * t + i % 2;
         });
+      }
+      if constexpr (Dropout) {  // dP o Z / (1 - p) (dropout.cuh); dS = P o (dP - D) below
+        const DropoutDev drop(params, b, h);
+        uint64_t keep[(kBlockN / 2 + 63) / 64];
+        drop.template quad_keep<kBlockN / 2>(keep, [&](int j, int& row, int& col) {
+          row = m_block * kBlockM + 16 * warp + g;
+          col = n_block * kBlockN + 8 * j + 2 * t;
+        });
+        dropout_apply(flat(acc_dp), keep, drop.scale);
       }
     }
 #pragma unroll

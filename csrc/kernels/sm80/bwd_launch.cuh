@@ -65,7 +65,7 @@ inline void set_smem(Kernel kernel, int bytes) {
 
 // All kernels of one backward for a given tile configuration (the harness also calls this directly
 // to compare configurations).
-template <typename Traits, typename DqT, typename T, bool IsCausal, bool IsLocal = false>
+template <typename Traits, typename DqT, typename T, bool IsCausal, bool IsLocal = false, bool Dropout = false>
 void run_bwd_kernels(const BwdParams& params, cudaStream_t stream) {
   constexpr int kHeadDim = Traits::kHeadDim;
   const bool det = params.deterministic;
@@ -79,8 +79,8 @@ void run_bwd_kernels(const BwdParams& params, cudaStream_t stream) {
   // 2. dK, dV (+ dQ atomics).
   {
     auto kernel = [] {
-      if constexpr (Traits::kTiled) return bwd_dkdv_tiled_kernel<Traits, T, IsCausal, IsLocal>;
-      else return bwd_dkdv_kernel<Traits, T, IsCausal, IsLocal>;
+      if constexpr (Traits::kTiled) return bwd_dkdv_tiled_kernel<Traits, T, IsCausal, IsLocal, Dropout>;
+      else return bwd_dkdv_kernel<Traits, T, IsCausal, IsLocal, Dropout>;
     }();
     set_smem(kernel, Traits::kSmemBytes);
     const dim3 grid((params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, params.nheads_k, params.batch);
@@ -89,7 +89,7 @@ void run_bwd_kernels(const BwdParams& params, cudaStream_t stream) {
 
   // 3. dq.
   if (det) {
-    auto kernel = bwd_dq_kernel<DqT, T, IsCausal, IsLocal>;
+    auto kernel = bwd_dq_kernel<DqT, T, IsCausal, IsLocal, Dropout>;
     set_smem(kernel, DqT::kSmemBytes);
     const dim3 grid((params.seqlen_q + DqT::kBlockM - 1) / DqT::kBlockM, params.nheads, params.batch);
     kernel<<<grid, DqT::kNThreads, DqT::kSmemBytes, stream>>>(params);
@@ -103,7 +103,7 @@ void run_bwd_kernels(const BwdParams& params, cudaStream_t stream) {
 // may assume (the device's opt-in limit, lowered to params.sm80_smem_limit when that is set) is below
 // what the main one needs. Returns false (nothing launched) where neither configuration fits, or the
 // deterministic dQ kernel does not.
-template <typename T, int kHeadDim, bool IsCausal, bool IsLocal>
+template <typename T, int kHeadDim, bool IsCausal, bool IsLocal, bool Dropout>
 bool run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
   using Traits = typename BwdConfig<kHeadDim>::Traits;
   using Fallback = typename BwdConfig<kHeadDim>::Fallback;
@@ -114,12 +114,12 @@ bool run_bwd_impl(const BwdParams& params, cudaStream_t stream) {
   if (params.sm80_smem_limit > 0 && params.sm80_smem_limit < smem_limit) smem_limit = params.sm80_smem_limit;
   if (params.deterministic && DqT::kSmemBytes > smem_limit) return false;
   if (Traits::kSmemBytes <= smem_limit) {
-    run_bwd_kernels<Traits, DqT, T, IsCausal, IsLocal>(params, stream);
+    run_bwd_kernels<Traits, DqT, T, IsCausal, IsLocal, Dropout>(params, stream);
     return true;
   }
   if constexpr (!std::is_same<Fallback, void>::value) {
     if (Fallback::kSmemBytes <= smem_limit) {
-      run_bwd_kernels<Fallback, DqT, T, IsCausal, IsLocal>(params, stream);
+      run_bwd_kernels<Fallback, DqT, T, IsCausal, IsLocal, Dropout>(params, stream);
       return true;
     }
   }
@@ -132,8 +132,8 @@ template <int kHeadDim>
 bool run_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
   bool launched = false;
   DTYPE_SWITCH(params.is_bf16, [&] {
-    MASK_SWITCH(params.is_causal, params.is_local, IsCausal, IsLocal, [&] {
-      launched = bwd_sm80::run_bwd_impl<elem_type, kHeadDim, IsCausal, IsLocal>(params, stream);
+    VARIANT_SWITCH(params.is_causal, params.is_local, params.dropout_rng != nullptr, IsCausal, IsLocal, Dropout, [&] {
+      launched = bwd_sm80::run_bwd_impl<elem_type, kHeadDim, IsCausal, IsLocal, Dropout>(params, stream);
     });
   });
   return launched;

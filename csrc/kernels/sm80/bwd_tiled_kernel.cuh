@@ -276,7 +276,7 @@ __device__ __forceinline__ void red_tile_staged(const float (&acc)[MT][NT][4], f
 }
 
 // Grid: (ceil(seqlen_k / kBlockN), nheads_k, batch). Block: kNThreads. Dynamic smem: kSmemBytes.
-template <typename Traits, typename T, bool IsCausal, bool IsLocal = false>
+template <typename Traits, typename T, bool IsCausal, bool IsLocal = false, bool Dropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
 bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
   constexpr int kHeadDim = Traits::kHeadDim, kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
@@ -497,6 +497,18 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
       warp_gemm_ss<T, kSdpMT, kSdpNT, kHeadDim / 16, false, false, kStride, kStride, Traits::kUnrollSdP>(acc_dp, do_base + sdp_a_off,
                                                                                      v_base + sdp_b_off);
     }
+    // Dropout (dropout.cuh): dP o Z / (1 - p) here; the P that dV += P^T dO reads is P o Z / (1 - p) (below).
+    constexpr int kSdpElems = kSdpMT * kSdpNT * 4;
+    uint64_t keep[(kSdpElems + 63) / 64];
+    if constexpr (Dropout) {
+      const DropoutDev drop(params, b, h);
+      drop.template quad_keep<kSdpElems>(keep, [&](int q, int& row, int& col) {  // quad q: acc_s[q / NT][q % NT]
+        row = m_block * kBlockM + sdp_wm * Traits::kSdpWM + (q / kSdpNT) * 16 + g;
+        col = n_block * kBlockN + sdp_wn * Traits::kSdpWN + (q % kSdpNT) * 8 + 2 * t;
+      });
+      dropout_apply(flat(acc_dp), keep, drop.scale);
+    }
+    (void)keep;
     if constexpr (IsLocal) {
       if (params.dsink_accum != nullptr) {  // the sinks' gradient terms exp(sink - lse) P dP (params.h)
         const float sink_log2 = sink_log2_of(params, h);
@@ -556,7 +568,13 @@ bwd_dkdv_tiled_kernel(const __grid_constant__ BwdParams params) {
               ds1 *= mod.dtanh_from_p(p1, lse_r, add1);
             }
           }
-          *reinterpret_cast<uint32_t*>(p_smem + row_l * kPStride + col_l) = pack2<T>(p0, p1);
+          float pv0 = p0, pv1 = p1;  // the P of dV += P^T dO
+          if constexpr (Dropout) {
+            const int i = (mi * kSdpNT + ni) * 4 + 2 * half;  // flat index of acc_s[mi][ni][2 half]
+            pv0 = dropout_kept(keep, i) ? p0 * params.dropout_scale : 0.f;
+            pv1 = dropout_kept(keep, i + 1) ? p1 * params.dropout_scale : 0.f;
+          }
+          *reinterpret_cast<uint32_t*>(p_smem + row_l * kPStride + col_l) = pack2<T>(pv0, pv1);
           *reinterpret_cast<uint32_t*>(ds_smem + row_l * kPStride + col_l) = pack2<T>(ds0, ds1);
         }
       }

@@ -26,6 +26,7 @@
 #include "../ptx.cuh"
 #include "../mask.cuh"
 #include "../score_mod.cuh"
+#include "../dropout.cuh"
 #include "../seqinfo.cuh"
 #include "../softmax.cuh"
 #include "smem_layout.cuh"
@@ -124,7 +125,7 @@ __device__ __forceinline__ void softmax_rescale_lazy(OnlineSoftmax<kMTiles>& sm,
     }
 }
 
-template <typename Traits, bool IsCausal, bool IsLocal = false>
+template <typename Traits, bool IsCausal, bool IsLocal = false, bool Dropout = false>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d256 64x64 spill 650 bytes (sm_90a)
     fwd_kernel(const __grid_constant__ FwdParams params) {
   using T = typename Traits::T;
@@ -275,6 +276,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
 
   auto iteration = [&](const int n_block, auto is_masked_tag) {
     constexpr bool kIsMasked = decltype(is_masked_tag)::value;
+    // Dropout (dropout.cuh): this block's keep bits, computed before S exists (fewer live registers; the Philox
+    // calls overlap the K load in flight), applied to P before P V.
+    uint64_t keep[(kMTiles * kNTiles * 4 + 63) / 64];
+    if constexpr (Dropout) {  // quad q: acc_s[q / kNTiles][q % kNTiles]
+      const DropoutDev drop(params, b, h);
+      drop.template quad_keep<kMTiles * kNTiles * 4>(keep, [&](int q, int& row, int& col) {
+        row = row_base + warp_row0 + (q / kNTiles) * 16 + g;
+        col = n_block * kBlockN + (q % kNTiles) * 8 + 2 * t;
+      });
+    }
+    (void)keep;
     float acc_s[kMTiles][kNTiles][4];  // S = Q K^T of this warp's rows, m16n8 accumulator layout
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
@@ -410,6 +422,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
     } else {
       softmax.rescale(acc_s, acc_o, scale_log2);
     }
+    if constexpr (Dropout) dropout_zero(flat(acc_s), keep);  // dropped P -> 0 in P V (the row sums keep it)
 
     // O += P V: the accumulators of n-tiles 2kk and 2kk+1 are the A fragment of k-step kk.
 #pragma unroll
@@ -459,6 +472,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)  // a 3-block cap made d
     }
   } else {
     softmax.finalize(acc_o, params.scale_softmax, lse);
+  }
+  if constexpr (Dropout) {  // the kept probabilities' 1 / (1 - p)
+    const float scale = params.dropout_scale;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] *= scale;
   }
 
   // O -> shared, into this warp's own rows of the Q tile (only this warp read them).

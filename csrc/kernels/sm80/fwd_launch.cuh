@@ -13,11 +13,11 @@ namespace flash_ext {
 
 // One configuration: kBlockM query rows per block, kBlockN keys per step, kNWarps warps.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN, int kNWarps, bool IsCausal,
-          bool kXorQAddr = false, bool kXorKVAddr = false, int kFlags = 0, bool IsLocal = false>
+          bool kXorQAddr = false, bool kXorKVAddr = false, int kFlags = 0, bool IsLocal = false, bool Dropout = false>
 void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   using Traits = FwdTraits<T, kHeadDim, kBlockM, kBlockN, kNWarps, kXorQAddr, kXorKVAddr, kFlags>;
   constexpr int kSmemBytes = Traits::kSmemBytes;
-  auto kernel = &fwd_kernel<Traits, IsCausal, IsLocal>;
+  auto kernel = &fwd_kernel<Traits, IsCausal, IsLocal, Dropout>;
   if (kSmemBytes > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   }
@@ -70,9 +70,9 @@ template <int kHeadDim>
 bool run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   using Cfg = FwdTileConfig<kHeadDim>;
   DTYPE_SWITCH(params.is_bf16, [&] {
-    MASK_SWITCH(params.is_causal, params.is_local, IsCausal, IsLocal, [&] {
+    VARIANT_SWITCH(params.is_causal, params.is_local, params.dropout_rng != nullptr, IsCausal, IsLocal, Dropout, [&] {
       launch_fwd_sm80<elem_type, kHeadDim, Cfg::kBlockM, Cfg::kBlockN, Cfg::kNWarps, IsCausal, Cfg::kXorQAddr,
-                      Cfg::kXorKVAddr, Cfg::kFlags, IsLocal>(params, stream);
+                      Cfg::kXorKVAddr, Cfg::kFlags, IsLocal, Dropout>(params, stream);
     });
   });
   return true;

@@ -45,6 +45,7 @@
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
+#include "../dropout.cuh"
 #include "../mask.cuh"
 #include "../params.h"
 #include "../ptx.cuh"
@@ -317,7 +318,7 @@ inline void launch_bwd_convert_dq(const BwdParams& p, cudaStream_t stream) {
 // DkLast: the step order of the header (else plain). Deterministic: dQ reduce-adds ordered by key block, issued by
 // the dQ-writer warp (else by the consumers, in arrival order).
 template <typename T_, int kHeadDim_, int kBlockM_, int kStages_, bool IsCausal_, bool DqSplitKeys_, bool DkLast_,
-          bool Deterministic_ = false, bool Persistent_ = false, bool IsLocal_ = false>
+          bool Deterministic_ = false, bool Persistent_ = false, bool IsLocal_ = false, bool Dropout_ = false>
 struct BwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -327,6 +328,7 @@ struct BwdKernel {
   static constexpr int kStages = kStages_;
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool IsLocal = IsLocal_;
+  static constexpr bool Dropout = IsLocal_ && Dropout_;  // (dropout.cuh; its own instantiation of the general path)
   using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges on both sides (mask.cuh)
   // The general path reads variable-length batches too (seqinfo.cuh); the plain and causal kernels dense ones only.
   using Seq = SeqInfoT<int, IsLocal>;
@@ -642,6 +644,16 @@ struct BwdKernel {
     auto q_stage = [&](int) { return smem + kOffQ + pipe.stage() * kQBytes; };
     auto do_stage = [&](int) { return smem + kOffDo + pipe.stage() * kQBytes; };
 
+    // Dropout: the keep bits of the current step (keep_bits, at the top of the step, before S^T / dP^T hold registers).
+    uint64_t keep[(kBlockM / 2 + 63) / 64];
+    (void)keep;
+    auto keep_bits = [&](int it) {
+      int hh, m_block;
+      step_coords(args, mask, n_block, m_block_min, it, hh, m_block);
+      const DropoutDev drop(p, batch, head_k * p.h_h_k_ratio + hh);
+      drop.template oct_keep<kBlockM / 2>(keep, m_block * kBlockM, key0, t);
+    };
+
     // ---- S^T = K_w Q^T, dP^T = V_w dO^T (two commit groups)
     auto issue_sdp = [&](int it) {
       const uint32_t q_s = q_stage(it), do_s = do_stage(it);
@@ -685,6 +697,9 @@ struct BwdKernel {
       if (need_mask) mask_pt(s_reg, mask, m_block * kBlockM, key0, t);
       wgmma_wait<0>();
       fence_regs(dp_reg);
+      // Dropout (dropout.cuh; the step's keep bits from the top of the step): dP^T o Z / (1 - p) here; P^T o Z /
+      // (1 - p) for dV below, after its last use as P.
+      if constexpr (Dropout) dropout_apply(dp_reg, keep, p.dropout_scale);
       if constexpr (IsLocal) {
         if (p.dsink_accum != nullptr) {  // the sinks' gradient terms, from P^T and dP^T (params.h)
           const int h = head_k * p.h_h_k_ratio + hh;
@@ -702,6 +717,7 @@ struct BwdKernel {
         if (mod.has_softcap()) {
           softcap_grad_st<T>(dp_reg, s_reg, smem + kOffLse, stage * kBlockM, mod, p, m_block * kBlockM, key0, t);
         }
+        if constexpr (Dropout) dropout_apply(s_reg, keep, p.dropout_scale);
       }
       // P^T, dS^T as A operands of dV += P^T dO, dK += dS^T Q (k-step kk: q columns 16kk..16kk+15).
 #pragma unroll
@@ -905,6 +921,7 @@ struct BwdKernel {
           named_bar_sync(kBarDq + cw, 128);
         }
       }
+      if constexpr (Dropout) keep_bits(it);
       issue_sdp(it);
       softmax(it);
       if constexpr (DkLast) {

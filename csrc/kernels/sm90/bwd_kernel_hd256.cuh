@@ -62,7 +62,7 @@ __device__ __forceinline__ void red_add_v4_f32(float* dst, float a, float b, flo
 }
 
 // ------------------------------------------------------------------------------------------ main kernel
-template <typename T_, bool IsCausal_, bool Stagger_, bool Det_ = false, bool IsLocal_ = false>
+template <typename T_, bool IsCausal_, bool Stagger_, bool Det_ = false, bool IsLocal_ = false, bool Dropout_ = false>
 struct BwdKernelHd256 {
   using T = T_;
   static constexpr int kHeadDim = 256;
@@ -74,6 +74,7 @@ struct BwdKernelHd256 {
   static_assert(kDoStages == kStages && kStages == 2, "one ring position for Q, dO and the P^T / dS^T buffers");
   static constexpr bool IsCausal = IsCausal_;
   static constexpr bool IsLocal = IsLocal_;
+  static constexpr bool Dropout = IsLocal_ && Dropout_;  // (dropout.cuh; its own instantiation of the general path)
   using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges on both sides (mask.cuh)
   // Stagger: the CTA of key block n_block visits its query blocks starting at (n_block mod their count) and wraps,
   // so that concurrently running CTAs (neighbouring key blocks) add into different dq_accum blocks instead of all
@@ -315,6 +316,14 @@ struct BwdKernelHd256 {
       }
       wgmma_wait<0>();
       fence_regs(dp_reg);
+      // Dropout (dropout.cuh): dP^T o Z / (1 - p) here; P^T o Z / (1 - p) for dV below, after its last use as P.
+      uint64_t keep[(kQh / 2 + 63) / 64];
+      if constexpr (Dropout) {
+        const DropoutDev drop(p, batch, head_k * p.h_h_k_ratio + hh_of(it));
+        drop.template oct_keep<kQh / 2>(keep, m_block * kBlockM + cw * kQh, key0, t);
+        dropout_apply(dp_reg, keep, drop.scale);
+      }
+      (void)keep;
       if constexpr (IsLocal) {
         if (p.dsink_accum != nullptr) {  // the sinks' gradient terms, from P^T and dP^T (params.h)
           const int h = head_k * p.h_h_k_ratio + hh_of(it);
@@ -344,6 +353,7 @@ struct BwdKernelHd256 {
           softcap_grad_st<T>(dp_reg, s_reg, smem + kOffLse, stage * kBlockM + cw * kQh, mod, p,
                              m_block * kBlockM + cw * kQh, key0, t);
         }
+        if constexpr (Dropout) dropout_apply(s_reg, keep, p.dropout_scale);
       }
     };
 

@@ -66,10 +66,10 @@ inline void encode_dkdv_maps(BwdTmaArgs& args, const BwdParams& p) {
 }
 
 template <typename T, int kHeadDim, int kBlockM, int kStages, bool IsCausal, bool DqSplitKeys, bool DkLast,
-          bool Deterministic = false, bool Persistent = false, bool IsLocal = false>
+          bool Deterministic = false, bool Persistent = false, bool IsLocal = false, bool Dropout = false>
 bool launch_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   using Kernel =
-      BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, DkLast, Deterministic, Persistent, IsLocal>;
+      BwdKernel<T, kHeadDim, kBlockM, kStages, IsCausal, DqSplitKeys, DkLast, Deterministic, Persistent, IsLocal, Dropout>;
   // Deterministic kernels need the counters (zeroed by the preprocess kernel below); sm90_bwd_supported checks
   // that the API allocated them.
   if (Deterministic && params.dq_semaphore == nullptr) return false;
@@ -93,15 +93,15 @@ template <int kHeadDim>
 bool run_bwd_sm90(const BwdParams& params, cudaStream_t stream) {
   return DTYPE_SWITCH(params.is_bf16, [&] {
     // (The local mask runs in the non-causal tiles: MASK_SWITCH.)
-    return MASK_SWITCH(params.is_causal, params.is_local, IsCausal, IsLocal, [&] {
+    return VARIANT_SWITCH(params.is_causal, params.is_local, params.dropout_rng != nullptr, IsCausal, IsLocal, Dropout, [&] {
       if (params.deterministic) {
         using Tile = sm90::BwdTileDet<kHeadDim, IsCausal>;
         return sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                                     Tile::DkLast, true, false, IsLocal>(params, stream);
+                                     Tile::DkLast, true, false, IsLocal, Dropout>(params, stream);
       } else {
         using Tile = sm90::BwdTile<kHeadDim, IsCausal>;
         return sm90::launch_bwd_sm90<elem_type, kHeadDim, Tile::kBlockM, Tile::kStages, IsCausal, Tile::DqSplitKeys,
-                                     Tile::DkLast, false, Tile::Persistent, IsLocal>(params, stream);
+                                     Tile::DkLast, false, Tile::Persistent, IsLocal, Dropout>(params, stream);
       }
     });
   });

@@ -27,9 +27,9 @@ template <bool IsCausal> struct BwdTileHd256Det : BwdTileHd256<IsCausal> {
   static constexpr bool Stagger = false;
 };
 
-template <typename T, bool IsCausal, bool Stagger, bool Det = false, bool IsLocal = false>
+template <typename T, bool IsCausal, bool Stagger, bool Det = false, bool IsLocal = false, bool Dropout = false>
 bool launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
-  using Kernel = BwdKernelHd256<T, IsCausal, Stagger, Det, IsLocal>;
+  using Kernel = BwdKernelHd256<T, IsCausal, Stagger, Det, IsLocal, Dropout>;
   if (Det && params.dq_semaphore == nullptr) return false;  // sm90_bwd_supported said no
   BwdTmaArgs args;
   args.params = params;
@@ -47,13 +47,13 @@ bool launch_bwd_hd256_sm90(const BwdParams& params, cudaStream_t stream) {
 
 inline bool run_bwd_sm90_hd256(const BwdParams& params, cudaStream_t stream) {
   return DTYPE_SWITCH(params.is_bf16, [&] {
-    return MASK_SWITCH(params.is_causal, params.is_local, IsCausal, IsLocal, [&] {
+    return VARIANT_SWITCH(params.is_causal, params.is_local, params.dropout_rng != nullptr, IsCausal, IsLocal, Dropout, [&] {
       if (params.deterministic) {
         using Tile = BwdTileHd256Det<IsCausal>;
-        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, true, IsLocal>(params, stream);
+        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, true, IsLocal, Dropout>(params, stream);
       } else {
         using Tile = BwdTileHd256<IsCausal>;
-        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, false, IsLocal>(params, stream);
+        return launch_bwd_hd256_sm90<elem_type, IsCausal, Tile::Stagger, false, IsLocal, Dropout>(params, stream);
       }
     });
   });

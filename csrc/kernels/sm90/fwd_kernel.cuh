@@ -34,6 +34,7 @@
 #include "../ptx.cuh"
 #include "../seqinfo.cuh"
 #include "../softmax.cuh"
+#include "../dropout.cuh"
 #include "entry.cuh"
 #include "fwd_scheduler.cuh"
 #include "pipeline.cuh"
@@ -59,7 +60,7 @@ struct FwdTmaArgs {
 // diagonal, which the tile's lower warpgroups do need; all of them when its rows are >= seqlen_q): it only frees
 // their K / V slots and takes its ping-pong turns. Without it every warpgroup visits every key block of the tile.
 template <typename T_, int kHeadDim_, int kBlockN_, int kStages_, bool IsCausal_, bool PingPong_, bool DoubleP_,
-          bool ChainTiles_, int kNumWG_, bool WgSkip_, bool IsLocal_ = false>
+          bool ChainTiles_, int kNumWG_, bool WgSkip_, bool IsLocal_ = false, bool Dropout_ = false>
 struct FwdKernel {
   using T = T_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -74,6 +75,7 @@ struct FwdKernel {
   static constexpr bool ChainTiles = ChainTiles_;
   static constexpr bool WgSkip = WgSkip_;
   static constexpr bool IsLocal = IsLocal_;
+  static constexpr bool Dropout = IsLocal_ && Dropout_;  // (dropout.cuh; its own instantiation of the general path)
   using MaskT = Mask<IsCausal, IsLocal>;  // which keys a row sees; block ranges [n_block_min, n_block_max)
   using Scheduler = FwdStaticScheduler<kBlockM, IsCausal, IsLocal>;  // the CTA's tiles, their order (fwd_scheduler.cuh)
   using Tile = FwdWork;                                          // (m_block, head, batch)
@@ -276,6 +278,19 @@ struct FwdKernel {
     }
   }
 
+  // Dropout (general path): this thread's dropped probabilities of key block n_block -> 0 (dropout.cuh); rows row0,
+  // row0 + 8, keys n_block kBlockN + 8 j + 2 t (+1).
+  __device__ static __forceinline__ void drop_p(float (&s_reg)[kBlockN / 2], const FwdParams& p, int b, int head,
+                                                int row0, int n_block, int t) {
+    const DropoutDev drop(p, b, head);
+    uint64_t keep[(kBlockN / 2 + 63) / 64];
+    drop.template quad_keep<kBlockN / 2>(keep, [&](int j, int& row, int& col) {
+      row = row0;
+      col = n_block * kBlockN + 8 * j + 2 * t;
+    });
+    dropout_zero(s_reg, keep);
+  }
+
   __device__ static __forceinline__ void rescale_o(float (&o_reg)[kHeadDim / 2], const float (&alpha)[2]) {
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
@@ -421,6 +436,7 @@ struct FwdKernel {
           else apply_mask(s_reg, n_block_max - 1, t, 0, lim0, 0, lim1);
         }
         softmax_step(s_reg, m, l, alpha, scale_log2);
+        if constexpr (Dropout) drop_p(s_reg, p, seq.b, tile.head, row0, n_block_max - 1, t);
         convert_p(s_reg, p_a);
       }
       // Slot i: S(i) = Q K(i)^T and O += P(i-1) V(i-1) together, then the softmax of S(i) while P V runs.
@@ -460,6 +476,7 @@ struct FwdKernel {
         } else {
           softmax_step(s_reg, m, l, alpha, scale_log2);
         }
+        if constexpr (Dropout) drop_p(s_reg, p, seq.b, tile.head, row0, n_block, t);
         if constexpr (DoubleP) {
           convert_p(s_reg, p_nxt);
           fence_p(p_nxt);
@@ -522,6 +539,7 @@ struct FwdKernel {
       lse[h] = sum > 0.f ? m[h] * p.scale_softmax + logf(sum) : -INFINITY;
       if constexpr (IsLocal) {  // an attention sink joins the denominator (softmax.cuh)
         if (p.sinks != nullptr) finalize_row_with_sink(m[h], sum, scale_log2, __ldg(p.sinks + tile.head), inv[h], lse[h]);
+        if constexpr (Dropout) inv[h] *= p.dropout_scale;  // the kept probabilities' 1 / (1 - p)
       }
     }
     // O (16-bit) into this warpgroup's 64 staging rows, SW128 layout: 16-byte piece (col % 64) / 8 of row r

@@ -71,11 +71,11 @@ inline bool encode_fwd_maps(FwdTmaArgs& args, const FwdParams& p, int block_m, i
 // schedule would run (1k causal d128 387 vs 349 TFLOP/s); group_hb > 0 overrides the L2 grouping (harness comparisons).
 constexpr int kCausalPersistMaxMBlocks128 = 32;
 template <typename T, int kHeadDim, int kBlockN, int kStages, bool IsCausal, bool PingPong, bool DoubleP,
-          bool ChainTiles, int kNumWG, bool WgSkip, bool IsLocal = false>
+          bool ChainTiles, int kNumWG, bool WgSkip, bool IsLocal = false, bool Dropout = false>
 bool launch_fwd_sm90(const FwdParams& params, cudaStream_t stream, int grid_limit = 0, int paired = -1,
                      int group_hb = 0) {
   using Kernel = FwdKernel<T, kHeadDim, kBlockN, kStages, IsCausal, PingPong, DoubleP, ChainTiles, kNumWG, WgSkip,
-                           IsLocal>;
+                           IsLocal, Dropout>;
   FwdTmaArgs args;
   args.params = params;
   if (!encode_fwd_maps(args, params, Kernel::kBlockM, kBlockN)) return false;  // sm90_fwd_supported said no
@@ -101,8 +101,11 @@ bool run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
   return DTYPE_SWITCH(params.is_bf16, [&] {
     if (params.is_local) {  // the local mask (window / chunks): the non-causal tile, one shape for every length
       using Tile = sm90::FwdTile<kHeadDim, false>;
-      return sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, false, Tile::PingPong,
-                                   Tile::DoubleP, Tile::ChainTiles, Tile::kNumWG, Tile::WgSkip, true>(params, stream);
+      return BOOL_SWITCH(params.dropout_rng != nullptr, Dropout, [&] {  // (dropout: an instantiation of its own)
+        return sm90::launch_fwd_sm90<elem_type, kHeadDim, Tile::kBlockN, Tile::kStages, false, Tile::PingPong,
+                                     Tile::DoubleP, Tile::ChainTiles, Tile::kNumWG, Tile::WgSkip, true, Dropout>(
+            params, stream);
+      });
     }
     return BOOL_SWITCH(params.is_causal, IsCausal, [&] {
       using Tile = sm90::FwdTile<kHeadDim, IsCausal>;
